@@ -1,0 +1,3 @@
+"""Placeholder until the full demo lands."""
+
+print("demo: not written yet")

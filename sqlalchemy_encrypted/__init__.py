@@ -1,0 +1,79 @@
+"""Encrypted columns for SQLAlchemy 2.x ORM models.
+
+``Encrypted`` seals values with AES-256-GCM under a random nonce;
+``DeterministicEncrypted`` uses AES-256-SIV so equal values can be searched.
+Each value is bound to its table, column and tenant, and sealed under the
+tenant's DEK from a key provider.
+"""
+
+from __future__ import annotations
+
+from . import query_guard as _query_guard  # noqa: F401  (registers the SELECT check)
+from . import row_tenant as _row_tenant  # noqa: F401  (registers the tenant hooks)
+from .envelope import Algorithm, EnvelopeHeader, parse_header
+from .errors import (
+    ConfigurationError,
+    DecryptionError,
+    EncryptionError,
+    KeyDestroyedError,
+    KeyInUseError,
+    KeyNotFoundError,
+    KmsAccessDeniedError,
+    KmsContextMismatchError,
+    KmsError,
+    KmsKeyDisabledError,
+    KmsThrottlingError,
+    KmsUnavailableError,
+    PlaintextTooLongError,
+    StorageFormatError,
+    TenantContextError,
+    UnsupportedOperationError,
+    ValueTypeError,
+)
+from .keys import (
+    DataKey,
+    KeyProvider,
+    KeyPurpose,
+    get_default_key_provider,
+    set_default_key_provider,
+)
+from .row_tenant import TENANT_COLUMN_INFO_KEY
+from .tenancy import current_tenant, set_default_tenant, tenant_scope
+from .types import DeterministicEncrypted, Encrypted, EncryptedType
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TENANT_COLUMN_INFO_KEY",
+    "Algorithm",
+    "ConfigurationError",
+    "DataKey",
+    "DecryptionError",
+    "DeterministicEncrypted",
+    "Encrypted",
+    "EncryptedType",
+    "EncryptionError",
+    "EnvelopeHeader",
+    "KeyDestroyedError",
+    "KeyInUseError",
+    "KeyNotFoundError",
+    "KeyProvider",
+    "KeyPurpose",
+    "KmsAccessDeniedError",
+    "KmsContextMismatchError",
+    "KmsError",
+    "KmsKeyDisabledError",
+    "KmsThrottlingError",
+    "KmsUnavailableError",
+    "PlaintextTooLongError",
+    "StorageFormatError",
+    "TenantContextError",
+    "UnsupportedOperationError",
+    "ValueTypeError",
+    "current_tenant",
+    "get_default_key_provider",
+    "parse_header",
+    "set_default_key_provider",
+    "set_default_tenant",
+    "tenant_scope",
+]

@@ -1,0 +1,65 @@
+"""The only module that calls cryptography's AEAD primitives.
+
+AES-256-GCM takes a 32-byte key and a fresh random 96-bit nonce from
+``os.urandom`` for every value. AES-256-SIV takes a 64-byte key (two
+AES-256 keys, as RFC 5297 defines it) and needs no nonce, which is what makes
+it deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+
+from .envelope import GCM_NONCE_SIZE, Algorithm
+
+__all__ = ["KEY_SIZES", "AeadCipher", "InvalidTag", "new_cipher"]
+
+KEY_SIZES = {Algorithm.AES_256_GCM: 32, Algorithm.AES_256_SIV: 64}
+
+
+class AeadCipher:
+    """A ready AEAD object for one DEK; build once per key and reuse it.
+
+    Building ``AESGCM`` or ``AESSIV`` per value costs about as much as the
+    encryption itself, so the DEK cache keeps these objects.
+    """
+
+    __slots__ = ("_gcm", "_siv", "algorithm")
+
+    def __init__(self, algorithm: Algorithm, key: bytes) -> None:
+        if len(key) != KEY_SIZES[algorithm]:
+            raise ValueError(
+                f"{algorithm.name} needs a {KEY_SIZES[algorithm]}-byte key, got {len(key)} bytes"
+            )
+        self.algorithm = algorithm
+        self._gcm = AESGCM(key) if algorithm is Algorithm.AES_256_GCM else None
+        self._siv = AESSIV(key) if algorithm is Algorithm.AES_256_SIV else None
+
+    def __repr__(self) -> str:
+        return f"<AeadCipher {self.algorithm.name}>"
+
+    def __reduce__(self) -> str:
+        raise TypeError("AeadCipher holds key material and cannot be pickled")
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        """Encrypt ``plaintext``; returns nonce|ciphertext|tag for GCM and
+        SIV|ciphertext for SIV."""
+        if self._gcm is not None:
+            nonce = os.urandom(GCM_NONCE_SIZE)
+            return nonce + self._gcm.encrypt(nonce, plaintext, aad)
+        assert self._siv is not None
+        return self._siv.encrypt(plaintext, [aad])
+
+    def open(self, body: bytes, aad: bytes) -> bytes:
+        """Decrypt the part after the header; raises ``InvalidTag`` on any mismatch."""
+        if self._gcm is not None:
+            return self._gcm.decrypt(body[:GCM_NONCE_SIZE], body[GCM_NONCE_SIZE:], aad)
+        assert self._siv is not None
+        return self._siv.decrypt(body, [aad])
+
+
+def new_cipher(algorithm: Algorithm, key: bytes) -> AeadCipher:
+    return AeadCipher(algorithm, key)

@@ -1,0 +1,449 @@
+"""Typed Python values to plaintext bytes and back.
+
+Each codec owns one value type tag, the byte stored at offset 3 of every
+envelope, so a value is always decoded as the type it was written as. The
+encodings are part of the stored format and are specified in
+``docs/format.md``; changing one needs a new tag, never an edit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import enum
+import json
+import struct
+import uuid
+import zoneinfo
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeEngine
+
+from .errors import ConfigurationError, PlaintextTooLongError, ValueTypeError
+
+__all__ = ["Codec", "ValueTag", "codec_for"]
+
+
+class ValueTag(enum.IntEnum):
+    """Value type tags stored at offset 3 of the envelope header."""
+
+    STR = 0x01
+    BYTES = 0x02
+    INT = 0x03
+    DECIMAL = 0x04
+    FLOAT = 0x05
+    BOOL = 0x06
+    DATE = 0x07
+    DATETIME = 0x08
+    TIME = 0x09
+    TIMEDELTA = 0x0A
+    UUID = 0x0B
+    JSON = 0x0C
+    ENUM = 0x0D
+
+
+class Codec:
+    """Encodes one Python value type to bytes and decodes it back."""
+
+    tag: ClassVar[ValueTag]
+    python_types: ClassVar[tuple[type, ...]] = ()
+
+    def check(self, value: Any, column: str) -> None:
+        """Raise :class:`ValueTypeError` unless ``value`` fits this codec."""
+        if not isinstance(value, self.python_types) or isinstance(value, self._excluded):
+            expected = " or ".join(t.__name__ for t in self.python_types)
+            raise ValueTypeError(
+                f"invalid value for encrypted column {column}: expected {expected}, "
+                f"got {type(value).__name__}"
+            )
+
+    _excluded: ClassVar[tuple[type, ...]] = ()
+
+    def encode(self, value: Any, column: str) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes) -> Any:
+        raise NotImplementedError
+
+    def max_encoded_length(self) -> int | None:
+        """Return the largest possible encoded length in bytes, or None if unbounded."""
+        return None
+
+
+class StrCodec(Codec):
+    tag = ValueTag.STR
+    python_types = (str,)
+
+    def __init__(self, length: int | None) -> None:
+        self.length = length
+
+    def encode(self, value: Any, column: str) -> bytes:
+        self.check(value, column)
+        if self.length is not None and len(value) > self.length:
+            raise PlaintextTooLongError(
+                f"value for encrypted column {column} is longer than its limit of "
+                f"{self.length} characters"
+            )
+        try:
+            return str.encode(value, "utf-8")
+        except UnicodeEncodeError:
+            raise ValueTypeError(
+                f"invalid value for encrypted column {column}: the string contains a lone "
+                "surrogate code point, which UTF-8 cannot encode"
+            ) from None
+
+    def decode(self, data: bytes) -> str:
+        return data.decode("utf-8")
+
+    def max_encoded_length(self) -> int | None:
+        # A character takes at most 4 bytes in UTF-8.
+        return None if self.length is None else 4 * self.length
+
+
+class BytesCodec(Codec):
+    tag = ValueTag.BYTES
+    python_types = (bytes, bytearray, memoryview)
+
+    def __init__(self, length: int | None) -> None:
+        self.length = length
+
+    def encode(self, value: Any, column: str) -> bytes:
+        self.check(value, column)
+        data = bytes(value)
+        if self.length is not None and len(data) > self.length:
+            raise PlaintextTooLongError(
+                f"value for encrypted column {column} is longer than its limit of "
+                f"{self.length} bytes"
+            )
+        return data
+
+    def decode(self, data: bytes) -> bytes:
+        return data
+
+    def max_encoded_length(self) -> int | None:
+        return self.length
+
+
+class IntCodec(Codec):
+    """Signed big-endian two's complement of minimal length, any size."""
+
+    tag = ValueTag.INT
+    python_types = (int,)
+    _excluded = (bool,)
+
+    def encode(self, value: Any, column: str) -> bytes:
+        self.check(value, column)
+        number = int(value)
+        length = (number + (number < 0)).bit_length() // 8 + 1
+        return number.to_bytes(length, "big", signed=True)
+
+    def decode(self, data: bytes) -> int:
+        return int.from_bytes(data, "big", signed=True)
+
+
+class DecimalCodec(Codec):
+    """The Decimal's own string form, which keeps scale, sign and exponent."""
+
+    tag = ValueTag.DECIMAL
+    python_types = (decimal.Decimal, int)
+    _excluded = (bool,)
+
+    def __init__(self, as_decimal: bool = True) -> None:
+        self.as_decimal = as_decimal
+
+    def check(self, value: Any, column: str) -> None:
+        if isinstance(value, float):
+            return
+        super().check(value, column)
+
+    def encode(self, value: Any, column: str) -> bytes:
+        self.check(value, column)
+        if isinstance(value, float):
+            # repr() is the shortest string that reads back as the same float.
+            value = decimal.Decimal(repr(value))
+        return str(decimal.Decimal(value)).encode("ascii")
+
+    def decode(self, data: bytes) -> decimal.Decimal | float:
+        number = decimal.Decimal(data.decode("ascii"))
+        return number if self.as_decimal else float(number)
+
+
+class FloatCodec(Codec):
+    """IEEE 754 binary64, big-endian: keeps -0.0, infinities and NaN."""
+
+    tag = ValueTag.FLOAT
+    python_types = (float, int)
+    _excluded = (bool,)
+
+    def encode(self, value: Any, column: str) -> bytes:
+        self.check(value, column)
+        return struct.pack(">d", float(value))
+
+    def decode(self, data: bytes) -> float:
+        return float(struct.unpack(">d", data)[0])
+
+    def max_encoded_length(self) -> int | None:
+        return 8
+
+
+class BoolCodec(Codec):
+    tag = ValueTag.BOOL
+    python_types = (bool,)
+
+    def check(self, value: Any, column: str) -> None:
+        if isinstance(value, int) and value in (0, 1):
+            return
+        super().check(value, column)
+
+    def encode(self, value: Any, column: str) -> bytes:
+        self.check(value, column)
+        return b"\x01" if value else b"\x00"
+
+    def decode(self, data: bytes) -> bool:
+        if data not in (b"\x00", b"\x01"):
+            raise ValueError("invalid boolean encoding")
+        return data == b"\x01"
+
+    def max_encoded_length(self) -> int | None:
+        return 1
+
+
+def _encode_zone(value: dt.datetime | dt.time) -> str:
+    """Return the ``[zone]`` suffix for an IANA zone, or an empty string."""
+    if isinstance(value.tzinfo, zoneinfo.ZoneInfo) and value.tzinfo.key:
+        return f"[{value.tzinfo.key}]"
+    return ""
+
+
+def _split_zone(text: str) -> tuple[str, zoneinfo.ZoneInfo | None]:
+    if text.endswith("]"):
+        stamp, _, key = text[:-1].partition("[")
+        return stamp, zoneinfo.ZoneInfo(key)
+    return text, None
+
+
+class DateCodec(Codec):
+    tag = ValueTag.DATE
+    python_types = (dt.date,)
+    _excluded = (dt.datetime,)
+
+    def encode(self, value: Any, column: str) -> bytes:
+        self.check(value, column)
+        return str(value.isoformat()).encode("ascii")
+
+    def decode(self, data: bytes) -> dt.date:
+        return dt.date.fromisoformat(data.decode("ascii"))
+
+    def max_encoded_length(self) -> int | None:
+        return 10
+
+
+class DateTimeCodec(Codec):
+    """ISO 8601 with microseconds and UTC offset, then ``[zone]`` for a ZoneInfo
+    and ``;fold=1`` for the second of two ambiguous wall-clock times."""
+
+    tag = ValueTag.DATETIME
+    python_types = (dt.datetime,)
+
+    def encode(self, value: Any, column: str) -> bytes:
+        self.check(value, column)
+        text = str(value.isoformat(timespec="microseconds")) + _encode_zone(value)
+        if value.fold:
+            text += ";fold=1"
+        return text.encode("ascii")
+
+    def decode(self, data: bytes) -> dt.datetime:
+        text, _, fold = data.decode("ascii").partition(";fold=")
+        stamp, zone = _split_zone(text)
+        value = dt.datetime.fromisoformat(stamp)
+        if zone is not None:
+            value = value.replace(tzinfo=zone)
+        if fold:
+            value = value.replace(fold=int(fold))
+        return value
+
+    def max_encoded_length(self) -> int | None:
+        return 100
+
+
+class TimeCodec(Codec):
+    tag = ValueTag.TIME
+    python_types = (dt.time,)
+
+    def encode(self, value: Any, column: str) -> bytes:
+        self.check(value, column)
+        text = str(value.isoformat(timespec="microseconds")) + _encode_zone(value)
+        if value.fold:
+            text += ";fold=1"
+        return text.encode("ascii")
+
+    def decode(self, data: bytes) -> dt.time:
+        text, _, fold = data.decode("ascii").partition(";fold=")
+        stamp, zone = _split_zone(text)
+        value = dt.time.fromisoformat(stamp)
+        if zone is not None:
+            value = value.replace(tzinfo=zone)
+        if fold:
+            value = value.replace(fold=int(fold))
+        return value
+
+    def max_encoded_length(self) -> int | None:
+        return 80
+
+
+class TimedeltaCodec(Codec):
+    """Days, seconds and microseconds as big-endian int32, uint32 and uint32."""
+
+    tag = ValueTag.TIMEDELTA
+    python_types = (dt.timedelta,)
+
+    def encode(self, value: Any, column: str) -> bytes:
+        self.check(value, column)
+        return struct.pack(">iII", value.days, value.seconds, value.microseconds)
+
+    def decode(self, data: bytes) -> dt.timedelta:
+        days, seconds, microseconds = struct.unpack(">iII", data)
+        return dt.timedelta(days=days, seconds=seconds, microseconds=microseconds)
+
+    def max_encoded_length(self) -> int | None:
+        return 12
+
+
+class UuidCodec(Codec):
+    tag = ValueTag.UUID
+    python_types = (uuid.UUID,)
+
+    def __init__(self, as_uuid: bool = True) -> None:
+        self.as_uuid = as_uuid
+
+    def check(self, value: Any, column: str) -> None:
+        if not self.as_uuid and isinstance(value, str):
+            return
+        super().check(value, column)
+
+    def encode(self, value: Any, column: str) -> bytes:
+        self.check(value, column)
+        if isinstance(value, str):
+            try:
+                value = uuid.UUID(value)
+            except ValueError:
+                raise ValueTypeError(
+                    f"invalid value for encrypted column {column}: not a UUID string"
+                ) from None
+        return bytes(value.bytes)
+
+    def decode(self, data: bytes) -> uuid.UUID | str:
+        value = uuid.UUID(bytes=data)
+        return value if self.as_uuid else str(value)
+
+    def max_encoded_length(self) -> int | None:
+        return 16
+
+
+class JsonCodec(Codec):
+    """Compact UTF-8 JSON that keeps key order.
+
+    JSON has no tuples and only string keys, so tuples read back as lists and
+    non-string keys are rejected rather than silently turned into strings.
+    """
+
+    tag = ValueTag.JSON
+    python_types = (dict, list, str, int, float, bool)
+
+    def encode(self, value: Any, column: str) -> bytes:
+        _reject_non_string_keys(value, column)
+        try:
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise ValueTypeError(
+                f"invalid value for encrypted column {column}: not serializable as JSON "
+                f"({type(exc).__name__})"
+            ) from None
+        return text.encode("utf-8")
+
+    def decode(self, data: bytes) -> Any:
+        return json.loads(data.decode("utf-8"))
+
+
+def _reject_non_string_keys(value: Any, column: str) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise ValueTypeError(
+                        f"invalid value for encrypted column {column}: JSON object keys "
+                        f"must be str, got {type(key).__name__}"
+                    )
+                stack.append(child)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+class EnumCodec(Codec):
+    """The member name (for an enum class) or the string value, in UTF-8."""
+
+    tag = ValueTag.ENUM
+
+    def __init__(self, inner: sa.Enum) -> None:
+        self.enum_class: type[enum.Enum] | None = inner.enum_class
+        self.names = frozenset(inner.enums)
+
+    def encode(self, value: Any, column: str) -> bytes:
+        if self.enum_class is not None and isinstance(value, self.enum_class):
+            return value.name.encode("utf-8")
+        if isinstance(value, str) and value in self.names:
+            return value.encode("utf-8")
+        raise ValueTypeError(
+            f"invalid value for encrypted column {column}: not a member of its Enum type"
+        )
+
+    def decode(self, data: bytes) -> Any:
+        name = data.decode("utf-8")
+        if self.enum_class is not None:
+            return self.enum_class[name]
+        return name
+
+    def max_encoded_length(self) -> int | None:
+        return 4 * max((len(name) for name in self.names), default=0)
+
+
+def codec_for(inner: TypeEngine[Any], column: str) -> Codec:
+    """Choose the codec for an inner SQLAlchemy type.
+
+    Order matters: Enum is a String, Float is a Numeric, and both must be
+    matched before their base classes.
+    """
+    if isinstance(inner, sa.Enum):
+        return EnumCodec(inner)
+    if isinstance(inner, sa.String):
+        return StrCodec(inner.length)
+    if isinstance(inner, sa.LargeBinary):
+        return BytesCodec(inner.length)
+    if isinstance(inner, sa.Boolean):
+        return BoolCodec()
+    if isinstance(inner, sa.Integer):
+        return IntCodec()
+    if isinstance(inner, sa.Float):
+        return FloatCodec()
+    if isinstance(inner, sa.Numeric):
+        return DecimalCodec(as_decimal=bool(inner.asdecimal))
+    if isinstance(inner, sa.DateTime):
+        return DateTimeCodec()
+    if isinstance(inner, sa.Date):
+        return DateCodec()
+    if isinstance(inner, sa.Time):
+        return TimeCodec()
+    if isinstance(inner, sa.Interval):
+        return TimedeltaCodec()
+    if isinstance(inner, sa.Uuid):
+        return UuidCodec(as_uuid=bool(inner.as_uuid))
+    if isinstance(inner, sa.JSON):
+        return JsonCodec()
+    raise ConfigurationError(
+        f"encrypted column {column}: inner type {type(inner).__name__} is not supported; "
+        "use String, Text, LargeBinary, Integer, Numeric, Float, Boolean, Date, DateTime, "
+        "Time, Interval, Uuid, JSON or Enum"
+    )

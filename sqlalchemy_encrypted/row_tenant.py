@@ -1,0 +1,144 @@
+"""Seal each row under its own tenant when its table has a tenant column.
+
+A table names its tenant column in ``Table.info``::
+
+    class Person(Base):
+        __tablename__ = "persons"
+        __table_args__ = {"info": {"tenant_column": "tenant_id"}}
+
+Then every INSERT or UPDATE that carries the tenant column (ORM flushes,
+ORM bulk statements and Core ``executemany`` alike) seals each row's
+encrypted values under that row's tenant. ORM updates that do not change the
+tenant column take it from the loaded object. A row whose tenant differs
+from an active :func:`tenant_scope` raises :class:`TenantContextError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql.dml import Insert, Update
+
+from .errors import TenantContextError
+from .tenancy import TenantBound, scoped_tenant
+from .types import EncryptedType
+
+__all__ = ["TENANT_COLUMN_INFO_KEY", "tenant_column_of"]
+
+TENANT_COLUMN_INFO_KEY = "tenant_column"
+
+
+def tenant_column_of(table: Any) -> str | None:
+    """Return the name of the table's tenant column, or None."""
+    info = getattr(table, "info", None)
+    if not info:
+        return None
+    name = info.get(TENANT_COLUMN_INFO_KEY)
+    return name if isinstance(name, str) else None
+
+
+def _row_tenant(table: sa.Table, tenant: Any) -> str:
+    if not isinstance(tenant, str) or not tenant:
+        raise TenantContextError(
+            f"table {table.name}: the tenant column must hold a non-empty str for rows "
+            "with encrypted values"
+        )
+    scoped = scoped_tenant()
+    if scoped is not None and scoped != tenant:
+        raise TenantContextError(
+            f"table {table.name}: a row of tenant {tenant!r} was written inside "
+            f"tenant_scope({scoped!r})"
+        )
+    return tenant
+
+
+def _encrypted_keys(table: sa.Table) -> list[str]:
+    return [column.key for column in table.columns if isinstance(column.type, EncryptedType)]
+
+
+def _bind_row(
+    table: sa.Table, tenant_key: str, keys: list[str], row: dict[str, Any]
+) -> dict[str, Any]:
+    if tenant_key not in row:
+        return row
+    tenant = _row_tenant(table, row[tenant_key])
+    bound = dict(row)
+    for key in keys:
+        value = bound.get(key)
+        if value is not None and not isinstance(value, TenantBound) and key in bound:
+            bound[key] = TenantBound(value, tenant)
+    return bound
+
+
+@event.listens_for(Engine, "before_execute", retval=True)
+def _before_execute(
+    conn: Connection,
+    clauseelement: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: Any,
+) -> tuple[Any, Any, Any]:
+    if not isinstance(clauseelement, (Insert, Update)):
+        return clauseelement, multiparams, params
+    table = clauseelement.table
+    tenant_name = tenant_column_of(table)
+    if tenant_name is None or not isinstance(table, sa.Table):
+        return clauseelement, multiparams, params
+    tenant_key = table.columns[tenant_name].key
+    keys = _encrypted_keys(table)
+    if not keys:
+        return clauseelement, multiparams, params
+    if multiparams:
+        multiparams = [
+            _bind_row(table, tenant_key, keys, row) if isinstance(row, dict) else row
+            for row in multiparams
+        ]
+    if params:
+        params = _bind_row(table, tenant_key, keys, params)
+    return clauseelement, multiparams, params
+
+
+def _wrap_changed(mapper: Mapper[Any], state: InstanceState[Any]) -> None:
+    """Bind the changed encrypted attributes of an updated object to its tenant."""
+    table = mapper.local_table
+    tenant_name = tenant_column_of(table)
+    if tenant_name is None or not isinstance(table, sa.Table):
+        return
+    tenant_prop = mapper.get_property_by_column(table.columns[tenant_name])
+    tenant = _row_tenant(table, state.dict.get(tenant_prop.key))
+    for column in table.columns:
+        if not isinstance(column.type, EncryptedType):
+            continue
+        prop = mapper.get_property_by_column(column)
+        if prop.key in state.committed_state:
+            value = state.dict.get(prop.key)
+            if value is not None and not isinstance(value, TenantBound):
+                state.dict[prop.key] = TenantBound(value, tenant)
+
+
+def _unwrap(state: InstanceState[Any]) -> None:
+    for key, value in list(state.dict.items()):
+        if isinstance(value, TenantBound):
+            state.dict[key] = value.value
+
+
+@event.listens_for(Mapper, "before_update")
+def _before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+    _wrap_changed(mapper, sa.inspect(target))
+
+
+@event.listens_for(Mapper, "after_update")
+def _after_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+    _unwrap(sa.inspect(target))
+
+
+@event.listens_for(sa.orm.Session, "after_soft_rollback")
+def _after_soft_rollback(session: sa.orm.Session, previous_transaction: Any) -> None:
+    # A failed flush may leave wrapped values on objects it did not finish.
+    for obj in list(session.identity_map.values()) + list(session.new):
+        _unwrap(sa.inspect(obj))

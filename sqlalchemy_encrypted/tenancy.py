@@ -1,0 +1,93 @@
+"""The tenant whose DEKs seal new values and deterministic query parameters."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+from .errors import TenantContextError
+
+__all__ = [
+    "TenantBound",
+    "current_tenant",
+    "get_default_tenant",
+    "scoped_tenant",
+    "set_default_tenant",
+    "tenant_scope",
+]
+
+_scope: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "sqlalchemy_encrypted_tenant", default=None
+)
+_default_tenant: str | None = None
+
+
+def _validate(tenant_id: object) -> str:
+    if not isinstance(tenant_id, str) or not tenant_id:
+        raise TenantContextError(
+            f"invalid tenant id of type {type(tenant_id).__name__}: a tenant id is a non-empty str"
+        )
+    return tenant_id
+
+
+@contextlib.contextmanager
+def tenant_scope(tenant_id: str) -> Iterator[str]:
+    """Set the tenant for writes and deterministic lookups inside the block.
+
+    The scope is a context variable, so it follows threads and asyncio tasks
+    the way ``contextvars`` does and nests cleanly.
+    """
+    token = _scope.set(_validate(tenant_id))
+    try:
+        yield tenant_id
+    finally:
+        _scope.reset(token)
+
+
+def set_default_tenant(tenant_id: str | None) -> None:
+    """Configure the tenant used when no scope is active, for single-tenant apps.
+
+    Without it, an encrypted write outside any scope raises
+    :class:`TenantContextError`: there is no silent global key.
+    """
+    global _default_tenant
+    _default_tenant = None if tenant_id is None else _validate(tenant_id)
+
+
+def get_default_tenant() -> str | None:
+    return _default_tenant
+
+
+def scoped_tenant() -> str | None:
+    """Return the tenant of the active :func:`tenant_scope`, or None."""
+    return _scope.get()
+
+
+def current_tenant(column: str = "") -> str:
+    """Return the scoped tenant, else the default tenant, else raise."""
+    tenant_id = _scope.get()
+    if tenant_id is not None:
+        return tenant_id
+    if _default_tenant is not None:
+        return _default_tenant
+    where = f" for encrypted column {column}" if column else ""
+    raise TenantContextError(
+        f"no tenant is set{where}: wrap the work in tenant_scope(tenant_id), give the "
+        "table a tenant column, or call set_default_tenant() for a single-tenant app"
+    )
+
+
+class TenantBound:
+    """A value to seal under a given tenant: the ORM hooks wrap the values of
+    a row whose table has a tenant column, so one flush can hold rows of
+    several tenants."""
+
+    __slots__ = ("tenant_id", "value")
+
+    def __init__(self, value: object, tenant_id: str) -> None:
+        self.value = value
+        self.tenant_id = tenant_id
+
+    def __repr__(self) -> str:
+        return f"<value bound to tenant {self.tenant_id!r}>"

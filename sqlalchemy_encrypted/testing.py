@@ -1,0 +1,124 @@
+"""Helpers for tests: an in-memory key provider with no KMS behind it.
+
+:class:`InMemoryKeyring` keeps DEKs in process memory only, so values it
+sealed become unreadable when the process ends. Use it in unit tests and
+examples, never for data you want to keep.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ._aead import KEY_SIZES, AeadCipher
+from .errors import KeyDestroyedError, KeyNotFoundError, TenantContextError
+from .keys import DataKey, KeyPurpose
+
+__all__ = ["InMemoryKeyring"]
+
+
+@dataclass
+class _Entry:
+    key: DataKey
+    state: str
+
+
+class InMemoryKeyring:
+    """A :class:`~sqlalchemy_encrypted.keys.KeyProvider` that keeps DEKs in memory.
+
+    Supports the same lifecycle as the real keyring in simplified form:
+    rotation (the previous version becomes decrypt-only), retirement and
+    shredding of a tenant.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._by_id: dict[uuid.UUID, _Entry] = {}
+        self._versions: dict[tuple[str, KeyPurpose], list[_Entry]] = {}
+        self._shredded: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<InMemoryKeyring with {len(self._by_id)} key(s)>"
+
+    def __reduce__(self) -> str:
+        raise TypeError("InMemoryKeyring holds key material and cannot be pickled")
+
+    def _create(self, tenant_id: str, purpose: KeyPurpose, version: int) -> _Entry:
+        algorithm = purpose.algorithm
+        cipher = AeadCipher(algorithm, os.urandom(KEY_SIZES[algorithm]))
+        key = DataKey(uuid.uuid4(), tenant_id, purpose, version, cipher)
+        entry = _Entry(key, "active")
+        self._by_id[key.key_id] = entry
+        self._versions.setdefault((tenant_id, purpose), []).append(entry)
+        return entry
+
+    def active_key(self, tenant_id: str, purpose: KeyPurpose) -> DataKey:
+        with self._lock:
+            if tenant_id in self._shredded:
+                raise KeyDestroyedError(
+                    f"the keys of tenant {tenant_id!r} were destroyed; writes are refused"
+                )
+            versions = self._versions.get((tenant_id, purpose))
+            if not versions:
+                return self._create(tenant_id, purpose, 1).key
+            for entry in reversed(versions):
+                if entry.state == "active":
+                    return entry.key
+            raise KeyNotFoundError(f"tenant {tenant_id!r} has no active {purpose.value} key")
+
+    def key_by_id(self, key_id: uuid.UUID, expected_tenant: str | None = None) -> DataKey:
+        with self._lock:
+            entry = self._by_id.get(key_id)
+        if entry is None:
+            raise KeyNotFoundError(f"key id {key_id} is not in the keyring")
+        key = entry.key
+        if expected_tenant is not None and key.tenant_id != expected_tenant:
+            raise TenantContextError(
+                f"key id {key_id} belongs to tenant {key.tenant_id!r}, "
+                f"but tenant_scope is {expected_tenant!r}"
+            )
+        if entry.state == "destroyed":
+            raise KeyDestroyedError(f"key id {key_id} of tenant {key.tenant_id!r} was destroyed")
+        if entry.state == "retired":
+            raise KeyNotFoundError(
+                f"key id {key_id} of tenant {key.tenant_id!r} (version {key.version}) is retired"
+            )
+        return key
+
+    def decryptable_keys(self, tenant_id: str, purpose: KeyPurpose) -> Sequence[DataKey]:
+        with self._lock:
+            versions = self._versions.get((tenant_id, purpose), [])
+            usable = [e.key for e in versions if e.state in ("active", "decrypt_only")]
+        return sorted(usable, key=lambda key: -key.version)
+
+    def rotate(self, tenant_id: str, purpose: KeyPurpose | None = None) -> None:
+        """Add a new active version for the tenant; the old one becomes decrypt-only."""
+        purposes = [purpose] if purpose is not None else list(KeyPurpose)
+        with self._lock:
+            for each in purposes:
+                versions = self._versions.get((tenant_id, each), [])
+                for entry in versions:
+                    if entry.state == "active":
+                        entry.state = "decrypt_only"
+                self._create(tenant_id, each, len(versions) + 1)
+
+    def retire(self, tenant_id: str, version: int, purpose: KeyPurpose | None = None) -> None:
+        """Stop using one key version for decryption too."""
+        purposes = [purpose] if purpose is not None else list(KeyPurpose)
+        with self._lock:
+            for each in purposes:
+                for entry in self._versions.get((tenant_id, each), []):
+                    if entry.key.version == version and entry.state == "decrypt_only":
+                        entry.state = "retired"
+
+    def shred(self, tenant_id: str) -> None:
+        """Destroy every key of the tenant, making its values unreadable."""
+        with self._lock:
+            self._shredded.add(tenant_id)
+            for (tenant, _), versions in self._versions.items():
+                if tenant == tenant_id:
+                    for entry in versions:
+                        entry.state = "destroyed"

@@ -1,0 +1,96 @@
+"""Shared fixtures: every database test runs on SQLite and on PostgreSQL.
+
+PostgreSQL comes from, in this order: the URL in
+``SQLALCHEMY_ENCRYPTED_TEST_PG_URL``, or a private cluster started from the
+local server binaries (see ``pgcluster.py``). Each test gets its own
+PostgreSQL schema, dropped afterwards, so tests never see each other's
+tables.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+import sqlalchemy_encrypted as se
+from sqlalchemy_encrypted import tenancy
+from sqlalchemy_encrypted.testing import InMemoryKeyring
+
+from . import pgcluster
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+_schema_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    explicit = os.environ.get("SQLALCHEMY_ENCRYPTED_TEST_PG_URL")
+    if explicit:
+        yield explicit
+        return
+    try:
+        cluster, root = pgcluster.start_cluster()
+    except pgcluster.ClusterUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _postgres_engine(server_url: str) -> Iterator[sa.Engine]:
+    schema = f"test_{os.getpid()}_{next(_schema_counter)}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    engine = sa.create_engine(server_url, connect_args={"options": f"-c search_path={schema}"})
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[sa.Engine]:
+    """An empty database, once on SQLite (a file) and once on PostgreSQL."""
+    if request.param == "sqlite":
+        sqlite_engine = sa.create_engine(f"sqlite:///{tmp_path}/test.db")
+        yield sqlite_engine
+        sqlite_engine.dispose()
+        return
+    server_url = request.getfixturevalue("pg_server_url")
+    yield from _postgres_engine(server_url)
+
+
+@pytest.fixture
+def pg_engine(pg_server_url: str) -> Iterator[sa.Engine]:
+    """An empty PostgreSQL schema, for tests that need PostgreSQL only."""
+    yield from _postgres_engine(pg_server_url)
+
+
+@pytest.fixture
+def keyring() -> Iterator[InMemoryKeyring]:
+    """An in-memory keyring installed as the default key provider."""
+    provider = InMemoryKeyring()
+    se.set_default_key_provider(provider)
+    yield provider
+    se.set_default_key_provider(None)
+
+
+@pytest.fixture(autouse=True)
+def _reset_global_state() -> Iterator[None]:
+    yield
+    se.set_default_tenant(None)
+    se.set_default_key_provider(None)
+    assert tenancy.scoped_tenant() is None, "a test leaked a tenant_scope"
