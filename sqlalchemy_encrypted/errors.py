@@ -16,10 +16,13 @@ __all__ = [
     "KeyDestroyedError",
     "KeyInUseError",
     "KeyNotFoundError",
+    "KeyStateError",
+    "KeyringIntegrityError",
     "KmsAccessDeniedError",
     "KmsContextMismatchError",
     "KmsError",
     "KmsKeyDisabledError",
+    "KmsKeyNotFoundError",
     "KmsThrottlingError",
     "KmsUnavailableError",
     "PlaintextTooLongError",
@@ -67,12 +70,25 @@ class ValueTypeError(EncryptionError, TypeError):
     """A Python value has the wrong type for its encrypted column."""
 
 
+class KeyringIntegrityError(DecryptionError):
+    """A keyring row does not match the DEK its KMS returned.
+
+    Raised when the unwrapped DEK fails the row's key check value, for
+    example because the row was restored from another environment or
+    edited by hand.
+    """
+
+
 class KeyNotFoundError(EncryptionError):
     """No data encryption key with the requested key id or tenant exists."""
 
 
 class KeyDestroyedError(KeyNotFoundError):
     """The data encryption key was destroyed (crypto-shredded)."""
+
+
+class KeyStateError(EncryptionError):
+    """A key lifecycle operation is not valid in the key's current state."""
 
 
 class KeyInUseError(EncryptionError):
@@ -97,6 +113,10 @@ class KmsThrottlingError(KmsError):
 
 class KmsKeyDisabledError(KmsError):
     """The key encryption key is disabled or pending deletion."""
+
+
+class KmsKeyNotFoundError(KmsError):
+    """No configured KMS provider holds the KEK that wrapped a DEK."""
 
 
 class KmsAccessDeniedError(KmsError):

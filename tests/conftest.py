@@ -13,12 +13,15 @@ import itertools
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 import sqlalchemy_encrypted as se
 from sqlalchemy_encrypted import tenancy
+from sqlalchemy_encrypted.keyring import Keyring
+from sqlalchemy_encrypted.kms import LocalKms
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
 from . import pgcluster
@@ -94,3 +97,25 @@ def _reset_global_state() -> Iterator[None]:
     se.set_default_tenant(None)
     se.set_default_key_provider(None)
     assert tenancy.scoped_tenant() is None, "a test leaked a tenant_scope"
+
+
+# -- keyring and KMS -------------------------------------------------------
+
+
+@pytest.fixture
+def local_kms(tmp_path: Path) -> LocalKms:
+    return LocalKms.create(tmp_path / "master.key", kek="kek-a")
+
+
+@pytest.fixture
+def keyring_factory(engine: sa.Engine, local_kms: LocalKms) -> type[Keyring]:
+    """A Keyring class that defaults to the test engine and LocalKms and creates its table."""
+
+    class _Factory(Keyring):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            if not args:
+                args = (engine, local_kms)
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.create_table()
+
+    return _Factory

@@ -1,0 +1,481 @@
+"""The keyring: per-tenant DEKs stored wrapped in a table, unwrapped through a KMS.
+
+:class:`Keyring` is the key provider the column types use. It finds (or on
+a tenant's first write, creates) the active DEK of a tenant and purpose,
+finds a DEK by the key id stored in a value, and keeps unwrapped DEKs in a
+bounded TTL cache so a read of many rows unwraps each DEK once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+
+import sqlalchemy as sa
+
+from .._aead import KEY_SIZES, AeadCipher
+from ..errors import (
+    ConfigurationError,
+    KeyDestroyedError,
+    KeyNotFoundError,
+    KeyringIntegrityError,
+    KeyStateError,
+    KmsError,
+    KmsKeyNotFoundError,
+    TenantContextError,
+)
+from ..keys import DataKey, KeyPurpose, set_default_key_provider
+from ..kms.base import GeneratedDataKey, KmsProvider, WrapContext
+from . import lifecycle
+from .audit import audit_event, row_fields
+from .cache import TtlCache
+from .check import key_check_matches, key_check_value
+from .schema import KeyState, keyring_table
+from .store import KeyInfo, KeyRow, KeyStore, utcnow
+
+__all__ = ["Keyring"]
+
+logger = logging.getLogger("sqlalchemy_encrypted.keyring")
+
+_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_DECRYPTABLE_STATES = (KeyState.ACTIVE, KeyState.PENDING, KeyState.DECRYPT_ONLY)
+
+
+def _check_tenant(tenant_id: object) -> str:
+    if not isinstance(tenant_id, str) or not tenant_id:
+        raise TenantContextError(
+            f"invalid tenant id of type {type(tenant_id).__name__}: a tenant id is a non-empty str"
+        )
+    return tenant_id
+
+
+class Keyring:
+    """Per-tenant DEKs in a keyring table, wrapped by KEKs of a KMS provider.
+
+    :param engine: the database holding the keyring table; it may differ
+        from the database holding the encrypted data.
+    :param kms: the provider whose KEK wraps new DEKs.
+    :param previous_kms: further providers used only to unwrap DEKs whose
+        rows name their KEKs, for example the local KMS after moving new
+        keys to AWS KMS.
+    :param cache_ttl: seconds an unwrapped DEK stays cached; 0 disables the
+        cache. This is also how long a process keeps using a DEK after its
+        KEK was revoked or its tenant was shredded by another process.
+    :param cache_size: maximum number of cached DEKs.
+    :param active_key_ttl: seconds a "which key is active" lookup is
+        cached; a rotated key stays pending at least this long before it
+        becomes active, so every process sees it before anyone encrypts
+        with it.
+    :param set_default: make this keyring the key provider of every
+        encrypted column that names none.
+    :param clock: monotonic clock for the cache TTLs (injectable for tests).
+    :param wall_clock: source of the UTC timestamps stored in the table.
+    """
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        kms: KmsProvider,
+        *,
+        table_name: str = "encryption_keys",
+        schema: str | None = None,
+        cache_ttl: float = 300.0,
+        cache_size: int = 1000,
+        active_key_ttl: float = 60.0,
+        set_default: bool = True,
+        previous_kms: Sequence[KmsProvider] = (),
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime.datetime] = utcnow,
+    ) -> None:
+        if not isinstance(engine, sa.Engine):
+            raise ConfigurationError("Keyring needs a sqlalchemy Engine for its keyring table")
+        for provider in (kms, *previous_kms):
+            if not isinstance(provider, KmsProvider):
+                raise ConfigurationError(
+                    f"{type(provider).__name__} is not a KMS provider: pass a LocalKms, an "
+                    "AwsKms or another KmsProvider subclass"
+                )
+        if not _TABLE_NAME.match(table_name):
+            raise ConfigurationError(
+                f"invalid keyring table name {table_name!r}: use letters, digits and '_'"
+            )
+        if cache_ttl < 0 or active_key_ttl < 0:
+            raise ConfigurationError("cache_ttl and active_key_ttl must be 0 or more seconds")
+        if cache_size < 1:
+            raise ConfigurationError("cache_size must be at least 1")
+        self.engine = engine
+        self.metadata = sa.MetaData()
+        self.table = keyring_table(self.metadata, table_name, schema)
+        self.active_key_ttl = active_key_ttl
+        self._store = KeyStore(engine, self.table)
+        self._wall_clock = wall_clock
+        self._providers_lock = threading.Lock()
+        self._kms = kms
+        self._providers: list[KmsProvider] = [kms, *previous_kms]
+        self.cache: TtlCache[uuid.UUID, DataKey] = TtlCache(
+            cache_size, cache_ttl, clock, name="DEK cache"
+        )
+        self._active: TtlCache[tuple[str, KeyPurpose], KeyRow] = TtlCache(
+            cache_size, active_key_ttl, clock, name="active key lookups"
+        )
+        self._decryptable: TtlCache[tuple[str, KeyPurpose], tuple[KeyRow, ...]] = TtlCache(
+            cache_size, active_key_ttl, clock, name="decryptable key lookups"
+        )
+        if set_default:
+            set_default_key_provider(self)
+
+    def __repr__(self) -> str:
+        return f"<Keyring table={self.table.fullname} kms={self._kms!r}>"
+
+    def __reduce__(self) -> str:
+        raise TypeError("Keyring holds key material and cannot be pickled")
+
+    # -- configuration --------------------------------------------------------
+
+    @property
+    def kms(self) -> KmsProvider:
+        """The provider whose KEK wraps new DEKs."""
+        return self._kms
+
+    @property
+    def providers(self) -> list[KmsProvider]:
+        """Every provider that may unwrap, :attr:`kms` first."""
+        with self._providers_lock:
+            return list(self._providers)
+
+    def _use_provider(self, provider: KmsProvider, *, for_new_keys: bool) -> None:
+        with self._providers_lock:
+            if provider not in self._providers:
+                self._providers.insert(0, provider)
+            if for_new_keys:
+                self._kms = provider
+                self._providers.remove(provider)
+                self._providers.insert(0, provider)
+
+    def create_table(self) -> None:
+        """Create the keyring table and its indexes if they do not exist."""
+        self.metadata.create_all(self.engine, tables=[self.table], checkfirst=True)
+
+    def _now(self) -> datetime.datetime:
+        return self._wall_clock()
+
+    # -- KMS calls ------------------------------------------------------------
+
+    def _provider_for(self, row: KeyRow) -> KmsProvider:
+        providers = self.providers
+        for provider in providers:
+            if provider.can_unwrap(row.kms_provider, row.kek_id):
+                return provider
+        for provider in providers:
+            # Same kind of KMS without this KEK: its unwrap raises the most
+            # specific error (for example a local key file missing a KEK name).
+            if provider.provider_name == row.kms_provider:
+                return provider
+        raise KmsKeyNotFoundError(
+            f"no configured KMS provider holds {row.kms_provider} KEK {row.kek_id}, which wrapped "
+            f"the DEK of {row.describe()}: pass a provider for it to Keyring(previous_kms=...)"
+        )
+
+    def _kms_failed(self, operation: str, exc: KmsError, **fields: object) -> None:
+        audit_event(
+            "kms.failed", logging.WARNING, operation=operation, error=type(exc).__name__, **fields
+        )
+
+    def _unwrap_with(
+        self, provider: KmsProvider, row: KeyRow, wrapped: bytes, kek_id: str
+    ) -> bytes:
+        self.cache.record_kms_call()
+        try:
+            return provider.unwrap(wrapped, row.context, kek_id)
+        except KmsError as exc:
+            self._kms_failed("unwrap", exc, **{**row_fields(row), "kek": kek_id})
+            raise
+
+    def _generate(self, context: WrapContext) -> GeneratedDataKey:
+        kms = self._kms
+        self.cache.record_kms_call()
+        try:
+            generated = kms.generate_data_key(KEY_SIZES[context.purpose.algorithm], context)
+        except KmsError as exc:
+            self._kms_failed(
+                "generate_data_key",
+                exc,
+                tenant=context.tenant_id,
+                key_id=str(context.key_id),
+                purpose=context.purpose.value,
+                version=context.version,
+                kek=kms.kek_id,
+            )
+            raise
+        return generated
+
+    def _verified_cipher(self, row: KeyRow, dek: bytes) -> AeadCipher:
+        algorithm = row.purpose.algorithm
+        if len(dek) != KEY_SIZES[algorithm] or not key_check_matches(
+            dek, row.key_id, row.purpose, row.key_check
+        ):
+            audit_event("key.check_failed", logging.ERROR, **row_fields(row))
+            raise KeyringIntegrityError(
+                f"the DEK of {row.describe()} does not match its keyring row's key check "
+                f"value (KEK {row.kek_id}): the row may have been restored from another "
+                "environment or edited; restore the matching keyring row from a backup"
+            )
+        return AeadCipher(algorithm, dek)
+
+    def _unwrap_row(self, row: KeyRow) -> DataKey:
+        if row.wrapped_dek is None:
+            raise KeyDestroyedError(
+                f"the DEK of {row.describe()} was destroyed; its values cannot be decrypted"
+            )
+        provider = self._provider_for(row)
+        dek = self._unwrap_with(provider, row, row.wrapped_dek, row.kek_id)
+        cipher = self._verified_cipher(row, dek)
+        return DataKey(row.key_id, row.tenant_id, row.purpose, row.version, cipher)
+
+    def _data_key(self, row: KeyRow) -> DataKey:
+        return self.cache.get_or_load(row.key_id, lambda: self._unwrap_row(row))
+
+    # -- KeyProvider ----------------------------------------------------------
+
+    def active_key(self, tenant_id: str, purpose: KeyPurpose) -> DataKey:
+        """Return the DEK new values of ``tenant_id`` are sealed with.
+
+        Creates the tenant's first DEK for ``purpose`` if it has none; when
+        two processes race to create it, the database keeps one and the
+        loser uses the winner's key. Raises :class:`KeyDestroyedError` for a
+        shredded tenant.
+        """
+        tenant = _check_tenant(tenant_id)
+        purpose = KeyPurpose(purpose)
+        row = self._active.get_or_load(
+            (tenant, purpose), lambda: self._find_or_create_active(tenant, purpose)
+        )
+        return self._data_key(row)
+
+    def key_by_id(self, key_id: uuid.UUID, expected_tenant: str | None = None) -> DataKey:
+        """Return the DEK with ``key_id``.
+
+        With ``expected_tenant``, a key of another tenant raises
+        :class:`TenantContextError` before any KMS call.
+        """
+        cached = self.cache.get(key_id)
+        if cached is not None:
+            self._check_expected_tenant(key_id, cached.tenant_id, expected_tenant)
+            return cached
+        row = self._store.get(key_id)
+        if row is None:
+            raise KeyNotFoundError(
+                f"key id {key_id} is not in keyring table {self.table.fullname}: the value was "
+                "sealed with a key of another keyring, or its keyring row was deleted"
+            )
+        self._check_expected_tenant(key_id, row.tenant_id, expected_tenant)
+        if row.state is KeyState.DESTROYED:
+            raise KeyDestroyedError(
+                f"the DEK of {row.describe()} was destroyed (the tenant was crypto-shredded): "
+                f"values of tenant {row.tenant_id!r} under it cannot be decrypted"
+            )
+        if row.state is KeyState.RETIRED:
+            raise KeyNotFoundError(
+                f"the DEK of {row.describe()} is retired and no longer decrypts values"
+            )
+        return self._data_key(row)
+
+    def decryptable_keys(self, tenant_id: str, purpose: KeyPurpose) -> Sequence[DataKey]:
+        """Return the tenant's active, pending and decrypt-only DEKs, active first."""
+        tenant = _check_tenant(tenant_id)
+        purpose = KeyPurpose(purpose)
+        cache_key = (tenant, purpose)
+        rows = self._decryptable.get(cache_key)
+        if rows is None:
+            rows = self._load_decryptable(tenant, purpose)
+            # An empty answer is not cached: another process may create the
+            # tenant's first key at any moment, and it is active at once.
+            if rows:
+                self._decryptable.put(cache_key, rows)
+        return [self._data_key(row) for row in rows]
+
+    @staticmethod
+    def _check_expected_tenant(key_id: uuid.UUID, owner: str, expected: str | None) -> None:
+        if expected is not None and owner != expected:
+            raise TenantContextError(
+                f"key id {key_id} belongs to tenant {owner!r}, but tenant_scope is {expected!r}: "
+                "a tenant cannot read another tenant's values"
+            )
+
+    def _load_decryptable(self, tenant: str, purpose: KeyPurpose) -> tuple[KeyRow, ...]:
+        rows = [
+            row
+            for row in self._store.tenant_rows(tenant)
+            if row.purpose is purpose and row.state in _DECRYPTABLE_STATES
+        ]
+        rows.sort(key=lambda row: (row.state is not KeyState.ACTIVE, -row.version))
+        return tuple(rows)
+
+    # -- the active key -------------------------------------------------------
+
+    def _find_or_create_active(self, tenant: str, purpose: KeyPurpose) -> KeyRow:
+        rows = self._store.tenant_rows(tenant)
+        self._refuse_destroyed(tenant, rows)
+        mine = [row for row in rows if row.purpose is purpose]
+        if lifecycle.promote_due(self, mine):
+            mine = [row for row in self._store.tenant_rows(tenant) if row.purpose is purpose]
+        active = next((row for row in mine if row.state is KeyState.ACTIVE), None)
+        if active is not None:
+            return active
+        if mine:
+            states = ", ".join(f"version {row.version} {row.state.value}" for row in mine)
+            raise KeyStateError(
+                f"tenant {tenant!r} has no active {purpose.value} key ({states}): rotate the "
+                "tenant's keys to create one"
+            )
+        return self._create_first_key(tenant, purpose)
+
+    @staticmethod
+    def _refuse_destroyed(tenant: str, rows: Sequence[KeyRow]) -> None:
+        if any(row.state is KeyState.DESTROYED for row in rows):
+            raise KeyDestroyedError(
+                f"the keys of tenant {tenant!r} were destroyed (crypto-shredded): writes for "
+                "this tenant are refused"
+            )
+
+    def _new_row(
+        self, context: WrapContext, generated: GeneratedDataKey, state: KeyState
+    ) -> KeyRow:
+        now = self._now()
+        return KeyRow(
+            key_id=context.key_id,
+            tenant_id=context.tenant_id,
+            purpose=context.purpose,
+            version=context.version,
+            state=state,
+            wrapped_dek=generated.wrapped,
+            kms_provider=self._kms.provider_name,
+            kek_id=self._kms.kek_id,
+            key_check=key_check_value(generated.plaintext, context.key_id, context.purpose),
+            created_at=now,
+            activated_at=now if state is KeyState.ACTIVE else None,
+            retired_at=None,
+            destroyed_at=None,
+            rewrapped_at=None,
+            row_version=1,
+        )
+
+    def _cache_new_key(self, row: KeyRow, generated: GeneratedDataKey) -> None:
+        cipher = AeadCipher(row.purpose.algorithm, generated.plaintext)
+        self.cache.put(
+            row.key_id, DataKey(row.key_id, row.tenant_id, row.purpose, row.version, cipher)
+        )
+
+    def _create_first_key(self, tenant: str, purpose: KeyPurpose) -> KeyRow:
+        context = WrapContext(uuid.uuid4(), tenant, purpose, 1)
+        generated = self._generate(context)
+        row = self._new_row(context, generated, KeyState.ACTIVE)
+        try:
+            with self.engine.begin() as conn:
+                self._store.insert(conn, row)
+        except sa.exc.OperationalError as exc:
+            if self.engine.dialect.name != "sqlite" or "locked" not in str(exc.orig):
+                raise
+            raise ConfigurationError(
+                f"could not create the first {purpose.value} key of tenant {tenant!r}: the SQLite "
+                f"database of the keyring is locked ({exc.orig}). SQLite allows one writer, so "
+                "a transaction that already wrote to the same database file blocks the "
+                "keyring; call keyring.provision(tenant_id) before that transaction, or keep "
+                "the keyring in a separate database"
+            ) from None
+        except sa.exc.IntegrityError:
+            # Another process created the tenant's first key between our
+            # read and our insert; the unique constraints kept one, so use it.
+            rows = self._store.tenant_rows(tenant)
+            self._refuse_destroyed(tenant, rows)
+            winner = next(
+                (r for r in rows if r.purpose is purpose and r.state is KeyState.ACTIVE), None
+            )
+            if winner is None:
+                raise
+            logger.debug("tenant %r: another process created the first %s key", tenant, purpose)
+            return winner
+        self._cache_new_key(row, generated)
+        self._decryptable.invalidate((tenant, purpose))
+        audit_event("key.created", **row_fields(row), state=row.state.value)
+        return row
+
+    def _invalidate_tenant(self, tenant: str, *, drop_deks: bool = False) -> None:
+        self._active.invalidate_where(lambda key, _: key[0] == tenant)
+        self._decryptable.invalidate_where(lambda key, _: key[0] == tenant)
+        if drop_deks:
+            self.cache.invalidate_where(lambda _, key: key.tenant_id == tenant)
+
+    def _invalidate_lookups(self) -> None:
+        self._active.clear()
+        self._decryptable.clear()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def rotate(
+        self, tenant_id: str, purpose: KeyPurpose | None = None, *, activate_now: bool = False
+    ) -> list[KeyInfo]:
+        """Create a new DEK version for the tenant (both purposes unless one is given).
+
+        The new version is pending: it decrypts at once and becomes active
+        once it is older than ``active_key_ttl`` (see :meth:`promote_pending`),
+        when the previous version becomes decrypt-only. ``activate_now=True``
+        skips the wait; use it only where a single process uses the keyring.
+        """
+        return lifecycle.rotate(self, _check_tenant(tenant_id), purpose, activate_now)
+
+    def promote_pending(self, tenant_id: str | None = None) -> list[KeyInfo]:
+        """Activate pending versions older than ``active_key_ttl``; return them.
+
+        Lookups of the active key also do this for their tenant, so calling
+        it is needed only to make a promotion happen without a write.
+        """
+        return lifecycle.promote_pending(self, tenant_id)
+
+    def rewrap(self, new_kms: KmsProvider | None = None, *, tenant_id: str | None = None) -> int:
+        """Rewrap DEKs under ``new_kms`` (default: the current KEK); return the count.
+
+        Each new wrapped DEK is unwrapped again and checked against the
+        row's key check value before its row is updated; data rows are not
+        touched. With ``new_kms`` and no ``tenant_id``, ``new_kms`` also
+        wraps every DEK created afterwards; the previous provider stays
+        available for unwrapping.
+        """
+        return lifecycle.rewrap(self, new_kms, tenant_id)
+
+    def retire(
+        self, tenant_id: str, version: int, purpose: KeyPurpose | None = None
+    ) -> list[KeyInfo]:
+        """Stop decrypting with a decrypt-only version; return the retired keys.
+
+        Retire a version only after a census shows no value uses it any more.
+        """
+        return lifecycle.retire(self, _check_tenant(tenant_id), version, purpose)
+
+    def shred(self, tenant_id: str) -> int:
+        """Destroy every DEK of the tenant (crypto-shredding); return the count.
+
+        Wrapped DEKs are deleted and the rows kept, in state ``destroyed``,
+        for audit. Reads of the tenant's values then raise
+        :class:`KeyDestroyedError`, and writes for the tenant are refused.
+        """
+        return lifecycle.shred(self, _check_tenant(tenant_id))
+
+    def provision(self, tenant_id: str) -> list[KeyInfo]:
+        """Create the tenant's first DEKs now (both purposes) if it has none.
+
+        Writes do this on their own; calling it ahead is useful when the
+        keyring shares a SQLite database with the data, because SQLite lets
+        only one transaction write at a time.
+        """
+        tenant = _check_tenant(tenant_id)
+        return [self._find_or_create_active(tenant, purpose).info() for purpose in KeyPurpose]
+
+    def list_keys(self, tenant_id: str | None = None) -> list[KeyInfo]:
+        """Return metadata of every key (of one tenant), without unwrapping any."""
+        return [row.info() for row in self._store.rows(tenant_id)]

@@ -1,0 +1,307 @@
+"""Key lifecycle operations of :class:`~sqlalchemy_encrypted.keyring.Keyring`.
+
+Every state change is a compare-and-set on the row's ``row_version``, so
+two processes running the same operation at once cannot both apply it, and
+each change is recorded on the ``sqlalchemy_encrypted.audit`` logger.
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+
+from ..errors import KeyNotFoundError, KeyStateError, KmsError
+from ..keys import KeyPurpose
+from ..kms.base import KmsProvider, WrapContext
+from .audit import audit_event, row_fields
+from .schema import KeyState
+from .store import KeyInfo, KeyRow
+
+if TYPE_CHECKING:
+    from .keyring import Keyring
+
+__all__ = ["promote_due", "promote_pending", "retire", "rewrap", "rotate", "shred"]
+
+# Attempts to apply one row change when another process keeps changing the row.
+_CAS_ATTEMPTS = 3
+
+
+def _purposes(purpose: KeyPurpose | None) -> list[KeyPurpose]:
+    return list(KeyPurpose) if purpose is None else [KeyPurpose(purpose)]
+
+
+# -- rotation -----------------------------------------------------------------
+
+
+def rotate(
+    keyring: Keyring, tenant: str, purpose: KeyPurpose | None, activate_now: bool
+) -> list[KeyInfo]:
+    created = []
+    try:
+        for each in _purposes(purpose):
+            created.append(_rotate_one(keyring, tenant, each, activate_now))
+    finally:
+        keyring._invalidate_tenant(tenant)
+    return created
+
+
+def _rotate_one(keyring: Keyring, tenant: str, purpose: KeyPurpose, activate_now: bool) -> KeyInfo:
+    rows = keyring._store.tenant_rows(tenant)
+    keyring._refuse_destroyed(tenant, rows)
+    mine = [row for row in rows if row.purpose is purpose]
+    if not mine:
+        return keyring._create_first_key(tenant, purpose).info()
+    pending = [row for row in mine if row.state is KeyState.PENDING]
+    if pending:
+        if activate_now:
+            promoted = _promote(keyring, pending[-1])
+            if promoted is not None:
+                return promoted.info()
+        raise KeyStateError(
+            f"tenant {tenant!r} already has pending {purpose.value} key version "
+            f"{pending[-1].version}: it becomes active after active_key_ttl "
+            "(promote_pending), or rotate with activate_now=True to activate it now"
+        )
+    context = WrapContext(uuid.uuid4(), tenant, purpose, max(row.version for row in mine) + 1)
+    generated = keyring._generate(context)
+    state = KeyState.ACTIVE if activate_now else KeyState.PENDING
+    row = keyring._new_row(context, generated, state)
+    active = next((r for r in mine if r.state is KeyState.ACTIVE), None)
+    try:
+        with keyring.engine.begin() as conn:
+            if activate_now and active is not None:
+                demoted = keyring._store.compare_and_set(conn, active, state=KeyState.DECRYPT_ONLY)
+                if demoted is None:
+                    raise KeyStateError(_concurrent(tenant, purpose))
+            keyring._store.insert(conn, row)
+    except sa.exc.IntegrityError:
+        raise KeyStateError(_concurrent(tenant, purpose)) from None
+    keyring._cache_new_key(row, generated)
+    audit_event("key.rotated", **row_fields(row), state=state.value)
+    if activate_now and active is not None:
+        audit_event("key.demoted", **row_fields(active), state=KeyState.DECRYPT_ONLY.value)
+    return row.info()
+
+
+def _concurrent(tenant: str, purpose: KeyPurpose) -> str:
+    return (
+        f"the {purpose.value} keys of tenant {tenant!r} were changed by another process during "
+        "the rotation; list the keys and retry"
+    )
+
+
+def _due(keyring: Keyring, row: KeyRow, now: datetime.datetime) -> bool:
+    return row.created_at <= now - datetime.timedelta(seconds=keyring.active_key_ttl)
+
+
+def promote_due(keyring: Keyring, rows: Sequence[KeyRow]) -> bool:
+    """Promote the newest pending row of one tenant and purpose if it is due.
+
+    A pending row is due once it is older than ``active_key_ttl``, or at
+    once when there is no active row at all. Returns True if a row changed.
+    """
+    pending = [row for row in rows if row.state is KeyState.PENDING]
+    if not pending:
+        return False
+    newest = max(pending, key=lambda row: row.version)
+    has_active = any(row.state is KeyState.ACTIVE for row in rows)
+    if has_active and not _due(keyring, newest, keyring._now()):
+        return False
+    return _promote(keyring, newest) is not None
+
+
+def promote_pending(keyring: Keyring, tenant_id: str | None) -> list[KeyInfo]:
+    now = keyring._now()
+    promoted = []
+    for row in keyring._store.rows(tenant_id, states=[KeyState.PENDING]):
+        if _due(keyring, row, now):
+            result = _promote(keyring, row)
+            if result is not None:
+                promoted.append(result.info())
+    return promoted
+
+
+class _Conflict(Exception):
+    """Another process changed a row first; the transaction is rolled back."""
+
+
+def _promote(keyring: Keyring, pending: KeyRow) -> KeyRow | None:
+    """Make ``pending`` active and the current active row decrypt-only, atomically."""
+    store = keyring._store
+    try:
+        with keyring.engine.begin() as conn:
+            rows = store.tenant_rows(pending.tenant_id, conn, for_update=True)
+            current = next((row for row in rows if row.key_id == pending.key_id), None)
+            if current is None or current.state is not KeyState.PENDING:
+                return None
+            active = next(
+                (r for r in rows if r.purpose is pending.purpose and r.state is KeyState.ACTIVE),
+                None,
+            )
+            if active is not None:
+                if store.compare_and_set(conn, active, state=KeyState.DECRYPT_ONLY) is None:
+                    raise _Conflict
+            promoted = store.compare_and_set(
+                conn, current, state=KeyState.ACTIVE, activated_at=keyring._now()
+            )
+            if promoted is None:
+                raise _Conflict
+    except _Conflict:
+        return None
+    keyring._invalidate_tenant(pending.tenant_id)
+    audit_event("key.activated", **row_fields(promoted))
+    if active is not None:
+        audit_event("key.demoted", **row_fields(active), state=KeyState.DECRYPT_ONLY.value)
+    return promoted
+
+
+# -- rewrapping ---------------------------------------------------------------
+
+
+def rewrap(keyring: Keyring, new_kms: KmsProvider | None, tenant_id: str | None) -> int:
+    target = new_kms if new_kms is not None else keyring.kms
+    if new_kms is not None:
+        keyring._use_provider(new_kms, for_new_keys=False)
+    count = 0
+    try:
+        rows = keyring._store.rows(
+            tenant_id, states=[state for state in KeyState if state is not KeyState.DESTROYED]
+        )
+        for row in rows:
+            if _rewrap_row(keyring, row, target):
+                count += 1
+    finally:
+        # Cached rows still hold the old wrapped DEKs; the DEKs themselves are unchanged.
+        keyring._invalidate_lookups()
+    if new_kms is not None and tenant_id is None:
+        keyring._use_provider(new_kms, for_new_keys=True)
+    audit_event(
+        "keyring.rewrapped",
+        keys=count,
+        tenant=tenant_id if tenant_id is not None else "*",
+        kek=target.kek_id,
+    )
+    return count
+
+
+def _rewrap_row(keyring: Keyring, row: KeyRow, target: KmsProvider) -> bool:
+    for _ in range(_CAS_ATTEMPTS):
+        if row.wrapped_dek is None:
+            return False
+        wrapped = _new_wrapping(keyring, row, target)
+        # Verify before the row changes: the new wrapped DEK must unwrap,
+        # under the target KEK, to the DEK the row's key check value names.
+        check = row.evolve(kms_provider=target.provider_name, kek_id=target.kek_id)
+        keyring._verified_cipher(check, keyring._unwrap_with(target, check, wrapped, target.kek_id))
+        with keyring.engine.begin() as conn:
+            updated = keyring._store.compare_and_set(
+                conn,
+                row,
+                wrapped_dek=wrapped,
+                kms_provider=target.provider_name,
+                kek_id=target.kek_id,
+                rewrapped_at=keyring._now(),
+            )
+        if updated is not None:
+            audit_event(
+                "key.rewrapped", **row_fields(row), from_kek=row.kek_id, to_kek=target.kek_id
+            )
+            return True
+        fresh = keyring._store.get(row.key_id)
+        if fresh is None:
+            return False
+        row = fresh
+    raise KeyStateError(
+        f"the keyring row of {row.describe()} kept changing during the rewrap; run it again"
+    )
+
+
+def _new_wrapping(keyring: Keyring, row: KeyRow, target: KmsProvider) -> bytes:
+    assert row.wrapped_dek is not None
+    source = keyring._provider_for(row)
+    if type(source) is type(target) and target.can_unwrap(row.kms_provider, row.kek_id):
+        # The same KMS can move the wrapped DEK without returning its plaintext.
+        keyring.cache.record_kms_call()
+        try:
+            return target.reencrypt(row.wrapped_dek, row.context, row.kek_id)
+        except KmsError as exc:
+            keyring._kms_failed("reencrypt", exc, **row_fields(row), to_kek=target.kek_id)
+            raise
+    dek = keyring._unwrap_with(source, row, row.wrapped_dek, row.kek_id)
+    keyring._verified_cipher(row, dek)
+    keyring.cache.record_kms_call()
+    try:
+        return target.wrap(dek, row.context)
+    except KmsError as exc:
+        keyring._kms_failed("wrap", exc, **row_fields(row), to_kek=target.kek_id)
+        raise
+
+
+# -- retiring and shredding ---------------------------------------------------
+
+
+def retire(
+    keyring: Keyring, tenant: str, version: int, purpose: KeyPurpose | None
+) -> list[KeyInfo]:
+    wanted = set(_purposes(purpose))
+    rows = [
+        row
+        for row in keyring._store.tenant_rows(tenant)
+        if row.version == version and row.purpose in wanted
+    ]
+    if not rows:
+        raise KeyNotFoundError(f"tenant {tenant!r} has no key version {version} to retire")
+    for row in rows:
+        if row.state in (KeyState.ACTIVE, KeyState.PENDING):
+            raise KeyStateError(
+                f"cannot retire the {row.state.value} key {row.describe()}: rotate the tenant's "
+                "keys and re-encrypt its values first"
+            )
+    retired = []
+    with keyring.engine.begin() as conn:
+        for row in rows:
+            if row.state is not KeyState.DECRYPT_ONLY:
+                continue
+            updated = keyring._store.compare_and_set(
+                conn, row, state=KeyState.RETIRED, retired_at=keyring._now()
+            )
+            if updated is None:
+                raise KeyStateError(
+                    f"the keyring row of {row.describe()} changed during retire; retry"
+                )
+            retired.append(updated)
+    for row in retired:
+        keyring.cache.invalidate(row.key_id)
+        audit_event("key.retired", **row_fields(row))
+    keyring._invalidate_tenant(tenant)
+    return [row.info() for row in retired]
+
+
+def shred(keyring: Keyring, tenant: str) -> int:
+    table = keyring.table
+    with keyring.engine.begin() as conn:
+        rows = [
+            row
+            for row in keyring._store.tenant_rows(tenant, conn, for_update=True)
+            if row.state is not KeyState.DESTROYED
+        ]
+        conn.execute(
+            table.update()
+            .where(table.c.tenant_id == tenant)
+            .where(table.c.state != KeyState.DESTROYED.value)
+            .values(
+                state=KeyState.DESTROYED.value,
+                wrapped_dek=None,
+                destroyed_at=keyring._now(),
+                row_version=table.c.row_version + 1,
+            )
+        )
+    keyring._invalidate_tenant(tenant, drop_deks=True)
+    for row in rows:
+        audit_event("key.destroyed", **row_fields(row))
+    audit_event("tenant.shredded", tenant=tenant, keys=len(rows))
+    return len(rows)

@@ -1,0 +1,196 @@
+"""Reading and writing keyring rows; no KMS calls and no caching here."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..keys import KeyPurpose
+from ..kms.base import WrapContext
+from .schema import KeyState
+
+__all__ = ["KeyInfo", "KeyRow", "KeyStore", "utcnow"]
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """Metadata of one DEK, without any key bytes."""
+
+    key_id: uuid.UUID
+    tenant_id: str
+    purpose: KeyPurpose
+    version: int
+    state: KeyState
+    kms_provider: str
+    kek_id: str
+    created_at: datetime.datetime
+    activated_at: datetime.datetime | None
+    retired_at: datetime.datetime | None
+    destroyed_at: datetime.datetime | None
+    rewrapped_at: datetime.datetime | None
+
+
+@dataclass(frozen=True, repr=False)
+class KeyRow:
+    """One keyring row as read from the database, wrapped DEK included."""
+
+    key_id: uuid.UUID
+    tenant_id: str
+    purpose: KeyPurpose
+    version: int
+    state: KeyState
+    wrapped_dek: bytes | None
+    kms_provider: str
+    kek_id: str
+    key_check: bytes
+    created_at: datetime.datetime
+    activated_at: datetime.datetime | None
+    retired_at: datetime.datetime | None
+    destroyed_at: datetime.datetime | None
+    rewrapped_at: datetime.datetime | None
+    row_version: int
+
+    def __repr__(self) -> str:
+        return (
+            f"<KeyRow {self.key_id} tenant={self.tenant_id!r} purpose={self.purpose.value} "
+            f"version={self.version} state={self.state.value} kek={self.kek_id}>"
+        )
+
+    @property
+    def context(self) -> WrapContext:
+        return WrapContext(self.key_id, self.tenant_id, self.purpose, self.version)
+
+    def describe(self) -> str:
+        return self.context.describe()
+
+    def info(self) -> KeyInfo:
+        return KeyInfo(
+            key_id=self.key_id,
+            tenant_id=self.tenant_id,
+            purpose=self.purpose,
+            version=self.version,
+            state=self.state,
+            kms_provider=self.kms_provider,
+            kek_id=self.kek_id,
+            created_at=self.created_at,
+            activated_at=self.activated_at,
+            retired_at=self.retired_at,
+            destroyed_at=self.destroyed_at,
+            rewrapped_at=self.rewrapped_at,
+        )
+
+    def evolve(self, **changes: Any) -> KeyRow:
+        return replace(self, **changes)
+
+
+_ENUM_COLUMNS = {"purpose", "state"}
+
+
+class KeyStore:
+    """SQL access to one keyring table through one engine."""
+
+    def __init__(self, engine: sa.Engine, table: sa.Table) -> None:
+        self.engine = engine
+        self.table = table
+
+    def _row(self, mapping: Any) -> KeyRow:
+        data = dict(mapping)
+        wrapped = data["wrapped_dek"]
+        return KeyRow(
+            key_id=data["key_id"],
+            tenant_id=data["tenant_id"],
+            purpose=KeyPurpose(data["purpose"]),
+            version=data["key_version"],
+            state=KeyState(data["state"]),
+            wrapped_dek=None if wrapped is None else bytes(wrapped),
+            kms_provider=data["kms_provider"],
+            kek_id=data["kek_id"],
+            key_check=bytes(data["key_check"]),
+            created_at=data["created_at"],
+            activated_at=data["activated_at"],
+            retired_at=data["retired_at"],
+            destroyed_at=data["destroyed_at"],
+            rewrapped_at=data["rewrapped_at"],
+            row_version=data["row_version"],
+        )
+
+    def _select(self, conn: sa.Connection, where: Any, for_update: bool = False) -> list[KeyRow]:
+        stmt = sa.select(self.table).where(where)
+        stmt = stmt.order_by(self.table.c.tenant_id, self.table.c.purpose, self.table.c.key_version)
+        if for_update and conn.dialect.name != "sqlite":
+            stmt = stmt.with_for_update()
+        return [self._row(mapping) for mapping in conn.execute(stmt).mappings()]
+
+    def get(self, key_id: uuid.UUID) -> KeyRow | None:
+        with self.engine.connect() as conn:
+            rows = self._select(conn, self.table.c.key_id == key_id)
+        return rows[0] if rows else None
+
+    def tenant_rows(
+        self, tenant_id: str, conn: sa.Connection | None = None, for_update: bool = False
+    ) -> list[KeyRow]:
+        where = self.table.c.tenant_id == tenant_id
+        if conn is not None:
+            return self._select(conn, where, for_update)
+        with self.engine.connect() as own:
+            return self._select(own, where)
+
+    def rows(
+        self, tenant_id: str | None = None, states: Iterable[KeyState] | None = None
+    ) -> list[KeyRow]:
+        clauses: list[Any] = []
+        if tenant_id is not None:
+            clauses.append(self.table.c.tenant_id == tenant_id)
+        if states is not None:
+            clauses.append(self.table.c.state.in_([state.value for state in states]))
+        with self.engine.connect() as conn:
+            return self._select(conn, sa.and_(sa.true(), *clauses))
+
+    def insert(self, conn: sa.Connection, row: KeyRow) -> None:
+        conn.execute(
+            self.table.insert().values(
+                key_id=row.key_id,
+                tenant_id=row.tenant_id,
+                purpose=row.purpose.value,
+                key_version=row.version,
+                state=row.state.value,
+                wrapped_dek=row.wrapped_dek,
+                kms_provider=row.kms_provider,
+                kek_id=row.kek_id,
+                key_check=row.key_check,
+                created_at=row.created_at,
+                activated_at=row.activated_at,
+                retired_at=row.retired_at,
+                destroyed_at=row.destroyed_at,
+                rewrapped_at=row.rewrapped_at,
+                row_version=row.row_version,
+            )
+        )
+
+    def compare_and_set(self, conn: sa.Connection, row: KeyRow, **changes: Any) -> KeyRow | None:
+        """Update ``row`` if its row version is unchanged; return the new row or None."""
+        values = {
+            ("key_version" if name == "version" else name): (
+                value.value if name in _ENUM_COLUMNS else value
+            )
+            for name, value in changes.items()
+        }
+        values["row_version"] = row.row_version + 1
+        result = conn.execute(
+            self.table.update()
+            .where(self.table.c.key_id == row.key_id)
+            .where(self.table.c.row_version == row.row_version)
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            return None
+        return row.evolve(row_version=row.row_version + 1, **changes)

@@ -1,0 +1,19 @@
+"""KMS providers: the services that hold the KEKs wrapping the keyring's DEKs.
+
+``LocalKms`` keeps KEKs in a local key file, the environment or a
+passphrase. ``AwsKms`` uses AWS KMS through boto3 (the ``aws`` extra),
+which is imported only when an ``AwsKms`` is created.
+"""
+
+from __future__ import annotations
+
+from .base import GeneratedDataKey, KekInfo, KmsProvider, WrapContext
+from .local import LocalKms
+
+__all__ = [
+    "GeneratedDataKey",
+    "KekInfo",
+    "KmsProvider",
+    "LocalKms",
+    "WrapContext",
+]
