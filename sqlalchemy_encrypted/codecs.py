@@ -12,6 +12,7 @@ import datetime as dt
 import decimal
 import enum
 import json
+import operator
 import struct
 import uuid
 import zoneinfo
@@ -70,6 +71,10 @@ class Codec:
         """Return the largest possible encoded length in bytes, or None if unbounded."""
         return None
 
+    def cardinality(self) -> int | None:
+        """Return how many distinct values the codec can encode, if that is small."""
+        return None
+
 
 class StrCodec(Codec):
     tag = ValueTag.STR
@@ -85,13 +90,7 @@ class StrCodec(Codec):
                 f"value for encrypted column {column} is longer than its limit of "
                 f"{self.length} characters"
             )
-        try:
-            return str.encode(value, "utf-8")
-        except UnicodeEncodeError:
-            raise ValueTypeError(
-                f"invalid value for encrypted column {column}: the string contains a lone "
-                "surrogate code point, which UTF-8 cannot encode"
-            ) from None
+        return _encode_utf8(value, column)
 
     def decode(self, data: bytes) -> str:
         return data.decode("utf-8")
@@ -99,6 +98,24 @@ class StrCodec(Codec):
     def max_encoded_length(self) -> int | None:
         # A character takes at most 4 bytes in UTF-8.
         return None if self.length is None else 4 * self.length
+
+
+def _encode_utf8(text: str, column: str) -> bytes:
+    """Encode ``text`` as UTF-8, rejecting lone surrogates.
+
+    The error is raised outside the ``except`` block on purpose: a
+    ``UnicodeEncodeError`` holds the whole string in its ``object``
+    attribute, and an exception raised inside the block would keep it as
+    ``__context__``.
+    """
+    try:
+        return str.encode(text, "utf-8")
+    except UnicodeEncodeError:
+        pass
+    raise ValueTypeError(
+        f"invalid value for encrypted column {column}: the string contains a lone "
+        "surrogate code point, which UTF-8 cannot encode"
+    )
 
 
 class BytesCodec(Codec):
@@ -126,20 +143,44 @@ class BytesCodec(Codec):
 
 
 class IntCodec(Codec):
-    """Signed big-endian two's complement of minimal length, any size."""
+    """Signed big-endian two's complement of minimal length.
+
+    Randomized columns take integers of any size. Deterministic columns pass
+    ``max_bytes=8``, the range of a SQL BIGINT, so that their stored width is
+    bounded.
+    """
 
     tag = ValueTag.INT
     python_types = (int,)
     _excluded = (bool,)
 
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = max_bytes
+
+    def check(self, value: Any, column: str) -> None:
+        # Integer types of other libraries (numpy, for example) implement __index__.
+        if not isinstance(value, (bool, str, bytes, float)) and hasattr(value, "__index__"):
+            return
+        super().check(value, column)
+
     def encode(self, value: Any, column: str) -> bytes:
         self.check(value, column)
-        number = int(value)
+        number = operator.index(value)
         length = (number + (number < 0)).bit_length() // 8 + 1
+        if self.max_bytes is not None and length > self.max_bytes:
+            raise PlaintextTooLongError(
+                f"value for encrypted column {column} is out of range: a deterministic "
+                f"integer column holds {8 * self.max_bytes}-bit signed integers"
+            )
         return number.to_bytes(length, "big", signed=True)
 
     def decode(self, data: bytes) -> int:
+        if not data:
+            raise ValueError("empty integer encoding")
         return int.from_bytes(data, "big", signed=True)
+
+    def max_encoded_length(self) -> int | None:
+        return self.max_bytes
 
 
 class DecimalCodec(Codec):
@@ -149,8 +190,13 @@ class DecimalCodec(Codec):
     python_types = (decimal.Decimal, int)
     _excluded = (bool,)
 
-    def __init__(self, as_decimal: bool = True) -> None:
+    # Characters besides the digits: sign, decimal point, up to six leading
+    # zeros ("0.000000") and an exponent such as "E-1000000000".
+    _NON_DIGIT_CHARACTERS = 32
+
+    def __init__(self, as_decimal: bool = True, precision: int | None = None) -> None:
         self.as_decimal = as_decimal
+        self.precision = precision
 
     def check(self, value: Any, column: str) -> None:
         if isinstance(value, float):
@@ -168,20 +214,38 @@ class DecimalCodec(Codec):
         number = decimal.Decimal(data.decode("ascii"))
         return number if self.as_decimal else float(number)
 
+    def max_encoded_length(self) -> int | None:
+        if self.precision is None:
+            return None
+        return self.precision + self._NON_DIGIT_CHARACTERS
+
 
 class FloatCodec(Codec):
-    """IEEE 754 binary64, big-endian: keeps -0.0, infinities and NaN."""
+    """IEEE 754 binary64, big-endian: keeps -0.0, infinities and NaN.
+
+    ``Float(asdecimal=True)`` reads back the shortest Decimal that equals the
+    stored float.
+    """
 
     tag = ValueTag.FLOAT
     python_types = (float, int)
     _excluded = (bool,)
 
+    def __init__(self, as_decimal: bool = False) -> None:
+        self.as_decimal = as_decimal
+
+    def check(self, value: Any, column: str) -> None:
+        if self.as_decimal and isinstance(value, decimal.Decimal):
+            return
+        super().check(value, column)
+
     def encode(self, value: Any, column: str) -> bytes:
         self.check(value, column)
         return struct.pack(">d", float(value))
 
-    def decode(self, data: bytes) -> float:
-        return float(struct.unpack(">d", data)[0])
+    def decode(self, data: bytes) -> float | decimal.Decimal:
+        number = float(struct.unpack(">d", data)[0])
+        return decimal.Decimal(repr(number)) if self.as_decimal else number
 
     def max_encoded_length(self) -> int | None:
         return 8
@@ -207,6 +271,9 @@ class BoolCodec(Codec):
 
     def max_encoded_length(self) -> int | None:
         return 1
+
+    def cardinality(self) -> int | None:
+        return 2
 
 
 def _encode_zone(value: dt.datetime | dt.time) -> str:
@@ -346,21 +413,27 @@ class JsonCodec(Codec):
 
     JSON has no tuples and only string keys, so tuples read back as lists and
     non-string keys are rejected rather than silently turned into strings.
+    Python ``None`` is stored as SQL NULL; ``JSON.NULL`` stores the JSON
+    ``null`` value, which reads back as ``None``.
     """
 
     tag = ValueTag.JSON
     python_types = (dict, list, str, int, float, bool)
 
     def encode(self, value: Any, column: str) -> bytes:
+        if value is sa.JSON.NULL:
+            return b"null"
         _reject_non_string_keys(value, column)
+        failure: str | None = None
         try:
             text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
+            failure = type(exc).__name__
+        if failure is not None:
             raise ValueTypeError(
-                f"invalid value for encrypted column {column}: not serializable as JSON "
-                f"({type(exc).__name__})"
-            ) from None
-        return text.encode("utf-8")
+                f"invalid value for encrypted column {column}: not serializable as JSON ({failure})"
+            )
+        return _encode_utf8(text, column)
 
     def decode(self, data: bytes) -> Any:
         return json.loads(data.decode("utf-8"))
@@ -383,18 +456,42 @@ def _reject_non_string_keys(value: Any, column: str) -> None:
 
 
 class EnumCodec(Codec):
-    """The member name (for an enum class) or the string value, in UTF-8."""
+    """The member name for an Enum over a Python enum class, else the string
+    itself, in UTF-8.
+
+    Member names are stored rather than the values SQLAlchemy would persist
+    (which ``values_callable`` may change), so renaming a member needs a data
+    migration but changing ``values_callable`` does not. Strings are accepted
+    the way SQLAlchemy accepts them: for an enum class, a string is looked up
+    among the persisted values.
+    """
 
     tag = ValueTag.ENUM
 
     def __init__(self, inner: sa.Enum) -> None:
         self.enum_class: type[enum.Enum] | None = inner.enum_class
-        self.names = frozenset(inner.enums)
+        if self.enum_class is not None:
+            # SQLAlchemy's own persisted-value to member map, which follows
+            # values_callable and omit_aliases exactly as a plain Enum column does.
+            lookup = getattr(inner, "_object_lookup", {})
+            self.members_by_string: dict[str, enum.Enum] = {
+                key: member
+                for key, member in lookup.items()
+                if isinstance(key, str) and isinstance(member, enum.Enum)
+            }
+            self.names = frozenset(member.name for member in self.enum_class)
+        else:
+            self.members_by_string = {}
+            self.names = frozenset(inner.enums)
 
     def encode(self, value: Any, column: str) -> bytes:
-        if self.enum_class is not None and isinstance(value, self.enum_class):
-            return value.name.encode("utf-8")
-        if isinstance(value, str) and value in self.names:
+        if self.enum_class is not None:
+            if isinstance(value, self.enum_class):
+                return value.name.encode("utf-8")
+            member = self.members_by_string.get(value) if isinstance(value, str) else None
+            if member is not None:
+                return member.name.encode("utf-8")
+        elif isinstance(value, str) and value in self.names:
             return value.encode("utf-8")
         raise ValueTypeError(
             f"invalid value for encrypted column {column}: not a member of its Enum type"
@@ -402,15 +499,25 @@ class EnumCodec(Codec):
 
     def decode(self, data: bytes) -> Any:
         name = data.decode("utf-8")
+        if name not in self.names:
+            raise ValueError("unknown Enum member")
         if self.enum_class is not None:
             return self.enum_class[name]
         return name
 
     def max_encoded_length(self) -> int | None:
-        return 4 * max((len(name) for name in self.names), default=0)
+        return max((len(name.encode("utf-8")) for name in self.names), default=0)
+
+    def cardinality(self) -> int | None:
+        return len(self.names)
 
 
-def codec_for(inner: TypeEngine[Any], column: str) -> Codec:
+# Deterministic columns need a bounded stored width; integers get the range
+# of a SQL BIGINT.
+DETERMINISTIC_INT_BYTES = 8
+
+
+def codec_for(inner: TypeEngine[Any], column: str, deterministic: bool = False) -> Codec:
     """Choose the codec for an inner SQLAlchemy type.
 
     Order matters: Enum is a String, Float is a Numeric, and both must be
@@ -425,11 +532,11 @@ def codec_for(inner: TypeEngine[Any], column: str) -> Codec:
     if isinstance(inner, sa.Boolean):
         return BoolCodec()
     if isinstance(inner, sa.Integer):
-        return IntCodec()
+        return IntCodec(DETERMINISTIC_INT_BYTES if deterministic else None)
     if isinstance(inner, sa.Float):
-        return FloatCodec()
+        return FloatCodec(as_decimal=bool(inner.asdecimal))
     if isinstance(inner, sa.Numeric):
-        return DecimalCodec(as_decimal=bool(inner.asdecimal))
+        return DecimalCodec(as_decimal=bool(inner.asdecimal), precision=inner.precision)
     if isinstance(inner, sa.DateTime):
         return DateTimeCodec()
     if isinstance(inner, sa.Date):

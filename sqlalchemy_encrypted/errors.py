@@ -5,9 +5,16 @@ Every exception raised on purpose by this package derives from
 involved. They never contain plaintext, key bytes or passphrases, and
 exceptions raised by ``cryptography`` are chained only when they carry no
 secret either.
+
+Every class mixes in SQLAlchemy's ``DontWrapMixin``: an error raised while
+SQLAlchemy processes bound parameters reaches the caller as itself, not
+wrapped in a ``StatementError`` whose text would list the parameters, and so
+the plaintext values of the statement.
 """
 
 from __future__ import annotations
+
+from sqlalchemy.exc import DontWrapMixin
 
 __all__ = [
     "ConfigurationError",
@@ -27,13 +34,16 @@ __all__ = [
     "KmsUnavailableError",
     "PlaintextTooLongError",
     "StorageFormatError",
+    "StoredKeyDestroyedError",
+    "StoredKeyNotFoundError",
     "TenantContextError",
+    "TenantMismatchError",
     "UnsupportedOperationError",
     "ValueTypeError",
 ]
 
 
-class EncryptionError(Exception):
+class EncryptionError(Exception, DontWrapMixin):
     """Base class of every error raised by sqlalchemy-encrypted."""
 
 
@@ -91,12 +101,30 @@ class KeyStateError(EncryptionError):
     """A key lifecycle operation is not valid in the key's current state."""
 
 
+class StoredKeyNotFoundError(KeyNotFoundError, DecryptionError):
+    """The key id in a stored value names no key that can open it.
+
+    The value is damaged, comes from another keyring, or its key version was
+    retired. Being a :class:`DecryptionError` too, it is caught by code that
+    handles unreadable values.
+    """
+
+
+class StoredKeyDestroyedError(KeyDestroyedError, StoredKeyNotFoundError):
+    """The key that sealed a stored value was destroyed (crypto-shredded)."""
+
+
 class KeyInUseError(EncryptionError):
     """A key version cannot be retired because stored values still use it."""
 
 
 class TenantContextError(EncryptionError):
     """No tenant is set, or the tenant in scope does not match the row's tenant."""
+
+
+class TenantMismatchError(TenantContextError, DecryptionError):
+    """A stored value was sealed under another tenant's key than the tenant
+    of the active :func:`~sqlalchemy_encrypted.tenant_scope`."""
 
 
 class KmsError(EncryptionError):

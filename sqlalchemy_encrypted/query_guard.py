@@ -13,15 +13,15 @@ from typing import Any
 
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import visitors
-from sqlalchemy.sql.elements import BindParameter, Cast, ColumnElement
+from sqlalchemy.sql.elements import BindParameter, Cast, ColumnElement, Over, WithinGroup
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.sql.selectable import Select
+from sqlalchemy.sql.selectable import CompoundSelect, Select
 
 from .errors import UnsupportedOperationError
 from .keys import KeyPurpose
 from .types import EncryptedType
 
-__all__ = ["check_select"]
+__all__ = ["check_compound_select", "check_select"]
 
 # Functions whose result does not depend on the bytes of their argument.
 _SAFE_FUNCTIONS = frozenset({"count"})
@@ -46,16 +46,24 @@ def _reject(column_type: EncryptedType[Any], what: str) -> UnsupportedOperationE
     )
 
 
-def check_select(select: Select[Any]) -> None:
-    """Raise :class:`UnsupportedOperationError` if ``select`` orders, groups,
-    casts or calls a SQL function over an encrypted column."""
-    for clause in select._order_by_clauses:
+def _check_ordering(order_by: Any, group_by: Any) -> None:
+    for clause in order_by:
         for column_type in _encrypted_columns(clause):
             raise _reject(column_type, "ORDER BY")
-    for clause in select._group_by_clauses:
+    for clause in group_by:
         for column_type in _encrypted_columns(clause):
             if column_type.purpose is KeyPurpose.RANDOMIZED:
                 raise _reject(column_type, "GROUP BY")
+
+
+def check_select(select: Select[Any]) -> None:
+    """Raise :class:`UnsupportedOperationError` if ``select`` orders, groups,
+    casts or calls a SQL function over an encrypted column.
+
+    Grouping (and window partitioning) is allowed on deterministic columns,
+    whose equal values have equal stored bytes.
+    """
+    _check_ordering(select._order_by_clauses, select._group_by_clauses)
     for element in visitors.iterate(select):
         if isinstance(element, FunctionElement):
             name = getattr(element, "name", "")
@@ -66,9 +74,28 @@ def check_select(select: Select[Any]) -> None:
         elif isinstance(element, Cast):
             for column_type in _encrypted_columns(element.clause):
                 raise _reject(column_type, "CAST")
+        elif isinstance(element, (Over, WithinGroup)):
+            order_by = element.order_by
+            partition_by = getattr(element, "partition_by", None)
+            _check_ordering(
+                [] if order_by is None else [order_by],
+                [] if partition_by is None else [partition_by],
+            )
+
+
+def check_compound_select(select: CompoundSelect[Any]) -> None:
+    """Check the ORDER BY and GROUP BY of a UNION, INTERSECT or EXCEPT; its
+    member SELECTs are checked when they compile."""
+    _check_ordering(select._order_by_clauses, select._group_by_clauses)
 
 
 @compiles(Select)
 def _compile_checked_select(element: Select[Any], compiler: Any, **kw: Any) -> str:
     check_select(element)
     return str(compiler.visit_select(element, **kw))
+
+
+@compiles(CompoundSelect)
+def _compile_checked_compound_select(element: CompoundSelect[Any], compiler: Any, **kw: Any) -> str:
+    check_compound_select(element)
+    return str(compiler.visit_compound_select(element, **kw))

@@ -7,10 +7,17 @@ A table names its tenant column in ``Table.info``::
         __table_args__ = {"info": {"tenant_column": "tenant_id"}}
 
 Then every INSERT or UPDATE that carries the tenant column (ORM flushes,
-ORM bulk statements and Core ``executemany`` alike) seals each row's
-encrypted values under that row's tenant. ORM updates that do not change the
-tenant column take it from the loaded object. A row whose tenant differs
-from an active :func:`tenant_scope` raises :class:`TenantContextError`.
+ORM bulk statements, Core ``executemany`` and values given to
+``insert().values()``) seals each row's encrypted values under that row's
+tenant. ORM updates that do not change the tenant column take it from the
+loaded object. A row whose tenant differs from an active
+:func:`tenant_scope` raises :class:`TenantContextError`.
+
+Statements that do not carry the tenant column (a Core ``update()`` by
+primary key, an ORM bulk update without the tenant key, a ``lambda_stmt``)
+seal under the tenant of the active scope, else the default tenant. Such a
+statement must only touch rows of that tenant, for example by filtering on
+the tenant column.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.dml import Insert, Update
+from sqlalchemy.sql.elements import BindParameter
 
 from .errors import TenantContextError
-from .tenancy import TenantBound, scoped_tenant
+from .tenancy import TenantBound, get_default_tenant, scoped_tenant
 from .types import EncryptedType
 
 __all__ = ["TENANT_COLUMN_INFO_KEY", "tenant_column_of"]
@@ -75,6 +83,61 @@ def _bind_row(
     return bound
 
 
+def _key_of(column: Any) -> Any:
+    return getattr(column, "key", column)
+
+
+def _bind_statement_values(
+    statement: Insert | Update, table: sa.Table, tenant_key: str, keys: list[str]
+) -> Insert | Update:
+    """Bind values given to ``.values()`` to the tenant given there too."""
+    values = statement._values
+    if values:
+        params = {_key_of(column): (column, param) for column, param in values.items()}
+        tenant_param = params.get(tenant_key, (None, None))[1]
+        if isinstance(tenant_param, BindParameter) and tenant_param.callable is None:
+            tenant = _row_tenant(table, tenant_param.value)
+            replacements = {}
+            for key in keys:
+                column, param = params.get(key, (None, None))
+                if (
+                    isinstance(param, BindParameter)
+                    and param.callable is None
+                    and param.value is not None
+                    and not isinstance(param.value, TenantBound)
+                ):
+                    replacements[column] = TenantBound(param.value, tenant)
+            if replacements:
+                statement = statement.values(replacements)
+    multi_values = getattr(statement, "_multi_values", None)
+    if multi_values:
+        _check_multi_values(multi_values, table, tenant_key, keys)
+    return statement
+
+
+def _check_multi_values(
+    multi_values: Any, table: sa.Table, tenant_key: str, keys: list[str]
+) -> None:
+    """Reject a multi-row ``insert().values([...])`` whose rows belong to
+    another tenant than the one its values would be sealed under."""
+    sealing_tenant = scoped_tenant() or get_default_tenant()
+    for rows in multi_values:
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            by_key = {_key_of(column): value for column, value in row.items()}
+            if tenant_key not in by_key or not any(by_key.get(key) is not None for key in keys):
+                continue
+            tenant = _row_tenant(table, by_key[tenant_key])
+            if tenant != sealing_tenant:
+                raise TenantContextError(
+                    f"table {table.name}: a multi-row insert().values([...]) holds a row of "
+                    f"tenant {tenant!r}, but its encrypted values would be sealed under "
+                    f"{sealing_tenant!r}; pass the rows as a list of parameter dicts to "
+                    "execute() instead, which seals each row under its own tenant"
+                )
+
+
 @event.listens_for(Engine, "before_execute", retval=True)
 def _before_execute(
     conn: Connection,
@@ -93,6 +156,7 @@ def _before_execute(
     keys = _encrypted_keys(table)
     if not keys:
         return clauseelement, multiparams, params
+    clauseelement = _bind_statement_values(clauseelement, table, tenant_key, keys)
     if multiparams:
         multiparams = [
             _bind_row(table, tenant_key, keys, row) if isinstance(row, dict) else row

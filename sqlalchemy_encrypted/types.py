@@ -8,22 +8,25 @@ provider, so nothing secret reaches SQLAlchemy's statement cache key, a
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar, Generic, Literal, TypeVar, cast, overload
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnElement
 from sqlalchemy.sql.type_api import TypeEngine
 
+from . import _storage
 from ._aead import InvalidTag
-from .codecs import Codec, codec_for
+from ._comparison import ColumnComparison
+from ._search import SearchToken, TokenSet
+from ._storage import StorageMode
+from .codecs import Codec, StrCodec, codec_for
 from .envelope import (
     GCM_NONCE_SIZE,
     GCM_TAG_SIZE,
@@ -37,8 +40,14 @@ from .envelope import (
 from .errors import (
     ConfigurationError,
     DecryptionError,
+    KeyDestroyedError,
+    KeyNotFoundError,
+    PlaintextTooLongError,
     StorageFormatError,
+    StoredKeyDestroyedError,
+    StoredKeyNotFoundError,
     TenantContextError,
+    TenantMismatchError,
     UnsupportedOperationError,
 )
 from .keys import DataKey, KeyProvider, KeyPurpose, get_default_key_provider
@@ -49,7 +58,6 @@ __all__ = ["DeterministicEncrypted", "Encrypted", "EncryptedType", "StorageMode"
 logger = logging.getLogger("sqlalchemy_encrypted")
 
 _T = TypeVar("_T")
-StorageMode = Literal["binary", "base64"]
 
 # Prepared header and AAD per (key id) and column; bounded so that an
 # application with many tenants does not grow it without limit.
@@ -58,60 +66,33 @@ _PREFIX_CACHE_SIZE = 4096
 # Operators that never look inside a value, so they are safe on ciphertext.
 _NULL_TESTS = frozenset({operators.is_, operators.is_not})
 
+# A column in plaintext transition mode logs at most one warning per interval.
+_PLAINTEXT_WARNING_INTERVAL = 60.0
 
-class _Token:
-    """A plaintext paired with the DEK that must seal it, for lookups that
-    match one value under several key versions."""
-
-    __slots__ = ("key", "value")
-
-    def __init__(self, value: Any, key: DataKey) -> None:
-        self.value = value
-        self.key = key
-
-    def __repr__(self) -> str:
-        return f"<search token key_version={self.key.version}>"
-
-
-class _TokenSet(Sequence[_Token]):
-    """Value of an expanding IN parameter on a deterministic column.
-
-    SQLAlchemy expands the parameter when the statement executes, so the
-    tenant's decryptable key versions are read then, under the tenant scope
-    of the execution, not when the statement was built.
-    """
-
-    def __init__(self, column_type: DeterministicEncrypted[Any], values: Sequence[Any]) -> None:
-        self._type = column_type
-        self._values = [value for value in values if value is not None]
-
-    def __repr__(self) -> str:
-        return f"<{len(self._values)} search value(s) for {self._type.column_identity}>"
-
-    def _tokens(self) -> list[_Token]:
-        column_type = self._type
-        tenant_id = current_tenant(column_type.column_identity)
-        keys = column_type.key_provider.decryptable_keys(tenant_id, KeyPurpose.DETERMINISTIC)
-        return [_Token(value, key) for value in self._values for key in keys]
-
-    def __len__(self) -> int:
-        return len(self._tokens())
-
-    @overload
-    def __getitem__(self, index: int) -> _Token: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[_Token]: ...
-
-    def __getitem__(self, index: int | slice) -> _Token | Sequence[_Token]:
-        return self._tokens()[index]
-
-    def __iter__(self) -> Iterator[_Token]:
-        return iter(self._tokens())
+# One-byte prefixes for SIV plaintexts, indexed by value type tag.
+_TAG_BYTES = tuple(bytes((tag,)) for tag in range(256))
 
 
 class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
-    """Shared machinery of both encrypted column types."""
+    """Shared machinery of both encrypted column types.
+
+    :param inner: the SQLAlchemy type of the plaintext, such as ``String(100)``.
+    :param context: the column identity bound into every value's associated
+        data, ``"table.column"`` by default. Set it to keep the old name when
+        a table or column is renamed, because values stay bound to it.
+    :param storage: ``"binary"`` (the default) stores the envelope as bytes
+        (BYTEA, BLOB, VARBINARY); ``"base64"`` stores it as base64 text for
+        columns that must stay textual.
+    :param keyring: the key provider of this column; the default provider
+        (:func:`set_default_key_provider`) when omitted.
+    :param allow_plaintext_reads: plaintext transition mode for String and
+        Text columns being encrypted in place. A stored value that is not an
+        envelope at all is returned as it is, with a rate-limited warning,
+        instead of raising :class:`StorageFormatError`. A value that is an
+        envelope but fails authentication still raises. Off by default:
+        while it is on, anyone who can write to the column can plant
+        plaintext values.
+    """
 
     impl = sa.LargeBinary
     cache_ok = True
@@ -135,6 +116,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         context: str | None = None,
         storage: StorageMode = "binary",
         keyring: KeyProvider | None = None,
+        allow_plaintext_reads: bool = False,
     ) -> None:
         super().__init__()
         inner_type = inner() if isinstance(inner, type) else inner
@@ -150,12 +132,21 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         self.context = context
         self.storage: StorageMode = storage
         self.keyring = keyring
+        self.allow_plaintext_reads = bool(allow_plaintext_reads)
         self._column_name: str | None = None
         self._column: sa.Column[Any] | None = None
-        self._codec: Codec = codec_for(inner_type, self.column_identity)
+        # The type this one was copied from; a dialect-specific copy reads the
+        # column name from it when it was made before the column was attached.
+        self._origin: EncryptedType[Any] | None = None
+        self._codec: Codec = codec_for(
+            inner_type, self.column_identity, self.purpose is KeyPurpose.DETERMINISTIC
+        )
         self._prefix_cache: dict[Any, tuple[bytes, bytes]] = {}
         self._prefix_lock = threading.Lock()
-        self.impl = sa.Text() if storage == "base64" else sa.LargeBinary()  # type: ignore[assignment]
+        self._plaintext_reads = _PlaintextReadLog()
+        self.impl = _storage.impl_for(storage)  # type: ignore[assignment]
+        if context is not None:
+            self._check_configuration()
 
     # -- identity -----------------------------------------------------------
 
@@ -166,6 +157,8 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             return self.context
         if self._column_name is not None:
             return self._column_name
+        if self._origin is not None and self._origin._column_name is not None:
+            return self._origin._column_name
         return "<unattached column>"
 
     def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
@@ -183,25 +176,36 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
 
         def _attached(col: sa.Column[Any], table: Any) -> None:
             self._column_name = f"{table.name}.{col.name}"
+            self._check_configuration()
 
         if column.table is not None:
             _attached(column, column.table)
         else:
             event.listen(column, "after_parent_attach", _attached)
 
+    def _check_configuration(self) -> None:
+        """Validate the options once the column identity is known, so that the
+        error names the column."""
+        if self.allow_plaintext_reads and not isinstance(self._codec, StrCodec):
+            raise ConfigurationError(
+                f"encrypted column {self.column_identity}: allow_plaintext_reads needs a "
+                f"String, Text or Unicode inner type, not {type(self.inner).__name__}"
+            )
+
     def _identity_for_write(self) -> str:
-        if self.context is None and self._column_name is None:
+        identity = self.column_identity
+        if identity == "<unattached column>":
             raise ConfigurationError(
                 f"{type(self).__name__} is not attached to a table column: attach it to a "
                 "Column or pass context= to name the value's identity"
             )
-        return self.column_identity
+        return identity
 
     @property
     def key_provider(self) -> KeyProvider:
         return self.keyring if self.keyring is not None else get_default_key_provider()
 
-    # -- schema -------------------------------------------------------------
+    # -- schema and caching -------------------------------------------------
 
     def max_stored_length(self) -> int | None:
         """Return the largest stored value in bytes (or base64 characters), or
@@ -209,45 +213,66 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         encoded = self._codec.max_encoded_length()
         if encoded is None:
             return None
-        size = self._envelope_overhead + encoded
-        if self.storage == "base64":
-            return 4 * ((size + 2) // 3)
-        return size
+        return _storage.stored_length(self._envelope_overhead + encoded, self.storage)
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        length = self.max_stored_length()
-        if self.storage == "base64":
-            if length is not None:
-                return dialect.type_descriptor(sa.String(length))
-            return dialect.type_descriptor(sa.Text())
-        if dialect.name in ("mysql", "mariadb"):
-            from sqlalchemy.dialects import mysql
-
-            if length is not None and length <= 65_535:
-                return dialect.type_descriptor(mysql.VARBINARY(length))
-            return dialect.type_descriptor(mysql.LONGBLOB())
-        return dialect.type_descriptor(sa.LargeBinary(length))
+        return _storage.dialect_impl(dialect, self.storage, self.max_stored_length())
 
     @property
     def python_type(self) -> type[Any]:
         return self.inner.python_type
 
-    def copy(self, **kw: Any) -> EncryptedType[_T]:
-        # SQLAlchemy copies a type for each dialect it compiles for, so the copy
-        # keeps the column identity; attaching it to another column replaces it.
-        clone = type(self)(
-            self.inner, context=self.context, storage=self.storage, keyring=self.keyring
+    @property
+    def _static_cache_key(self) -> Any:
+        """Cache key of the type: its settings and column identity, never a key.
+
+        The column identity is part of it because the bind processing of a
+        cached statement seals values for that column: two columns whose
+        types differ only in their identity must not share compiled
+        statements. The keyring enters by ``id()`` only; the cached
+        statement keeps this type, and so the keyring, alive.
+        """
+        if type(self).__dict__.get("cache_ok") is not True:
+            return super()._static_cache_key
+        return (
+            type(self),
+            ("inner", self.inner._static_cache_key),
+            ("identity", self.column_identity),
+            ("storage", self.storage),
+            ("keyring", None if self.keyring is None else id(self.keyring)),
+            ("allow_plaintext_reads", self.allow_plaintext_reads),
+            *self._extra_cache_key(),
         )
+
+    def _extra_cache_key(self) -> tuple[Any, ...]:
+        return ()
+
+    def _copy_options(self) -> dict[str, Any]:
+        return {
+            "context": self.context,
+            "storage": self.storage,
+            "keyring": self.keyring,
+            "allow_plaintext_reads": self.allow_plaintext_reads,
+        }
+
+    def copy(self, **kw: Any) -> EncryptedType[_T]:
+        # SQLAlchemy copies a type for each dialect it compiles for and for
+        # each copied Column. The copy keeps the column identity; attaching it
+        # to another column replaces it.
+        clone = type(self)(self.inner, **self._copy_options())
         clone._column_name = self._column_name
+        clone._origin = self
         return clone
 
     def __repr__(self) -> str:
-        options = "".join(
-            f", {name}={value!r}"
-            for name, value in (("context", self.context), ("storage", self.storage))
-            if value is not None and not (name == "storage" and value == "binary")
-        )
-        return f"{type(self).__name__}({self.inner!r}{options})"
+        options = [
+            f"{name}={value!r}"
+            for name, value in self._copy_options().items()
+            if name != "keyring" and value not in (None, False, "binary")
+        ]
+        if self.keyring is not None:
+            options.append(f"keyring=<{type(self.keyring).__name__}>")
+        return f"{type(self).__name__}({', '.join([repr(self.inner), *options])})"
 
     # -- binding ------------------------------------------------------------
 
@@ -268,22 +293,39 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 self._prefix_cache[cache_key] = prefix
         return prefix
 
+    def encode_plaintext(self, value: Any) -> bytes:
+        """Check ``value`` and encode it with the column's codec, without sealing.
+
+        Raises :class:`ValueTypeError` for a value of the wrong type and
+        :class:`PlaintextTooLongError` for one over the column's limit.
+        """
+        identity = self.column_identity
+        plaintext = self._codec.encode(value, identity)
+        limit = self._codec.max_encoded_length()
+        if limit is not None and len(plaintext) > limit:
+            raise PlaintextTooLongError(
+                f"value for encrypted column {identity} encodes to {len(plaintext)} bytes, "
+                f"more than the column's maximum of {limit} bytes"
+            )
+        return plaintext
+
     def seal(self, value: Any, tenant_id: str | None = None, key: DataKey | None = None) -> bytes:
         """Encrypt one Python value into an envelope for this column.
 
         The tenant comes from ``tenant_id``, else the active
         :func:`tenant_scope`, else the default tenant. This is the public way
-        to build stored values (or search tokens) outside the ORM.
+        to build stored values (or search tokens) outside the ORM. The result
+        is the envelope in bytes, also for a column with base64 storage.
         """
         identity = self._identity_for_write()
-        plaintext = self._codec.encode(value, identity)
+        plaintext = self.encode_plaintext(value)
         if key is None:
             tenant = tenant_id if tenant_id is not None else current_tenant(identity)
             key = self.key_provider.active_key(tenant, self.purpose)
         header, aad = self._prefix(key, identity)
         if self.algorithm is Algorithm.AES_256_SIV:
             # The tag byte keeps SIV's plaintext non-empty, which AESSIV requires.
-            plaintext = bytes((self._codec.tag,)) + plaintext
+            plaintext = _TAG_BYTES[self._codec.tag] + plaintext
         return header + key.cipher.seal(plaintext, aad)
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
@@ -296,12 +338,12 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             value = value.value
             if value is None:
                 return None
-        elif isinstance(value, _Token):
+        elif isinstance(value, SearchToken):
             key = value.key
             value = value.value
         envelope = self.seal(value, tenant_id, key)
         if self.storage == "base64":
-            return base64.b64encode(envelope).decode("ascii")
+            return _storage.to_base64(envelope)
         return envelope
 
     def process_literal_param(self, value: Any, dialect: Dialect) -> str:
@@ -312,52 +354,16 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
 
     # -- reading ------------------------------------------------------------
 
-    def _coerce_stored(self, value: Any) -> bytes:
-        identity = self.column_identity
-        if isinstance(value, bytes):
-            data = value
-        elif isinstance(value, (bytearray, memoryview)):
-            data = bytes(value)
-        elif isinstance(value, str):
-            if self.storage != "base64":
-                raise StorageFormatError(
-                    f"encrypted column {identity} returned str where bytes were expected: "
-                    "check that the database column has a binary type (BYTEA, BLOB, VARBINARY) "
-                    "or declare the type with storage='base64'"
-                )
-            try:
-                data = base64.b64decode(value.encode("ascii"), validate=True)
-            except (binascii.Error, UnicodeEncodeError):
-                raise StorageFormatError(
-                    f"encrypted column {identity} holds a value that is not base64: "
-                    "it may be plaintext written outside this library"
-                ) from None
-        else:
-            raise StorageFormatError(
-                f"encrypted column {identity} returned a {type(value).__name__}, "
-                "not bytes: check the column's storage type"
-            )
-        if not data:
-            raise StorageFormatError(
-                f"encrypted column {identity} holds an empty value, which is not a valid envelope"
-            )
-        return data
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any]:
+        # The binary impl's own result processor calls bytes(value), which
+        # raises a bare TypeError when a driver returns str for a text-typed
+        # column. decrypt() accepts bytes, bytearray, memoryview and str and
+        # raises StorageFormatError for anything it cannot read.
+        return self.decrypt
 
-    def decrypt(self, stored: Any) -> Any:
-        """Decrypt one stored value of this column back into its Python value."""
-        if stored is None:
-            return None
-        identity = self.column_identity
-        data = self._coerce_stored(stored)
-        try:
-            header = parse_header(data, f"encrypted column {identity}")
-        except StorageFormatError:
-            if _looks_like_text(data):
-                raise StorageFormatError(
-                    f"encrypted column {identity} holds a value that looks like plaintext, "
-                    "not an envelope: check the migration state of this column"
-                ) from None
-            raise
+    def _check_header(self, data: bytes, identity: str) -> EnvelopeHeader:
+        """Parse the header of ``data`` and check that this column can open it."""
+        header = parse_header(data, f"encrypted column {identity}")
         if header.algorithm is not self.algorithm:
             raise DecryptionError(
                 f"could not decrypt encrypted column {identity}: the value was sealed with "
@@ -368,29 +374,111 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 f"could not decrypt encrypted column {identity}: value type tag "
                 f"{header.value_tag} does not match the column's type"
             )
-        key = self.key_provider.key_by_id(header.key_id, expected_tenant=scoped_tenant())
-        where = (
-            f"encrypted column {identity}, tenant {key.tenant_id!r}, "
-            f"key id {key.key_id}, key version {header.key_version}"
-        )
+        return header
+
+    def _key_for(self, header: EnvelopeHeader, identity: str) -> DataKey:
+        """Look up the DEK named by ``header``, turning the provider's errors
+        into decryption errors that name the column."""
+        scope = scoped_tenant()
+        failure: Exception | None = None
+        try:
+            return self.key_provider.key_by_id(header.key_id, expected_tenant=scope)
+        except (KeyNotFoundError, TenantContextError) as exc:
+            failure = exc
+        except DecryptionError as exc:
+            exc.add_note(f"while decrypting encrypted column {identity}")
+            raise
+        # Raised here, outside the except block, so the new error has no
+        # __context__ to carry: the provider's message is copied in instead.
+        where = f"encrypted column {identity}, key id {header.key_id}"
+        if isinstance(failure, TenantContextError):
+            raise TenantMismatchError(
+                f"could not decrypt {where}: the value belongs to another tenant than "
+                f"tenant_scope {scope!r} ({failure})"
+            )
+        if isinstance(failure, KeyDestroyedError):
+            raise StoredKeyDestroyedError(f"could not decrypt {where}: {failure}")
+        raise StoredKeyNotFoundError(f"could not decrypt {where}: {failure}")
+
+    def decrypt(self, stored: Any) -> Any:
+        """Decrypt one stored value of this column back into its Python value.
+
+        Accepts what a driver returns for the column (bytes, bytearray,
+        memoryview, or str for base64 storage). Raises a
+        :class:`DecryptionError` (or a subclass) for any value that does not
+        authenticate, naming the column and, once known, the tenant and key.
+        """
+        if stored is None:
+            return None
+        identity = self.column_identity
+        if type(stored) is bytes and stored:
+            data = stored
+        else:
+            failure: StorageFormatError | None = None
+            try:
+                data = _storage.coerce_stored(stored, self.storage, identity)
+            except StorageFormatError as exc:
+                failure = exc
+            if failure is not None:
+                return self._read_plaintext(stored, identity, failure)
+        format_error: StorageFormatError | None = None
+        try:
+            header = self._check_header(data, identity)
+        except StorageFormatError as exc:
+            format_error = _storage.explain_format_error(data, exc, identity)
+        if format_error is not None:
+            return self._read_plaintext(stored, identity, format_error)
+        key = self._key_for(header, identity)
         if key.purpose is not self.purpose or key.version != header.key_version:
-            raise DecryptionError(f"could not decrypt {where}: authentication failed")
-        _, aad = self._prefix(key, identity)
-        aad = data[:HEADER_SIZE] + aad[HEADER_SIZE:]
+            raise DecryptionError(
+                f"could not decrypt {_describe(identity, key, header)}: authentication failed"
+            )
+        # The AAD starts with the stored header; it equals the cached header
+        # unless the key provider returned a key with another id.
+        prefix_header, aad = self._prefix(key, identity)
+        header_bytes = data[:HEADER_SIZE]
+        if prefix_header != header_bytes:
+            aad = header_bytes + aad[HEADER_SIZE:]
         try:
             plaintext = key.cipher.open(data[HEADER_SIZE:], aad)
         except InvalidTag:
-            raise DecryptionError(f"could not decrypt {where}: authentication failed") from None
+            plaintext = None
+        if plaintext is None:
+            raise DecryptionError(
+                f"could not decrypt {_describe(identity, key, header)}: authentication failed"
+            )
         if self.algorithm is Algorithm.AES_256_SIV:
             if not plaintext or plaintext[0] != self._codec.tag:
-                raise DecryptionError(f"could not decrypt {where}: invalid value type tag")
+                raise DecryptionError(
+                    f"could not decrypt {_describe(identity, key, header)}: invalid value type tag"
+                )
             plaintext = plaintext[1:]
+        decode_failure: str | None = None
         try:
             return self._codec.decode(plaintext)
         except Exception as exc:
-            raise DecryptionError(
-                f"could not decode {where}: {type(exc).__name__} in the value codec"
-            ) from None
+            # A decoding error can hold the plaintext (UnicodeDecodeError.object,
+            # JSONDecodeError.doc), so only its type name is kept.
+            decode_failure = type(exc).__name__
+        raise DecryptionError(
+            f"could not decode {_describe(identity, key, header)}: "
+            f"{decode_failure} in the value codec"
+        )
+
+    def _read_plaintext(self, stored: Any, identity: str, error: StorageFormatError) -> Any:
+        """Return a legacy plaintext value in transition mode, else raise ``error``.
+
+        Only values that are not envelopes get here: text, and bytes that do
+        not start with the format version byte. A damaged envelope always
+        raises.
+        """
+        if not self.allow_plaintext_reads:
+            raise error
+        text = _storage.legacy_text(stored)
+        if text is None:
+            raise error
+        self._plaintext_reads.record(identity)
+        return text
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         return self.decrypt(value)
@@ -418,8 +506,14 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             column_type = cast("EncryptedType[Any]", self.type)
             if op in _NULL_TESTS:
                 return super().operate(op, *other, **kwargs)
-            if op in (operators.eq, operators.ne) and other and other[0] is None:
-                return super().operate(op, *other, **kwargs)
+            if op in (operators.eq, operators.ne) and other:
+                value = other[0]
+                if value is None:
+                    return super().operate(op, *other, **kwargs)
+                if _is_column_expression(value):
+                    binary = super().operate(op, *other, **kwargs)
+                    assert isinstance(binary, BinaryExpression)
+                    return ColumnComparison(binary, column_type.column_identity)
             if column_type.purpose is KeyPurpose.DETERMINISTIC:
                 return column_type._deterministic_operate(self, op, other, kwargs)
             raise self._reject(op)
@@ -435,6 +529,38 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         raise comparator._reject(op)
 
 
+class _PlaintextReadLog:
+    """Counts plaintext values read in transition mode and logs a warning
+    with the count at most once per interval, never with the values."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._unlogged = 0
+        self._last_logged: float | None = None
+
+    def record(self, identity: str) -> None:
+        with self._lock:
+            self._count += 1
+            self._unlogged += 1
+            now = time.monotonic()
+            if (
+                self._last_logged is not None
+                and now - self._last_logged < _PLAINTEXT_WARNING_INTERVAL
+            ):
+                return
+            self._last_logged = now
+            unlogged, self._unlogged = self._unlogged, 0
+            total = self._count
+        logger.warning(
+            "encrypted column %s returned %d plaintext value(s) (%d since start) because "
+            "allow_plaintext_reads is on; encrypt the column and turn the option off",
+            identity,
+            unlogged,
+            total,
+        )
+
+
 # The stock comparison of TypeDecorator, used once a deterministic operator
 # has been checked or rewritten.
 _base_operate = sa.types.TypeDecorator.Comparator.operate
@@ -442,16 +568,23 @@ _base_operate = sa.types.TypeDecorator.Comparator.operate
 _EQUALITY_OPS = frozenset({operators.eq, operators.ne, operators.in_op, operators.not_in_op})
 
 
-def _looks_like_text(data: bytes) -> bool:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return text.isprintable()
+def _describe(identity: str, key: DataKey, header: EnvelopeHeader) -> str:
+    """Name the value for an error message; built only when decryption fails."""
+    return (
+        f"encrypted column {identity}, tenant {key.tenant_id!r}, "
+        f"key id {key.key_id}, key version {header.key_version}"
+    )
 
 
 def _is_sql_expression(value: Any) -> bool:
     return hasattr(value, "__clause_element__") or isinstance(value, sa.sql.ClauseElement)
+
+
+def _is_column_expression(value: Any) -> bool:
+    """Return True for a SQL expression other than a bound parameter."""
+    if _is_tracked_bind(value) or isinstance(value, BindParameter):
+        return False
+    return _is_sql_expression(value)
 
 
 class Encrypted(EncryptedType[_T]):
@@ -467,13 +600,24 @@ class Encrypted(EncryptedType[_T]):
     _envelope_overhead = HEADER_SIZE + GCM_NONCE_SIZE + GCM_TAG_SIZE
 
 
+# Deterministic columns over types with at most this many values need an
+# explicit opt-in, because equal ciphertexts then reveal the value itself.
+LOW_CARDINALITY_LIMIT = 16
+
+
 class DeterministicEncrypted(EncryptedType[_T]):
     """A column encrypted with AES-256-SIV: the same plaintext under the same
     DEK, column and tenant always gives the same stored bytes.
 
     That makes ``==``, ``!=``, ``IN``, ``NOT IN``, ``GROUP BY``, ``DISTINCT``
-    and unique constraints work, and reveals which rows hold equal values.
-    LIKE, ranges and ordering raise :class:`UnsupportedOperationError`.
+    and unique constraints work, and reveals which rows hold equal values and
+    how long each value is. LIKE, ranges and ordering raise
+    :class:`UnsupportedOperationError`.
+
+    :param allow_low_cardinality: accept a Boolean inner type or an Enum of
+        at most 16 members. Without it such a column raises
+        :class:`ConfigurationError`, because anyone who learns the value of
+        one row learns it for every row with the same stored bytes.
     """
 
     purpose = KeyPurpose.DETERMINISTIC
@@ -487,26 +631,72 @@ class DeterministicEncrypted(EncryptedType[_T]):
         context: str | None = None,
         storage: StorageMode = "binary",
         keyring: KeyProvider | None = None,
+        allow_plaintext_reads: bool = False,
+        allow_low_cardinality: bool = False,
     ) -> None:
-        super().__init__(inner, context=context, storage=storage, keyring=keyring)
+        self.allow_low_cardinality = bool(allow_low_cardinality)
+        super().__init__(
+            inner,
+            context=context,
+            storage=storage,
+            keyring=keyring,
+            allow_plaintext_reads=allow_plaintext_reads,
+        )
+
+    def _check_configuration(self) -> None:
+        super()._check_configuration()
+        identity = self.column_identity
+        inner_name = type(self.inner).__name__
         if self._codec.max_encoded_length() is None:
             raise ConfigurationError(
-                f"DeterministicEncrypted({type(self.inner).__name__}) has no length limit: "
-                "an indexed deterministic column needs a bounded width, so declare the inner "
-                "type with a length such as String(255)"
+                f"deterministic encrypted column {identity}: DeterministicEncrypted("
+                f"{inner_name}) has no length limit, but an indexed deterministic column "
+                "needs a bounded width; declare the inner type with a length such as "
+                "String(255), or a precision for Numeric"
             )
+        cardinality = self._codec.cardinality()
+        if (
+            cardinality is not None
+            and cardinality <= LOW_CARDINALITY_LIMIT
+            and not self.allow_low_cardinality
+        ):
+            raise ConfigurationError(
+                f"deterministic encrypted column {identity}: {inner_name} has only "
+                f"{cardinality} possible values, so equal stored bytes reveal the value "
+                "of every row once one is known; use Encrypted, or pass "
+                "allow_low_cardinality=True to accept that"
+            )
+
+    def _extra_cache_key(self) -> tuple[Any, ...]:
+        return (("allow_low_cardinality", self.allow_low_cardinality),)
+
+    def _copy_options(self) -> dict[str, Any]:
+        return {**super()._copy_options(), "allow_low_cardinality": self.allow_low_cardinality}
+
+    def search_tokens(self, value: Any, tenant_id: str | None = None) -> list[bytes]:
+        """Return the stored bytes ``value`` has under each decryptable key
+        version of the tenant, active version first.
+
+        Use them to search the column in hand-written SQL, for example
+        ``WHERE email IN (:t1, :t2)``. The tenant comes from ``tenant_id``,
+        else the active :func:`tenant_scope`, else the default tenant. A
+        tenant without keys has no stored values and gets an empty list.
+        """
+        identity = self._identity_for_write()
+        tenant = tenant_id if tenant_id is not None else current_tenant(identity)
+        keys = self.key_provider.decryptable_keys(tenant, self.purpose)
+        return [self.seal(value, key=key) for key in keys]
 
     def _deterministic_operate(
         self, comparator: Any, op: Any, other: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> ColumnElement[Any]:
         if op in (operators.eq, operators.ne):
             value = other[0]
-            if _is_sql_expression(value):
-                if isinstance(value, sa.sql.elements.BindParameter) or _is_tracked_bind(value):
-                    # An explicit or lambda-tracked bound parameter: seal it under the
-                    # active DEK only.
-                    return _base_operate(comparator, op, value, **kwargs)
-                raise comparator._reject(op)
+            if _is_tracked_bind(value) or isinstance(value, BindParameter):
+                # An explicit or lambda-tracked bound parameter holds one value
+                # that is sealed when the statement executes, so it matches
+                # values sealed under the active DEK only.
+                return _base_operate(comparator, op, value, **kwargs)
             return self._token_in(comparator, [value], negate=op is operators.ne)
         if op in (operators.in_op, operators.not_in_op):
             values = other[0]
@@ -520,8 +710,13 @@ class DeterministicEncrypted(EncryptedType[_T]):
         raise comparator._reject(op)
 
     def _token_in(self, comparator: Any, values: list[Any], negate: bool) -> ColumnElement[Any]:
+        # Check every value now, so a wrong type or length fails when the
+        # expression is built rather than when it executes.
+        for value in values:
+            if value is not None:
+                self.encode_plaintext(value)
         parameter = sa.bindparam(
-            None, value=_TokenSet(self, values), type_=self, expanding=True, unique=True
+            None, value=TokenSet(self, values), type_=self, expanding=True, unique=True
         )
         op = operators.not_in_op if negate else operators.in_op
         return _base_operate(comparator, op, parameter)
@@ -530,12 +725,3 @@ class DeterministicEncrypted(EncryptedType[_T]):
 def _is_tracked_bind(value: Any) -> bool:
     """Return True for the placeholder that ``lambda_stmt`` passes for a closure variable."""
     return type(value).__name__ == "PyWrapper"
-
-
-def _check_tenant_bound(value: TenantBound, identity: str) -> None:
-    scoped = scoped_tenant()
-    if scoped is not None and scoped != value.tenant_id:
-        raise TenantContextError(
-            f"encrypted column {identity}: the row belongs to tenant {value.tenant_id!r} "
-            f"but tenant_scope is {scoped!r}"
-        )

@@ -76,6 +76,22 @@ def engine(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[sa.Engi
     yield from _postgres_engine(server_url)
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[sa.Engine]:
+    """Like ``engine``, but shared by the tests of one module, for tests that
+    create their tables once (property-based tests, for example)."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("sqlite") / "test.db"
+        sqlite_engine = sa.create_engine(f"sqlite:///{path}")
+        yield sqlite_engine
+        sqlite_engine.dispose()
+        return
+    server_url = request.getfixturevalue("pg_server_url")
+    yield from _postgres_engine(server_url)
+
+
 @pytest.fixture
 def pg_engine(pg_server_url: str) -> Iterator[sa.Engine]:
     """An empty PostgreSQL schema, for tests that need PostgreSQL only."""

@@ -14,7 +14,7 @@ class Base(DeclarativeBase):
 
 class Person(Base):
     __tablename__ = "persons"
-    __table_args__ = {"info": {"tenant_column": "tenant_id"}}
+    __table_args__ = {"info": {"tenant_column": "tenant_id"}}  # noqa: RUF012
 
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant_id: Mapped[str] = mapped_column(sa.String(40))

@@ -1,0 +1,71 @@
+"""Search tokens: how ``==`` and ``IN`` find values on a deterministic column.
+
+A deterministic column's stored bytes depend on the DEK version that sealed
+them. During a key rotation a table holds values under several versions,
+so a lookup binds the searched value once per decryptable version of the
+tenant, in one expanding ``IN`` parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, overload
+
+from .keys import DataKey, KeyPurpose
+from .tenancy import current_tenant
+
+if TYPE_CHECKING:
+    from .types import DeterministicEncrypted
+
+__all__ = ["SearchToken", "TokenSet"]
+
+
+class SearchToken:
+    """A plaintext paired with the DEK that must seal it."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self, value: Any, key: DataKey) -> None:
+        self.value = value
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"<search token key_version={self.key.version}>"
+
+
+class TokenSet(Sequence[SearchToken]):
+    """Value of an expanding IN parameter on a deterministic column.
+
+    SQLAlchemy expands the parameter when the statement executes, so the
+    tenant's decryptable key versions are read then, under the tenant scope
+    of the execution, not when the statement was built. ``repr()`` shows the
+    number of values only.
+    """
+
+    def __init__(self, column_type: DeterministicEncrypted[Any], values: Sequence[Any]) -> None:
+        self._type = column_type
+        self._values = [value for value in values if value is not None]
+
+    def __repr__(self) -> str:
+        return f"<{len(self._values)} search value(s) for {self._type.column_identity}>"
+
+    def _tokens(self) -> list[SearchToken]:
+        column_type = self._type
+        tenant_id = current_tenant(column_type.column_identity)
+        keys = column_type.key_provider.decryptable_keys(tenant_id, KeyPurpose.DETERMINISTIC)
+        return [SearchToken(value, key) for value in self._values for key in keys]
+
+    def __len__(self) -> int:
+        return len(self._tokens())
+
+    @overload
+    def __getitem__(self, index: int) -> SearchToken: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[SearchToken]: ...
+
+    def __getitem__(self, index: int | slice) -> SearchToken | Sequence[SearchToken]:
+        return self._tokens()[index]
+
+    def __iter__(self) -> Iterator[SearchToken]:
+        return iter(self._tokens())

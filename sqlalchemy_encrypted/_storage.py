@@ -1,0 +1,181 @@
+"""How envelopes are stored: binary columns or base64 text, per dialect.
+
+Binary storage (the default) maps to BYTEA on PostgreSQL, BLOB on SQLite and
+VARBINARY(n) on MySQL and MariaDB, sized from the inner type's maximum
+stored length. Base64 storage maps to VARCHAR(n) or unbounded text.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.type_api import TypeEngine
+
+from .envelope import FORMAT_VERSION, Algorithm
+from .errors import StorageFormatError
+
+__all__ = [
+    "StorageMode",
+    "coerce_stored",
+    "dialect_impl",
+    "explain_format_error",
+    "impl_for",
+    "legacy_text",
+    "stored_length",
+    "to_base64",
+]
+
+StorageMode = Literal["binary", "base64"]
+
+# MySQL limits: VARBINARY holds at most 65,535 bytes, and a utf8mb4 VARCHAR at
+# most 16,383 characters (65,535 bytes at 4 bytes per character).
+_MYSQL_MAX_VARBINARY = 65_535
+_MYSQL_MAX_VARCHAR = 16_383
+
+_ALGORITHM_IDS = frozenset(int(algorithm) for algorithm in Algorithm)
+
+
+def impl_for(storage: StorageMode) -> TypeEngine[Any]:
+    return sa.Text() if storage == "base64" else sa.LargeBinary()
+
+
+def stored_length(envelope_size: int, storage: StorageMode) -> int:
+    """Return the stored size of an envelope: bytes, or base64 characters."""
+    if storage == "base64":
+        return 4 * ((envelope_size + 2) // 3)
+    return envelope_size
+
+
+def dialect_impl(dialect: Dialect, storage: StorageMode, length: int | None) -> TypeEngine[Any]:
+    """Return the column type that stores envelopes of at most ``length`` on ``dialect``."""
+    mysql_like = dialect.name in ("mysql", "mariadb")
+    if mysql_like:
+        from sqlalchemy.dialects import mysql
+
+        if storage == "base64":
+            if length is not None and length <= _MYSQL_MAX_VARCHAR:
+                return dialect.type_descriptor(sa.String(length))
+            return dialect.type_descriptor(mysql.LONGTEXT())
+        if length is not None and length <= _MYSQL_MAX_VARBINARY:
+            return dialect.type_descriptor(mysql.VARBINARY(length))
+        return dialect.type_descriptor(mysql.LONGBLOB())
+    if storage == "base64":
+        if length is not None:
+            return dialect.type_descriptor(sa.String(length))
+        return dialect.type_descriptor(sa.Text())
+    return dialect.type_descriptor(sa.LargeBinary(length))
+
+
+def to_base64(envelope: bytes) -> str:
+    return base64.b64encode(envelope).decode("ascii")
+
+
+def _from_base64(text: str | bytes) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _is_envelope_start(data: bytes) -> bool:
+    return len(data) >= 2 and data[0] == FORMAT_VERSION and data[1] in _ALGORITHM_IDS
+
+
+def coerce_stored(value: Any, storage: StorageMode, identity: str) -> bytes:
+    """Turn what the driver returned into envelope bytes.
+
+    Raises :class:`StorageFormatError` for an empty value, for text where the
+    column stores bytes, for text that is not base64, and for any other type.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        if storage == "base64" and data:
+            # A base64 column created with a binary database type returns
+            # the base64 text as bytes.
+            decoded = _from_base64(data)
+            data = decoded if decoded is not None else data
+    elif isinstance(value, str):
+        if storage != "base64":
+            raise _text_in_binary_column(value, identity)
+        decoded = _from_base64(value) if value else b""
+        if decoded is None:
+            raise StorageFormatError(
+                f"encrypted column {identity} holds a value that is not base64: it may be "
+                "plaintext written outside this library; check the migration state of "
+                "this column"
+            )
+        data = decoded
+    else:
+        raise StorageFormatError(
+            f"encrypted column {identity} returned a {type(value).__name__}, "
+            "not bytes: check the column's storage type"
+        )
+    if not data:
+        raise StorageFormatError(
+            f"encrypted column {identity} holds an empty value, which is not a valid envelope"
+        )
+    return data
+
+
+def _text_in_binary_column(value: str, identity: str) -> StorageFormatError:
+    decoded = _from_base64(value)
+    if decoded is not None and _is_envelope_start(decoded):
+        return StorageFormatError(
+            f"encrypted column {identity} returned str where bytes were expected, and the "
+            "text is a base64 envelope: check that the database column has a binary type "
+            "(BYTEA, BLOB, VARBINARY) or declare the type with storage='base64'"
+        )
+    return StorageFormatError(
+        f"encrypted column {identity} returned str where bytes were expected, and the value "
+        "looks like plaintext, not an envelope: the column may have been decrypted by a "
+        "migration; check the migration state of this column and its storage type "
+        "(BYTEA, BLOB, VARBINARY)"
+    )
+
+
+def _looks_like_text(data: bytes) -> bool:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(char.isprintable() or char in "\t\n\r" for char in text)
+
+
+def explain_format_error(
+    data: bytes, error: StorageFormatError, identity: str
+) -> StorageFormatError:
+    """Return a clearer error for bytes that failed the header check because
+    they are plaintext rather than a damaged envelope."""
+    if not _is_envelope_start(data) and _looks_like_text(data):
+        return StorageFormatError(
+            f"encrypted column {identity} holds a value that looks like plaintext, not an "
+            "envelope: the column may have been decrypted by a migration; check the "
+            "migration state of this column"
+        )
+    return error
+
+
+def legacy_text(stored: Any) -> str | None:
+    """Return ``stored`` as legacy plaintext, or None if it may be an envelope.
+
+    Bytes starting with the format version byte are treated as a damaged
+    envelope, never as plaintext.
+    """
+    if isinstance(stored, str):
+        decoded = _from_base64(stored)
+        if decoded is not None and _is_envelope_start(decoded):
+            return None
+        return stored
+    if not isinstance(stored, (bytes, bytearray, memoryview)):
+        return None
+    data = bytes(stored)
+    if data[:1] == bytes((FORMAT_VERSION,)):
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
