@@ -206,9 +206,9 @@ def test_no_tenant_raises(engine: sa.Engine, keyring_factory: type[Keyring]) -> 
         sa.Column("body", Encrypted(sa.String(50))),
     )
     metadata.create_all(engine)
-    with pytest.raises(sa.exc.StatementError) as caught, engine.begin() as conn:
+    # Errors of this package are not wrapped in StatementError (DontWrapMixin).
+    with pytest.raises(TenantContextError), engine.begin() as conn:
         conn.execute(notes.insert(), {"id": 1, "body": "no tenant"})
-    assert isinstance(caught.value.orig, TenantContextError)
     assert keyring.list_keys() == []
 
     se.set_default_tenant("single")
@@ -383,10 +383,8 @@ def test_sqlite_locked_keyring_is_explained(tmp_path: Path) -> None:
         session.add(Person(tenant_id="t-acme", name="A", email="a@example.test"))
         session.flush()
         session.add(Person(tenant_id="t-globex", name="B", email="b@example.test"))
-        with pytest.raises(sa.exc.StatementError) as caught:
+        with pytest.raises(ConfigurationError, match="provision"):
             session.flush()
-    assert isinstance(caught.value.orig, ConfigurationError)
-    assert "provision" in str(caught.value.orig)
 
     keyring.provision("t-globex")
     with Session(engine) as session:
