@@ -25,6 +25,7 @@ from sqlalchemy_encrypted.kms import LocalKms
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
 from . import pgcluster
+from .motoserver import running_moto_server
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _schema_counter = itertools.count()
@@ -135,3 +136,10 @@ def keyring_factory(engine: sa.Engine, local_kms: LocalKms) -> type[Keyring]:
             self.create_table()
 
     return _Factory
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """URL of a moto server on 127.0.0.1 shared by the session's AWS KMS tests."""
+    with running_moto_server() as url:
+        yield url

@@ -17,7 +17,7 @@ __all__ = [
 
 
 class CountingKms(KmsProvider):
-    """A provider wrapper that counts calls per operation and can be told to fail."""
+    """A provider wrapper that counts calls per operation and raises `fail_with` when set."""
 
     def __init__(self, inner: KmsProvider) -> None:
         self.inner = inner
@@ -63,7 +63,7 @@ class CountingKms(KmsProvider):
 
 
 class FakeClock:
-    """A monotonic clock that moves only when told to."""
+    """A monotonic clock that moves only when `advance` is called."""
 
     def __init__(self) -> None:
         self.now = 1000.0

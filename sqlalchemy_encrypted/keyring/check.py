@@ -1,4 +1,4 @@
-"""Key check values: a short tag that tells whether an unwrapped DEK is the right one.
+"""Key check values: a short tag that shows whether an unwrapped DEK is the right one.
 
 The value is HMAC-SHA256 keyed with the DEK over a fixed label, the key id
 and the purpose, truncated to 16 bytes. It reveals nothing useful about the

@@ -1,9 +1,9 @@
 """The keyring: per-tenant DEKs stored wrapped in a table, unwrapped through a KMS.
 
-:class:`Keyring` is the key provider the column types use. It finds (or on
-a tenant's first write, creates) the active DEK of a tenant and purpose,
-finds a DEK by the key id stored in a value, and keeps unwrapped DEKs in a
-bounded TTL cache so a read of many rows unwraps each DEK once.
+:class:`Keyring` is the key provider the column types use. It finds the
+active DEK of a tenant and purpose (creating it on the tenant's first
+write) and finds a DEK by the key id stored in a value. Unwrapped DEKs stay
+in a bounded TTL cache, so a read of many rows unwraps each DEK once.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ class Keyring:
         KEK was revoked or its tenant was shredded by another process.
     :param cache_size: maximum number of cached DEKs.
     :param active_key_ttl: seconds a "which key is active" lookup is
-        cached; a rotated key stays pending at least this long before it
-        becomes active, so every process sees it before anyone encrypts
-        with it.
+        cached. A rotated key stays pending at least this long before it
+        becomes active, so every process has loaded it before any process
+        encrypts with it.
     :param set_default: make this keyring the key provider of every
         encrypted column that names none.
     :param clock: monotonic clock for the cache TTLs (injectable for tests).
@@ -177,8 +177,9 @@ class Keyring:
             if provider.provider_name == row.kms_provider:
                 return provider
         raise KmsKeyNotFoundError(
-            f"no configured KMS provider holds {row.kms_provider} KEK {row.kek_id}, which wrapped "
-            f"the DEK of {row.describe()}: pass a provider for it to Keyring(previous_kms=...)"
+            f"{row.kms_provider} KEK {row.kek_id}, which wrapped the DEK of {row.describe()}, "
+            "was not found in any configured KMS provider: pass a provider that has it to "
+            "Keyring(previous_kms=...)"
         )
 
     def _kms_failed(self, operation: str, exc: KmsError, **fields: object) -> None:
@@ -245,7 +246,7 @@ class Keyring:
     def active_key(self, tenant_id: str, purpose: KeyPurpose) -> DataKey:
         """Return the DEK new values of ``tenant_id`` are sealed with.
 
-        Creates the tenant's first DEK for ``purpose`` if it has none; when
+        Creates the tenant's first DEK for ``purpose`` if it has none. When
         two processes race to create it, the database keeps one and the
         loser uses the winner's key. Raises :class:`KeyDestroyedError` for a
         shredded tenant.
@@ -293,8 +294,8 @@ class Keyring:
         rows = self._decryptable.get(cache_key)
         if rows is None:
             rows = self._load_decryptable(tenant, purpose)
-            # An empty answer is not cached: another process may create the
-            # tenant's first key at any moment, and it is active at once.
+            # An empty result is not cached, because another process may create
+            # the tenant's first key at any moment and it is active at once.
             if rows:
                 self._decryptable.put(cache_key, rows)
         return [self._data_key(row) for row in rows]
@@ -469,7 +470,7 @@ class Keyring:
     def provision(self, tenant_id: str) -> list[KeyInfo]:
         """Create the tenant's first DEKs now (both purposes) if it has none.
 
-        Writes do this on their own; calling it ahead is useful when the
+        Writes create them on their own. Calling this ahead helps when the
         keyring shares a SQLite database with the data, because SQLite lets
         only one transaction write at a time.
         """

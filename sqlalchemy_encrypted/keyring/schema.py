@@ -8,7 +8,7 @@ The database itself enforces the two invariants the keyring relies on:
   index ``WHERE state = 'active'`` on PostgreSQL and SQLite. MySQL and
   MariaDB have no partial indexes, so there the table gets a generated
   column ``active_slot`` (1 for the active row, NULL otherwise) and a unique
-  index over ``(tenant_id, purpose, active_slot)``; NULLs never collide in a
+  index over ``(tenant_id, purpose, active_slot)``. NULLs never collide in a
   unique index, so only active rows are constrained.
 """
 
@@ -33,9 +33,10 @@ TENANT_ID_LENGTH = 255
 class KeyState(enum.StrEnum):
     """Lifecycle state of a DEK.
 
-    ``pending`` keys decrypt but do not encrypt yet; ``active`` keys do
-    both; ``decrypt_only`` keys are older versions; ``retired`` keys no
-    longer decrypt; ``destroyed`` keys have no wrapped DEK left.
+    ``pending`` keys decrypt but do not encrypt yet, and ``active`` keys do
+    both. ``decrypt_only`` keys are older versions that still decrypt.
+    ``retired`` keys no longer decrypt, and ``destroyed`` keys have no
+    wrapped DEK left.
     """
 
     PENDING = "pending"

@@ -7,13 +7,17 @@ which is imported only when an ``AwsKms`` is created.
 
 from __future__ import annotations
 
+from .aws import AwsKms
 from .base import GeneratedDataKey, KekInfo, KmsProvider, WrapContext
 from .local import LocalKms
+from .uri import kms_from_uri
 
 __all__ = [
+    "AwsKms",
     "GeneratedDataKey",
     "KekInfo",
     "KmsProvider",
     "LocalKms",
     "WrapContext",
+    "kms_from_uri",
 ]

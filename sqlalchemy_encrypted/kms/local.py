@@ -69,7 +69,7 @@ def _check_name(name: str) -> str:
 def _decode_key(encoded: str, source: str) -> bytes:
     if looks_like_aws_key_reference(encoded):
         raise ConfigurationError(
-            f"{source} holds an AWS KMS key ARN or alias, not key material: "
+            f"{source} contains an AWS KMS key ARN or alias, not key material: "
             "use AwsKms for keys held in AWS KMS"
         )
     try:
@@ -295,9 +295,9 @@ class LocalKms(KmsProvider):
         """Derive one KEK from a passphrase with scrypt.
 
         ``salt`` is at least 16 random bytes, stored with the configuration
-        (it is not secret) and never changed: another salt or cost setting
-        derives another KEK, whose id differs, so the keyring reports the
-        old KEK as missing instead of unwrapping garbage.
+        (it is not secret) and never changed. Another salt or cost setting
+        derives another KEK with another id, so the keyring reports the old
+        KEK as missing instead of unwrapping garbage.
         """
         if not isinstance(passphrase, str) or not passphrase:
             raise ConfigurationError("the passphrase for a local KEK must be a non-empty str")
