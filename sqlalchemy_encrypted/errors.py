@@ -14,11 +14,14 @@ the plaintext values of the statement.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from sqlalchemy.exc import DontWrapMixin
 
 __all__ = [
     "ConfigurationError",
     "DecryptionError",
+    "DuplicateValueError",
     "EncryptionError",
     "KeyDestroyedError",
     "KeyInUseError",
@@ -33,6 +36,7 @@ __all__ = [
     "KmsThrottlingError",
     "KmsUnavailableError",
     "PlaintextTooLongError",
+    "ReencryptionError",
     "StorageFormatError",
     "StoredKeyDestroyedError",
     "StoredKeyNotFoundError",
@@ -115,7 +119,15 @@ class StoredKeyDestroyedError(KeyDestroyedError, StoredKeyNotFoundError):
 
 
 class KeyInUseError(EncryptionError):
-    """A key version cannot be retired because stored values still use it."""
+    """A key version cannot be retired because stored values still use it.
+
+    ``references`` maps each ``table.column`` that still holds values under
+    the key to the number of those values.
+    """
+
+    def __init__(self, message: str, references: Mapping[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.references: dict[str, int] = dict(references or {})
 
 
 class TenantContextError(EncryptionError):
@@ -153,3 +165,12 @@ class KmsAccessDeniedError(KmsError):
 
 class KmsContextMismatchError(KmsError):
     """The KMS could not unwrap the DEK, usually because the context or KEK differs."""
+
+
+class ReencryptionError(EncryptionError):
+    """A re-encryption run failed rows or left values under an old key version."""
+
+
+class DuplicateValueError(EncryptionError):
+    """A unique deterministic column would hold one value twice, sealed under
+    two key versions of the same tenant, which the database index cannot see."""

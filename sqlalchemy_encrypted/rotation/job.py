@@ -1,0 +1,541 @@
+"""The re-encryption job: census, workers, passes and the verifying census.
+
+A run takes a census of the selected columns, re-encrypts every stale value
+table by table (with several workers on PostgreSQL), and takes the census
+again. It reports success only when that last census finds no stale value
+in its scope and no row failed. Rows an application changed while the job
+ran, or rows another worker held, are picked up by a further pass, up to
+``max_passes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy.engine import Connection, Engine
+
+from ..errors import ConfigurationError, ReencryptionError
+from .census import Census, census
+from .checkpoint import (
+    DEFAULT_CHECKPOINT_TABLE,
+    CheckpointStatus,
+    CheckpointStore,
+    SlotLease,
+    check_cursor_types,
+)
+from .columns import EncryptedColumn, Target, resolve_columns
+from .headers import HeaderPrefix
+from .ratelimit import RateLimiter
+from .worker import BatchReport, RowFailure, TableWorker, WorkerStats
+
+__all__ = [
+    "ReencryptionJob",
+    "ReencryptionProgress",
+    "ReencryptionResult",
+    "RowFailure",
+    "reencrypt",
+]
+
+logger = logging.getLogger("sqlalchemy_encrypted.rotation")
+audit = logging.getLogger("sqlalchemy_encrypted.audit")
+
+# Failures kept in a result; the count of all failures is kept apart.
+MAX_REPORTED_FAILURES = 1000
+
+Status = Literal["succeeded", "failed", "dry_run"]
+
+
+@dataclass(frozen=True)
+class ReencryptionProgress:
+    """Running totals of a job, passed to the progress callback after each batch."""
+
+    table: str
+    slot: int
+    pass_number: int
+    rows_scanned: int
+    values_reencrypted: int
+    rows_skipped: int
+    rows_failed: int
+    values_planned: int
+    elapsed: float
+
+
+@dataclass
+class ReencryptionResult:
+    """The outcome of a run.
+
+    ``planned`` and ``remaining`` map ``table.column`` to stale values before
+    and after the run. ``rows_skipped`` counts rows an application changed
+    between read and write (its write was kept). ``failures`` lists at most
+    1,000 failed values; ``failures_total`` counts all of them.
+    """
+
+    status: Status
+    before: Census
+    after: Census | None
+    planned: dict[str, int]
+    remaining: dict[str, int]
+    rows_scanned: int = 0
+    values_reencrypted: int = 0
+    rows_skipped: int = 0
+    failures: list[RowFailure] = field(default_factory=list)
+    failures_total: int = 0
+    passes: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the run succeeded (or was a dry run)."""
+        return self.status != "failed"
+
+    def raise_for_failures(self) -> None:
+        """Raise :class:`ReencryptionError` unless the run succeeded."""
+        if self.ok:
+            return
+        parts = []
+        if self.remaining:
+            left = ", ".join(f"{label}: {count}" for label, count in sorted(self.remaining.items()))
+            parts.append(f"values still under an old key version ({left})")
+        if self.failures_total:
+            first = self.failures[0]
+            parts.append(
+                f"{self.failures_total} value(s) failed, the first in {first.table}."
+                f"{first.column} primary key {first.primary_key} ({first.error_class})"
+            )
+        raise ReencryptionError("re-encryption did not finish: " + "; ".join(parts))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "planned": self.planned,
+            "remaining": self.remaining,
+            "rows_scanned": self.rows_scanned,
+            "values_reencrypted": self.values_reencrypted,
+            "rows_skipped": self.rows_skipped,
+            "failures_total": self.failures_total,
+            "failures": [failure.to_dict() for failure in self.failures],
+            "passes": self.passes,
+            "elapsed_seconds": round(self.elapsed, 3),
+        }
+
+
+class ReencryptionJob:
+    """Move stale values to their tenant's active key version.
+
+    ``bind`` is an Engine (each batch commits on its own, and the job keeps
+    a checkpoint) or a Connection (batches run in savepoints of the caller's
+    transaction, without checkpoint, one worker). ``target`` names the
+    columns as in :func:`~sqlalchemy_encrypted.rotation.census`.
+
+    ``tenants`` limits the job to some tenants, ``versions`` to values under
+    some key versions. ``rate`` caps rows per second over all workers.
+    ``progress`` is called after every committed batch, from the worker's
+    thread but never concurrently. Raises the error that stopped a worker
+    (for example a :class:`KmsError`); rows that fail alone are reported in
+    the result instead.
+
+    Usage from a scheduler::
+
+        result = ReencryptionJob(engine, Base.metadata, workers=4).run()
+        result.raise_for_failures()
+    """
+
+    def __init__(
+        self,
+        bind: Engine | Connection,
+        target: Target | Sequence[EncryptedColumn],
+        *,
+        tables: Iterable[str] | None = None,
+        columns: Iterable[str] | None = None,
+        tenants: Iterable[str] | None = None,
+        versions: Iterable[int] | None = None,
+        batch_size: int = 500,
+        workers: int = 1,
+        rate: float | None = None,
+        dry_run: bool = False,
+        job_name: str = "default",
+        checkpoint: bool | None = None,
+        checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE,
+        checkpoint_schema: str | None = None,
+        max_passes: int = 3,
+        progress: Callable[[ReencryptionProgress], None] | None = None,
+        peer_poll_interval: float = 1.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigurationError(f"invalid batch size {batch_size}: it must be at least 1")
+        if workers < 1:
+            raise ConfigurationError(f"invalid worker count {workers}: it must be at least 1")
+        if max_passes < 1:
+            raise ConfigurationError(f"invalid max_passes {max_passes}: it must be at least 1")
+        is_connection = isinstance(bind, Connection)
+        if workers > 1 and (is_connection or bind.dialect.name != "postgresql"):
+            raise ConfigurationError(
+                f"{workers} workers need PostgreSQL and an Engine: other databases, and a "
+                "job inside one transaction, run a single worker"
+            )
+        if checkpoint is None:
+            checkpoint = not is_connection
+        if checkpoint and is_connection:
+            raise ConfigurationError(
+                "a job bound to a Connection runs inside the caller's transaction and "
+                "cannot keep a checkpoint: pass checkpoint=False or bind an Engine"
+            )
+        self.bind = bind
+        self.target = target
+        self.tables = None if tables is None else list(tables)
+        self.columns = None if columns is None else list(columns)
+        self.tenants = None if tenants is None else list(tenants)
+        self.versions = None if versions is None else list(versions)
+        self.batch_size = batch_size
+        self.workers = workers
+        self.dry_run = dry_run
+        self.job_name = job_name
+        self.max_passes = max_passes
+        self.progress = progress
+        self.peer_poll_interval = peer_poll_interval
+        self.rate_limiter = RateLimiter(rate) if rate is not None else None
+        self.store = CheckpointStore(checkpoint_table, checkpoint_schema) if checkpoint else None
+
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._totals = WorkerStats()
+        self._failures: dict[tuple[str, str, tuple[Any, ...]], RowFailure] = {}
+        self._started = 0.0
+        self._planned_total = 0
+
+    # -- public -----------------------------------------------------------------
+
+    def selected_columns(self) -> list[EncryptedColumn]:
+        """Return the encrypted columns this job covers."""
+        target = self.target
+        if isinstance(target, Sequence) and all(isinstance(c, EncryptedColumn) for c in target):
+            chosen = [c for c in target if isinstance(c, EncryptedColumn)]
+            return [
+                c
+                for c in chosen
+                if (
+                    self.tables is None
+                    or c.qualified_table in self.tables
+                    or c.table.name in self.tables
+                )
+                and (self.columns is None or c.name in self.columns or c.label in self.columns)
+            ]
+        return resolve_columns(target, self.tables, self.columns)  # type: ignore[arg-type]
+
+    def plan(self) -> Census:
+        """Take the census of the job's columns; nothing is written."""
+        return census(self.bind, self.selected_columns(), tenants=self.tenants)
+
+    def run(self) -> ReencryptionResult:
+        """Run the job to the end and return what it did."""
+        self._started = time.monotonic()
+        selected = self.selected_columns()
+        before = census(self.bind, selected, tenants=self.tenants)
+        planned = before.stale(self.tenants, self.versions)
+        self._planned_total = sum(planned.values())
+        result = ReencryptionResult(
+            status="dry_run", before=before, after=None, planned=planned, remaining=planned
+        )
+        if self.dry_run:
+            result.elapsed = time.monotonic() - self._started
+            return result
+
+        audit.info(
+            "re-encryption job %r started: %d stale value(s) in %d column(s)",
+            self.job_name,
+            self._planned_total,
+            len(planned),
+        )
+        if self.store is not None and planned:
+            assert isinstance(self.bind, Engine)
+            self.store.create(self.bind)
+            for column in selected:
+                check_cursor_types(column.table)
+
+        passes = 0
+        after_columns = []
+        for group in _group_by_table(selected):
+            table_passes, table_census = self._run_table(group, before)
+            passes = max(passes, table_passes)
+            after_columns.extend(table_census.columns)
+        after = Census(after_columns)
+        remaining = after.stale(self.tenants, self.versions)
+        result.after = after
+        result.remaining = remaining
+        result.passes = passes
+        result.rows_scanned = self._totals.rows_scanned
+        result.values_reencrypted = self._totals.values_reencrypted
+        result.rows_skipped = self._totals.rows_skipped
+        failures = list(self._failures.values())
+        result.failures_total = len(failures)
+        result.failures = failures[:MAX_REPORTED_FAILURES]
+        result.status = "succeeded" if not remaining and not failures else "failed"
+        result.elapsed = time.monotonic() - self._started
+        self._finish_checkpoints(selected, result)
+        self._log_result(result)
+        return result
+
+    # -- per table ----------------------------------------------------------------
+
+    def _stale_headers(
+        self, group: list[EncryptedColumn], table_census: Census
+    ) -> dict[str, list[HeaderPrefix]]:
+        return {
+            column.name: table_census.column(column.label).stale_headers(
+                self.tenants, self.versions
+            )
+            for column in group
+        }
+
+    def _run_table(self, group: list[EncryptedColumn], initial: Census) -> tuple[int, Census]:
+        """Run passes over one table until its census is clean; return the pass
+        count and the table's last census."""
+        table_census = Census([initial.column(column.label) for column in group])
+        passes = 0
+        for pass_number in range(1, self.max_passes + 1):
+            headers = self._stale_headers(group, table_census)
+            if not any(headers.values()):
+                break
+            passes = pass_number
+            stats, resumed = self._run_workers(group, headers, pass_number)
+            self._wait_for_peers(group[0].qualified_table)
+            table_census = census(self.bind, group, tenants=self.tenants)
+            if stats.values_reencrypted == 0 and not resumed:
+                # A full pass changed nothing: what is left failed, and would again.
+                break
+        return passes, table_census
+
+    def _run_workers(
+        self, group: list[EncryptedColumn], headers: dict[str, list[HeaderPrefix]], pass_number: int
+    ) -> tuple[WorkerStats, bool]:
+        outcomes: list[tuple[WorkerStats, bool]] = []
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                outcomes.append(self._work(group, headers, pass_number))
+            except BaseException as exc:
+                self._stop.set()
+                errors.append(exc)
+
+        if self.workers == 1:
+            work()
+        else:
+            threads = [
+                threading.Thread(target=work, name=f"reencrypt-{i}", daemon=True)
+                for i in range(self.workers)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        if errors:
+            raise errors[0]
+        total = WorkerStats()
+        resumed = False
+        for stats, from_cursor in outcomes:
+            total.add(stats)
+            resumed = resumed or from_cursor
+        return total, resumed
+
+    def _work(
+        self, group: list[EncryptedColumn], headers: dict[str, list[HeaderPrefix]], pass_number: int
+    ) -> tuple[WorkerStats, bool]:
+        label = group[0].qualified_table
+
+        def on_batch(report: BatchReport) -> None:
+            self._record(label, pass_number, report)
+
+        if isinstance(self.bind, Connection):
+            worker = TableWorker(
+                self.bind,
+                group,
+                headers,
+                batch_size=self.batch_size,
+                slot=0,
+                cursor=None,
+                owns_transactions=False,
+                rate_limiter=self.rate_limiter,
+                stop=self._stop,
+                on_batch=on_batch,
+            )
+            return worker.run(), False
+
+        with self.bind.connect() as conn:
+            lease = SlotLease(self.job_name, label)
+            slot = lease.acquire(conn)
+            try:
+                return self._work_in_slot(conn, slot, group, headers, pass_number, on_batch)
+            finally:
+                lease.release()
+
+    def _work_in_slot(
+        self,
+        conn: Connection,
+        slot: int,
+        group: list[EncryptedColumn],
+        headers: dict[str, list[HeaderPrefix]],
+        pass_number: int,
+        on_batch: Callable[[BatchReport], None],
+    ) -> tuple[WorkerStats, bool]:
+        label = group[0].qualified_table
+        store = self.store
+        checkpoint = None
+        cursor = None
+        if store is not None:
+            with conn.begin():
+                checkpoint = store.start(
+                    conn, self.job_name, label, slot, ",".join(c.name for c in group)
+                )
+            if pass_number == 1:
+                cursor = checkpoint.cursor
+                if cursor is not None:
+                    logger.info(
+                        "re-encryption of %s resumes worker slot %d after primary key %s",
+                        label,
+                        slot,
+                        cursor,
+                    )
+            checkpoint.cursor = None if pass_number > 1 else cursor
+            checkpoint.pass_number = pass_number
+        worker = TableWorker(
+            conn,
+            group,
+            headers,
+            batch_size=self.batch_size,
+            slot=slot,
+            cursor=cursor,
+            owns_transactions=True,
+            checkpoint_store=store,
+            checkpoint=checkpoint,
+            rate_limiter=self.rate_limiter,
+            stop=self._stop,
+            on_batch=on_batch,
+        )
+        try:
+            stats = worker.run()
+        except BaseException as exc:
+            if store is not None and checkpoint is not None:
+                self._mark_failed(conn, store, checkpoint, exc)
+            logger.error(
+                "re-encryption of %s stopped in worker slot %d: %s: %s",
+                label,
+                slot,
+                type(exc).__name__,
+                exc,
+            )
+            raise
+        if store is not None and checkpoint is not None:
+            with conn.begin():
+                checkpoint.status = CheckpointStatus.IDLE
+                store.save(conn, checkpoint)
+        return stats, cursor is not None
+
+    def _mark_failed(
+        self, conn: Connection, store: CheckpointStore, checkpoint: Any, exc: BaseException
+    ) -> None:
+        try:
+            conn.rollback()
+            with conn.begin():
+                checkpoint.status = CheckpointStatus.FAILED
+                checkpoint.error = f"{type(exc).__name__}: {exc}"[:2000]
+                store.save(conn, checkpoint)
+        except Exception:  # the database may be what failed
+            logger.warning("could not record the failure in the re-encryption checkpoint")
+
+    def _record(self, label: str, pass_number: int, report: BatchReport) -> None:
+        with self._lock:
+            self._totals.add(report.stats)
+            for failure in report.failures:
+                self._failures[(failure.table, failure.column, failure.primary_key)] = failure
+            if self.progress is not None:
+                totals = self._totals
+                self.progress(
+                    ReencryptionProgress(
+                        table=label,
+                        slot=report.slot,
+                        pass_number=pass_number,
+                        rows_scanned=totals.rows_scanned,
+                        values_reencrypted=totals.values_reencrypted,
+                        rows_skipped=totals.rows_skipped,
+                        rows_failed=len(self._failures),
+                        values_planned=self._planned_total,
+                        elapsed=time.monotonic() - self._started,
+                    )
+                )
+
+    def _wait_for_peers(self, label: str) -> None:
+        """Wait while workers of this job in other processes still scan the table."""
+        if self.store is None or not isinstance(self.bind, Engine):
+            return
+        if self.bind.dialect.name != "postgresql":
+            return
+        lease = SlotLease(self.job_name, label)
+        while True:
+            with self.bind.connect() as conn:
+                checkpoints = self.store.list(conn, self.job_name, label)
+            busy = [
+                cp.slot
+                for cp in checkpoints
+                if cp.status == CheckpointStatus.RUNNING and lease.is_held(self.bind, cp.slot)
+            ]
+            if not busy:
+                return
+            logger.info("waiting for %d other worker(s) re-encrypting %s", len(busy), label)
+            time.sleep(self.peer_poll_interval)
+
+    def _finish_checkpoints(
+        self, selected: list[EncryptedColumn], result: ReencryptionResult
+    ) -> None:
+        if self.store is None or not isinstance(self.bind, Engine) or not result.planned:
+            return
+        for group in _group_by_table(selected):
+            label = group[0].qualified_table
+            labels = {column.label for column in group}
+            clean = not (labels & set(result.remaining)) and not any(
+                failure.table == label for failure in result.failures
+            )
+            status = CheckpointStatus.SUCCEEDED if clean else CheckpointStatus.FAILED
+            error = None if clean else "values left under an old key version or failed rows"
+            with self.bind.begin() as conn:
+                self.store.finish_all(conn, self.job_name, label, status, error)
+
+    def _log_result(self, result: ReencryptionResult) -> None:
+        message = (
+            "re-encryption job %r %s: %d value(s) re-encrypted, %d row(s) changed by "
+            "the application meanwhile, %d failed, %d still stale, in %.1f s"
+        )
+        args = (
+            self.job_name,
+            result.status,
+            result.values_reencrypted,
+            result.rows_skipped,
+            result.failures_total,
+            sum(result.remaining.values()),
+            result.elapsed,
+        )
+        if result.ok:
+            audit.info(message, *args)
+        else:
+            audit.warning(message, *args)
+
+
+def _group_by_table(columns: Sequence[EncryptedColumn]) -> list[list[EncryptedColumn]]:
+    groups: dict[str, list[EncryptedColumn]] = {}
+    for column in columns:
+        groups.setdefault(column.qualified_table, []).append(column)
+    return list(groups.values())
+
+
+def reencrypt(
+    bind: Engine | Connection,
+    target: Target | Sequence[EncryptedColumn],
+    **options: Any,
+) -> ReencryptionResult:
+    """Run a :class:`ReencryptionJob` with ``options`` and return its result."""
+    return ReencryptionJob(bind, target, **options).run()

@@ -1,0 +1,420 @@
+"""One re-encryption worker: pages through one table and rewrites stale values.
+
+Each batch is one short transaction:
+
+1. select up to ``batch_size`` rows after the cursor whose stored header
+   names a stale key, in primary key order (keyset pagination, so memory
+   stays bounded and no OFFSET scan grows). On PostgreSQL the rows are
+   locked with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never take
+   the same row and never wait for each other;
+2. decrypt each stale value with the column type and seal it again under the
+   active DEK of the tenant that sealed it;
+3. write back with compare-and-swap, ``UPDATE ... WHERE pk = :pk AND
+   col = :old``: a value an application changed meanwhile is left as the
+   application wrote it;
+4. save the checkpoint in the same transaction, then commit.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.exc import IntegrityError
+
+from ..envelope import parse_header
+from ..errors import EncryptionError, KmsError, ReencryptionError
+from ..keys import DataKey
+from ..tenancy import tenant_scope
+from .checkpoint import Checkpoint, CheckpointStore
+from .columns import EncryptedColumn, raw_table
+from .headers import HeaderPrefix, header_prefix, prefix_of
+from .ratelimit import RateLimiter
+
+__all__ = ["BatchReport", "RowFailure", "TableWorker", "WorkerStats"]
+
+logger = logging.getLogger("sqlalchemy_encrypted.rotation")
+
+# Most bound parameters one UPDATE statement may carry (SQLite allows 32766,
+# PostgreSQL 65535).
+_MAX_PARAMETERS = 30_000
+
+
+@dataclass(frozen=True)
+class RowFailure:
+    """A value the job could not re-encrypt. ``message`` holds no plaintext."""
+
+    table: str
+    column: str
+    primary_key: tuple[Any, ...]
+    error_class: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "column": self.column,
+            "primary_key": [str(value) for value in self.primary_key],
+            "error_class": self.error_class,
+            "message": self.message,
+        }
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker's pass over a table."""
+
+    rows_scanned: int = 0
+    values_reencrypted: int = 0
+    rows_skipped: int = 0
+    rows_failed: int = 0
+    batches: int = 0
+
+    def add(self, other: WorkerStats) -> None:
+        self.rows_scanned += other.rows_scanned
+        self.values_reencrypted += other.values_reencrypted
+        self.rows_skipped += other.rows_skipped
+        self.rows_failed += other.rows_failed
+        self.batches += other.batches
+
+
+@dataclass
+class BatchReport:
+    """What one committed batch did; passed to the job's progress hook."""
+
+    slot: int
+    stats: WorkerStats
+    failures: list[RowFailure] = field(default_factory=list)
+
+
+@dataclass
+class _RowUpdate:
+    primary_key: tuple[Any, ...]
+    # column name -> (stored value read, new stored value)
+    values: dict[str, tuple[Any, Any]]
+
+
+class TableWorker:
+    """Re-encrypts the stale values of one table's columns, batch by batch."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        columns: Sequence[EncryptedColumn],
+        stale_headers: dict[str, list[HeaderPrefix]],
+        *,
+        batch_size: int,
+        slot: int,
+        cursor: tuple[Any, ...] | None,
+        owns_transactions: bool,
+        checkpoint_store: CheckpointStore | None = None,
+        checkpoint: Checkpoint | None = None,
+        rate_limiter: RateLimiter | None = None,
+        stop: threading.Event | None = None,
+        on_batch: Callable[[BatchReport], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.columns = [c for c in columns if stale_headers.get(c.name)]
+        self.table = columns[0].table
+        self.label = columns[0].qualified_table
+        self.headers = {name: set(values) for name, values in stale_headers.items() if values}
+        self.batch_size = batch_size
+        self.slot = slot
+        self.cursor = cursor
+        self.owns_transactions = owns_transactions
+        self.checkpoint_store = checkpoint_store
+        self.checkpoint = checkpoint
+        self.rate_limiter = rate_limiter
+        self.stop = stop or threading.Event()
+        self.on_batch = on_batch
+        self.stats = WorkerStats()
+        self.failures: list[RowFailure] = []
+        self._dialect = conn.dialect.name
+        self._raw = raw_table(self.table, [c.name for c in self.columns])
+        self._pk_names = [column.name for column in self.table.primary_key.columns]
+        self._tenant_name = self.columns[0].tenant_column if self.columns else None
+
+    # -- statements -------------------------------------------------------------
+
+    def _select(self) -> sa.Select[Any]:
+        raw = self._raw
+        stale = [
+            header_prefix(raw.c[column.name], column.is_base64).in_(
+                sorted(self.headers[column.name])
+            )
+            for column in self.columns
+        ]
+        pk = [raw.c[name] for name in self._pk_names]
+        query = sa.select(raw).where(sa.or_(*stale))
+        if self.cursor is not None:
+            if len(pk) == 1:
+                query = query.where(pk[0] > self.cursor[0])
+            else:
+                query = query.where(sa.tuple_(*pk) > sa.tuple_(*self.cursor))
+        query = query.order_by(*pk).limit(self.batch_size)
+        if self._dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        return query
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        if self.owns_transactions:
+            with self.conn.begin():
+                yield self.conn
+        elif self._dialect == "sqlite":
+            # pysqlite's own transaction handling breaks SAVEPOINT (releasing the
+            # outermost one commits), and SQLite undoes a failed statement alone,
+            # so batches run directly in the caller's transaction.
+            yield self.conn
+        else:
+            with self.conn.begin_nested():
+                yield self.conn
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run(self) -> WorkerStats:
+        """Process batches until no stale row is left after the cursor, or
+        until another worker of the job stops on an error."""
+        if not self.columns:
+            return self.stats
+        while not self.stop.is_set():
+            if not self._run_batch():
+                break
+        return self.stats
+
+    def _run_batch(self) -> bool:
+        batch = WorkerStats(batches=1)
+        failures: list[RowFailure] = []
+        retry_rows: list[_RowUpdate] | None = None
+        try:
+            with self._transaction() as conn:
+                rows = conn.execute(self._select()).all()
+                if not rows:
+                    return False
+                batch.rows_scanned = len(rows)
+                last_key = self._primary_key(rows[-1])
+                updates = self._reseal(rows, failures)
+                try:
+                    written = self._write(conn, updates) if updates else set()
+                except IntegrityError:
+                    # A row collides with a unique index (one value under two key
+                    # versions): roll the batch back, then write row by row.
+                    retry_rows = updates
+                    raise
+                self._count(batch, updates, written, failures)
+                self.cursor = last_key
+                self._save_checkpoint(conn, batch)
+        except IntegrityError:
+            if retry_rows is None:
+                raise
+            self.cursor = last_key
+            self._write_one_by_one(retry_rows, batch, failures)
+            return True
+        self._finish_batch(batch, failures)
+        return True
+
+    def _finish_batch(self, batch: WorkerStats, failures: list[RowFailure]) -> None:
+        self.stats.add(batch)
+        self.failures.extend(failures)
+        for failure in failures:
+            logger.warning(
+                "re-encryption failed for %s primary key %s: %s",
+                f"{failure.table}.{failure.column}",
+                failure.primary_key,
+                failure.error_class,
+            )
+        if self.on_batch is not None:
+            self.on_batch(BatchReport(self.slot, batch, failures))
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire(batch.rows_scanned)
+
+    def _count(
+        self,
+        batch: WorkerStats,
+        updates: list[_RowUpdate],
+        written: set[tuple[Any, ...]],
+        failures: list[RowFailure],
+    ) -> None:
+        batch.values_reencrypted = sum(
+            len(update.values) for update in updates if update.primary_key in written
+        )
+        batch.rows_skipped = len(updates) - len(written)
+        batch.rows_failed = len({failure.primary_key for failure in failures})
+
+    def _save_checkpoint(self, conn: Connection, batch: WorkerStats) -> None:
+        if self.checkpoint_store is None or self.checkpoint is None:
+            return
+        checkpoint = self.checkpoint
+        checkpoint.cursor = self.cursor
+        checkpoint.rows_scanned += batch.rows_scanned
+        checkpoint.values_reencrypted += batch.values_reencrypted
+        checkpoint.rows_skipped += batch.rows_skipped
+        checkpoint.rows_failed += batch.rows_failed
+        self.checkpoint_store.save(conn, checkpoint)
+
+    # -- re-sealing -------------------------------------------------------------
+
+    def _primary_key(self, row: Row[Any]) -> tuple[Any, ...]:
+        mapping = row._mapping
+        return tuple(mapping[name] for name in self._pk_names)
+
+    def _reseal(self, rows: Sequence[Row[Any]], failures: list[RowFailure]) -> list[_RowUpdate]:
+        updates = []
+        for row in rows:
+            mapping = row._mapping
+            primary_key = self._primary_key(row)
+            row_tenant = mapping[self._tenant_name] if self._tenant_name else None
+            values: dict[str, tuple[Any, Any]] = {}
+            for column in self.columns:
+                stored = mapping[column.name]
+                if prefix_of(stored, column.is_base64) not in self.headers[column.name]:
+                    continue
+                try:
+                    new = self._reseal_value(column, stored, row_tenant)
+                except (KmsError, ReencryptionError):
+                    # Not the row's fault: stop the job rather than fail every row.
+                    raise
+                except EncryptionError as exc:
+                    failures.append(
+                        RowFailure(
+                            self.label, column.name, primary_key, type(exc).__name__, str(exc)
+                        )
+                    )
+                    continue
+                if new is not None:
+                    values[column.name] = (stored, new)
+            if values:
+                updates.append(_RowUpdate(primary_key, values))
+        return updates
+
+    def _reseal_value(self, column: EncryptedColumn, stored: Any, row_tenant: Any) -> Any:
+        """Return the value sealed under its tenant's active DEK, or None when
+        the active key is not newer than the one that sealed it."""
+        column_type = column.column_type
+        data = bytes(stored) if isinstance(stored, memoryview | bytearray) else stored
+        envelope = base64.b64decode(data) if column.is_base64 else data
+        header = parse_header(envelope, f"encrypted column {column.label}")
+        provider = column_type.key_provider
+        # The tenant is the one whose DEK sealed the value: the AAD binds it, so
+        # decrypting below proves it. A tenant column must agree with it.
+        old_key = provider.key_by_id(
+            header.key_id, expected_tenant=row_tenant if isinstance(row_tenant, str) else None
+        )
+        tenant = old_key.tenant_id
+        with tenant_scope(tenant):
+            value = column_type.decrypt(data)
+        active: DataKey = provider.active_key(tenant, column_type.purpose)
+        if active.version <= header.key_version:
+            if active.version < header.key_version:
+                raise ReencryptionError(
+                    f"encrypted column {column.label}: tenant {tenant!r} has key version "
+                    f"{header.key_version} in use, but this process sees version "
+                    f"{active.version} as active; wait for the active-key cache to expire "
+                    "and run the job again"
+                )
+            return None
+        sealed = column_type.seal(value, key=active)
+        if column.is_base64:
+            return base64.b64encode(sealed).decode("ascii")
+        return sealed
+
+    # -- writing ----------------------------------------------------------------
+
+    def _write(self, conn: Connection, updates: list[_RowUpdate]) -> set[tuple[Any, ...]]:
+        """Write ``updates`` with compare-and-swap; return the primary keys written."""
+        groups: dict[tuple[str, ...], list[_RowUpdate]] = {}
+        for update in updates:
+            groups.setdefault(tuple(sorted(update.values)), []).append(update)
+        written: set[tuple[Any, ...]] = set()
+        for names, group in groups.items():
+            if self._dialect == "postgresql":
+                per_row = len(self._pk_names) + 2 * len(names)
+                step = max(1, _MAX_PARAMETERS // per_row)
+                for start in range(0, len(group), step):
+                    written |= self._write_values(conn, names, group[start : start + step])
+            else:
+                for update in group:
+                    if self._write_row(conn, update):
+                        written.add(update.primary_key)
+        return written
+
+    def _write_values(
+        self, conn: Connection, names: tuple[str, ...], group: list[_RowUpdate]
+    ) -> set[tuple[Any, ...]]:
+        """Write a group in one ``UPDATE ... FROM (VALUES ...) RETURNING`` statement."""
+        raw = self._raw
+        pk_columns = [raw.c[name] for name in self._pk_names]
+        value_columns = [sa.column(f"pk_{i}", c.type) for i, c in enumerate(pk_columns)]
+        for name in names:
+            storage = raw.c[name].type
+            value_columns.append(sa.column(f"old_{name}", storage))
+            value_columns.append(sa.column(f"new_{name}", storage))
+        data = []
+        for update in group:
+            row: list[Any] = list(update.primary_key)
+            for name in names:
+                row.extend(update.values[name])
+            data.append(tuple(row))
+        values = sa.values(*value_columns, name="reencrypted").data(data)
+        conditions = [column == values.c[f"pk_{i}"] for i, column in enumerate(pk_columns)]
+        assignments = {}
+        for name in names:
+            storage = raw.c[name].type
+            conditions.append(raw.c[name] == sa.cast(values.c[f"old_{name}"], storage))
+            assignments[name] = sa.cast(values.c[f"new_{name}"], storage)
+        statement = sa.update(raw).values(assignments).where(*conditions).returning(*pk_columns)
+        return {tuple(row) for row in conn.execute(statement)}
+
+    def _write_row(self, conn: Connection, update: _RowUpdate) -> bool:
+        raw = self._raw
+        keys = zip(self._pk_names, update.primary_key, strict=True)
+        conditions = [raw.c[name] == value for name, value in keys]
+        conditions += [raw.c[name] == old for name, (old, _) in update.values.items()]
+        statement = (
+            sa.update(raw)
+            .values({name: new for name, (_, new) in update.values.items()})
+            .where(*conditions)
+        )
+        return conn.execute(statement).rowcount == 1
+
+    def _write_one_by_one(
+        self, updates: list[_RowUpdate], batch: WorkerStats, failures: list[RowFailure]
+    ) -> None:
+        """Write each row in its own transaction, recording the rows the
+        database rejects, then save the checkpoint past the whole batch."""
+        written: set[tuple[Any, ...]] = set()
+        rejected: set[tuple[Any, ...]] = set()
+        for update in updates:
+            try:
+                with self._transaction() as conn:
+                    if self._write_row(conn, update):
+                        written.add(update.primary_key)
+            except IntegrityError as exc:
+                rejected.add(update.primary_key)
+                reason = type(exc.orig).__name__ if exc.orig is not None else "IntegrityError"
+                for name in update.values:
+                    failures.append(
+                        RowFailure(
+                            self.label,
+                            name,
+                            update.primary_key,
+                            "IntegrityError",
+                            f"the database rejected the re-encrypted value ({reason}): a "
+                            "unique index already holds the value under the active key version",
+                        )
+                    )
+        batch.values_reencrypted = sum(
+            len(update.values) for update in updates if update.primary_key in written
+        )
+        batch.rows_failed = len({failure.primary_key for failure in failures})
+        batch.rows_skipped = len(updates) - len(written) - len(rejected)
+        with self._transaction() as conn:
+            self._save_checkpoint(conn, batch)
+        self._finish_batch(batch, failures)
