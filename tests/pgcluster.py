@@ -63,9 +63,19 @@ class Cluster:
     def start(self) -> None:
         initdb = os.path.join(self.bindir, "initdb")
         subprocess.run(
-            self._command(initdb, "-D", self.datadir, "-U", "postgres", "--auth=trust",
-                          "-E", "UTF8", "--locale=C.UTF-8"),
-            check=True, capture_output=True,
+            self._command(
+                initdb,
+                "-D",
+                self.datadir,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ),
+            check=True,
+            capture_output=True,
         )
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.datadir} "
@@ -74,9 +84,21 @@ class Cluster:
         )
         pg_ctl = os.path.join(self.bindir, "pg_ctl")
         subprocess.run(
-            self._command(pg_ctl, "-D", self.datadir, "-o", options, "-w", "-t", "60",
-                          "-l", os.path.join(self.datadir, "server.log"), "start"),
-            check=True, capture_output=True,
+            self._command(
+                pg_ctl,
+                "-D",
+                self.datadir,
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                os.path.join(self.datadir, "server.log"),
+                "start",
+            ),
+            check=True,
+            capture_output=True,
         )
 
     def stop(self) -> None:

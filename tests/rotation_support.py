@@ -126,3 +126,17 @@ def key_versions(values: Iterable[bytes | None]) -> list[int]:
 
 def header_of(value: bytes) -> bytes:
     return value[:HEADER_SIZE]
+
+
+class Contact(Base):
+    """A unique deterministic column, unique per tenant."""
+
+    __tablename__ = "contacts"
+    __table_args__ = (
+        sa.UniqueConstraint("tenant_id", "email", name="uq_contacts_tenant_email"),
+        {"info": {"tenant_column": "tenant_id"}},
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.String(40))
+    email: Mapped[str | None] = mapped_column(DeterministicEncrypted(sa.String(254)))
