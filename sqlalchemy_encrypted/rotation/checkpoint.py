@@ -213,7 +213,12 @@ class CheckpointStore:
 
     def create(self, bind: Engine | Connection) -> None:
         """Create the checkpoint table if it does not exist."""
-        self.table.create(bind, checkfirst=True)
+        try:
+            self.table.create(bind, checkfirst=True)
+        except sa.exc.DBAPIError:
+            # Another worker created it between the check and the CREATE.
+            if not sa.inspect(bind).has_table(self.table.name, schema=self.table.schema):
+                raise
 
     def exists(self, conn: Connection) -> bool:
         return sa.inspect(conn).has_table(self.table.name, schema=self.table.schema)
