@@ -1,5 +1,26 @@
-"""Alembic operations for encrypted columns (encrypt, decrypt, re-encrypt, keyring table)."""
+"""Alembic operations and autogenerate support for encrypted columns.
+
+Importing this package (in ``env.py``, or in a migration file) registers
+on Alembic's ``op``:
+
+* ``op.create_keyring_table()`` / ``op.drop_keyring_table()``;
+* ``op.encrypt_column(table, column, type_=Encrypted(...), ...)``;
+* ``op.decrypt_column(table, column, type_=String(...), from_type=Encrypted(...), ...)``.
+
+``docs/migrations.md`` walks through adopting encryption on an existing
+table, rolling back, rotation through migrations and the limits.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from . import toimpl as _toimpl  # noqa: F401  (registers the implementations)
+from .ops import CreateKeyringTableOp, DecryptColumnOp, DropKeyringTableOp, EncryptColumnOp
+from .report import ConversionReport
+
+__all__ = [
+    "ConversionReport",
+    "CreateKeyringTableOp",
+    "DecryptColumnOp",
+    "DropKeyringTableOp",
+    "EncryptColumnOp",
+]

@@ -35,6 +35,8 @@ __all__ = [
     "KmsKeyNotFoundError",
     "KmsThrottlingError",
     "KmsUnavailableError",
+    "MigrationError",
+    "MixedValuesError",
     "PlaintextTooLongError",
     "ReencryptionError",
     "StorageFormatError",
@@ -174,3 +176,25 @@ class ReencryptionError(EncryptionError):
 class DuplicateValueError(EncryptionError):
     """A unique deterministic column would hold one value twice, sealed under
     two key versions of the same tenant, which the database index cannot see."""
+
+
+class MigrationError(EncryptionError):
+    """A migration operation on an encrypted column cannot run or complete.
+
+    Raised, for example, in offline (``--sql``) mode, for a table without a
+    primary key, or when the column cannot be swapped. The table is left as it
+    was or in a state that running the same operation again completes.
+    """
+
+
+class MixedValuesError(MigrationError):
+    """A column holds values in both forms and the operation was run with ``strict=True``.
+
+    ``primary_keys`` lists up to 10 rows already in the target form, and
+    ``count`` how many there are in total.
+    """
+
+    def __init__(self, message: str, *, count: int, primary_keys: list[tuple[object, ...]]) -> None:
+        super().__init__(message)
+        self.count = count
+        self.primary_keys = primary_keys

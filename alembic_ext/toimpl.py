@@ -1,0 +1,332 @@
+"""How the operations of :mod:`alembic_ext.ops` run against a database."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy.engine import Connection
+
+from sqlalchemy_encrypted.errors import ConfigurationError, MigrationError
+from sqlalchemy_encrypted.keyring import keyring_table
+from sqlalchemy_encrypted.types import EncryptedType
+
+from . import ddl
+from .conversion import ColumnConversion, Counts, Target
+from .directions import Decrypting, Encrypting, Strategy
+from .ops import CreateKeyringTableOp, DecryptColumnOp, DropKeyringTableOp, EncryptColumnOp
+from .report import ConversionReport
+
+__all__ = ["convert_column"]
+
+logger = logging.getLogger("sqlalchemy_encrypted.alembic")
+audit = logging.getLogger("sqlalchemy_encrypted.audit")
+
+_Op = EncryptColumnOp | DecryptColumnOp
+
+
+def _offline_error(name: str) -> MigrationError:
+    return MigrationError(
+        f"op.{name}() cannot run in offline (--sql) mode: it reads every row and "
+        "encrypts or decrypts it with keys from the keyring, which a SQL script cannot "
+        "do. Run this migration online: alembic upgrade (or downgrade) without --sql"
+    )
+
+
+def _bound_type(type_: Any, table: str, column: str, argument: str) -> EncryptedType[Any]:
+    """Return a copy of ``type_`` attached to ``table.column``, so that values are
+    bound to the same identity as the application's column."""
+    if not isinstance(type_, EncryptedType):
+        raise ConfigurationError(
+            f"{argument} must be an encrypted type instance such as "
+            f"Encrypted(sa.String(100)), got {type_!r}"
+        )
+    bound = type_.copy()
+    sa.Table(table, sa.MetaData(), sa.Column(column, bound))
+    return bound
+
+
+def _strategy(operation: _Op, dialect: sa.Dialect, source: ddl.ColumnInfo) -> Strategy:
+    table, column = operation.table_name, operation.column_name
+    if isinstance(operation, EncryptColumnOp):
+        encrypted = _bound_type(operation.type_, table, column, "type_")
+        plaintext = operation.existing_type if operation.existing_type is not None else source.type
+        return Encrypting(encrypted, plaintext, dialect)
+    encrypted = _bound_type(operation.from_type, table, column, "from_type")
+    if isinstance(operation.type_, EncryptedType):
+        raise ConfigurationError(
+            f"decrypt_column of {table}.{column}: type_ is the plaintext type the column "
+            "gets, and from_type the encrypted type it has now"
+        )
+    return Decrypting(encrypted, operation.type_, dialect)
+
+
+def _same_type(context: MigrationContext, reflected: ddl.ColumnInfo, target: Any) -> bool:
+    """Return True if the database column already has the type ``target`` compiles to."""
+    inspected = sa.Column(reflected.name, reflected.type)
+    wanted = sa.Column(reflected.name, target.copy())
+    return not context.impl.compare_type(inspected, wanted)
+
+
+class _Plan:
+    """Everything one run needs, derived from the operation and a reflection of the table."""
+
+    def __init__(self, conn: Connection, operation: _Op) -> None:
+        self.operation = operation
+        info = ddl.reflect_table(conn, operation.table_name, operation.schema)
+        self.source = info.column(operation.column_name)
+        self.strategy = _strategy(operation, conn.dialect, self.source)
+        self.shadow = ddl.shadow_column_name(operation.column_name, self.strategy.shadow_suffix)
+        opposite = "decrypting" if self.strategy.direction == "encrypt" else "encrypting"
+        self.leftover = ddl.shadow_column_name(operation.column_name, opposite)
+        primary_key = operation.primary_key or info.primary_key
+        if not primary_key:
+            raise MigrationError(
+                f"table {info.qualified_name} has no primary key: pass primary_key=[...] "
+                "naming columns that identify each row"
+            )
+        for name in primary_key:
+            info.column(name)
+        if operation.column_name in primary_key:
+            raise MigrationError(
+                f"{info.qualified_name}.{operation.column_name} is part of the primary key, "
+                "which cannot be encrypted"
+            )
+        if operation.tenant_column is not None and operation.tenant_id is not None:
+            raise ConfigurationError(
+                f"{info.qualified_name}.{operation.column_name}: pass tenant_column or "
+                "tenant_id, not both"
+            )
+        self.info = info
+        self.target = Target(
+            table=info,
+            column=operation.column_name,
+            primary_key=tuple(primary_key),
+            tenant_column=operation.tenant_column,
+            tenant_id=operation.tenant_id,
+            batch_size=operation.batch_size,
+        )
+
+    @property
+    def has_shadow(self) -> bool:
+        return self.shadow in self.info.columns
+
+    def conversion(self, conn: Connection) -> ColumnConversion:
+        return ColumnConversion(conn, self.target, self.strategy, self.shadow)
+
+    def check_shadow_type(self, context: MigrationContext) -> None:
+        shadow = self.info.column(self.shadow)
+        if not _same_type(context, shadow, self.strategy.target_type):
+            raise MigrationError(
+                f"{self.info.qualified_name} has a column {self.shadow!r} of type "
+                f"{shadow.type!r}, not the type this operation writes; it is not a "
+                "leftover of this operation, so rename or drop it and run again"
+            )
+
+
+def _drop_leftover(conn: Connection, plan: _Plan) -> bool:
+    """Drop the shadow column an interrupted run in the other direction left.
+
+    Its values are copies derived from the source column, never the only copy.
+    """
+    if plan.leftover not in plan.info.columns:
+        return False
+    logger.info(
+        "dropping %s.%s, left by an interrupted run in the other direction",
+        plan.info.qualified_name,
+        plan.leftover,
+    )
+    ddl.drop_column(conn, plan.info.name, plan.info.schema, plan.leftover)
+    return True
+
+
+def _separate_connection_usable(context: MigrationContext, conn: Connection) -> bool:
+    """Return True if batches may be committed on a second connection from the same engine.
+
+    Not when the caller passed a connection inside its own transaction
+    (Alembic cannot commit that transaction), and not for an in-memory
+    SQLite database, which a second connection would not see.
+    """
+    # MigrationContext has no public flag for "the caller owns the transaction".
+    if getattr(context, "_in_external_transaction", False):
+        return False
+    url = conn.engine.url
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        if database in ("", ":memory:") or "mode=memory" in str(url):
+            return False
+    return True
+
+
+def _first_phase(context: MigrationContext, work: Connection, operation: _Op) -> Counts | None:
+    """Prepare the shadow column and fill it, committing each batch.
+
+    Returns the fill counts, or None when the column needs no conversion.
+    """
+    plan = _Plan(work, operation)
+    if _drop_leftover(work, plan):
+        work.commit()
+        plan = _Plan(work, operation)
+    conversion = plan.conversion(work)
+    if not plan.has_shadow:
+        same_type = _same_type(context, plan.source, plan.strategy.target_type)
+        if operation.strict or same_type:
+            counts = conversion.scan()
+            if operation.strict:
+                conversion.check_strict(counts)
+            if same_type and counts.converted == 0:
+                work.rollback()
+                return None
+        ddl.add_column(
+            work, plan.info.name, plan.info.schema, plan.shadow, plan.strategy.target_type
+        )
+        work.commit()
+        plan = _Plan(work, operation)
+        conversion = plan.conversion(work)
+    else:
+        plan.check_shadow_type(context)
+        if operation.strict:
+            conversion.check_strict(conversion.scan())
+    logger.info(
+        "%s: %s in batches of %d",
+        plan.target.label,
+        plan.strategy.shadow_suffix,
+        operation.batch_size,
+    )
+    counts = conversion.fill(commit_each_batch=True)
+    work.commit()
+    return counts
+
+
+def _final_phase(
+    context: MigrationContext, conn: Connection, operation: _Op, filled: Counts | None
+) -> ConversionReport:
+    """Block writers, convert what is left, verify every row and swap the columns.
+
+    Runs in the migration's transaction, so the swap commits together with
+    the migration's version row.
+    """
+    ddl.lock_for_writes(conn, operation.table_name, operation.schema, operation.column_name)
+    plan = _Plan(conn, operation)
+    _drop_leftover(conn, plan)
+    plan = _Plan(conn, operation)
+    conversion = plan.conversion(conn)
+    strict_pending = operation.strict and filled is None
+
+    if not plan.has_shadow:
+        if _same_type(context, plan.source, plan.strategy.target_type):
+            counts = conversion.scan()
+            if strict_pending:
+                conversion.check_strict(counts)
+            if counts.converted == 0:
+                return _report(plan, counts, resumed=0, rewritten=0, swapped=False)
+        elif strict_pending:
+            conversion.check_strict(conversion.scan())
+        ddl.add_column(
+            conn, plan.info.name, plan.info.schema, plan.shadow, plan.strategy.target_type
+        )
+        plan = _Plan(conn, operation)
+        conversion = plan.conversion(conn)
+    else:
+        plan.check_shadow_type(context)
+        if strict_pending:
+            conversion.check_strict(conversion.scan())
+
+    counts = conversion.verify()
+    ddl.swap_columns(conn, plan.info, plan.source, plan.shadow, plan.strategy.target_type)
+    if filled is None:
+        resumed = counts.converted + counts.already - counts.written
+        return _report(plan, counts, resumed=resumed, rewritten=0, swapped=True)
+    return _report(plan, counts, resumed=filled.resumed, rewritten=counts.written, swapped=True)
+
+
+def _report(
+    plan: _Plan, counts: Counts, *, resumed: int, rewritten: int, swapped: bool
+) -> ConversionReport:
+    return ConversionReport(
+        table=plan.info.qualified_name,
+        column=plan.target.column,
+        direction=plan.strategy.direction,
+        converted=counts.converted,
+        already_converted=counts.already,
+        null=counts.null,
+        resumed=resumed,
+        rewritten=rewritten,
+        column_swapped=swapped,
+    )
+
+
+def convert_column(operations: Operations, operation: _Op) -> ConversionReport:
+    """Run an encrypt or decrypt column operation; see their docstrings."""
+    name = "encrypt_column" if isinstance(operation, EncryptColumnOp) else "decrypt_column"
+    context = operations.migration_context
+    if context.as_sql:
+        raise _offline_error(name)
+    if operation.batch_size < 1:
+        raise ConfigurationError(
+            f"invalid batch_size {operation.batch_size}: it must be at least 1"
+        )
+    conn = operations.get_bind()
+    if conn.dialect.name not in ddl.SUPPORTED_DIALECTS:
+        raise MigrationError(f"op.{name}() supports PostgreSQL and SQLite, not {conn.dialect.name}")
+
+    filled: Counts | None = None
+    if operation.commit_batches and _separate_connection_usable(context, conn):
+        with context.autocommit_block(), conn.engine.connect() as work:
+            filled = _first_phase(context, work, operation)
+    elif operation.commit_batches:
+        logger.info(
+            "%s.%s: running inside the caller's transaction, so batches are not committed "
+            "separately",
+            operation.table_name,
+            operation.column_name,
+        )
+    report = _final_phase(context, operations.get_bind(), operation, filled)
+    audit.info("%s", report)
+    return report
+
+
+@Operations.implementation_for(EncryptColumnOp)
+def encrypt_column(operations: Operations, operation: EncryptColumnOp) -> ConversionReport:
+    return convert_column(operations, operation)
+
+
+@Operations.implementation_for(DecryptColumnOp)
+def decrypt_column(operations: Operations, operation: DecryptColumnOp) -> ConversionReport:
+    return convert_column(operations, operation)
+
+
+def _run_schema_ddl(operations: Operations, create: bool, table: sa.Table) -> None:
+    """Emit the CREATE or DROP statements of ``table`` through the migration.
+
+    SQLAlchemy's own schema generator decides which statements the dialect
+    gets (it honours ``ddl_if`` and the table's DDL events), and each
+    statement goes through ``operations.execute``, so the same code runs
+    online and in offline (``--sql``) mode.
+    """
+    dialect = operations.migration_context.dialect
+
+    def emit(statement: Any, *multiparams: Any, **params: Any) -> None:
+        operations.execute(statement)
+
+    url = sa.engine.make_url(f"{dialect.name}+{dialect.driver}://")
+    mock = sa.create_mock_engine(url, emit)
+    if create:
+        table.create(mock, checkfirst=False)
+    else:
+        table.drop(mock, checkfirst=False)
+
+
+@Operations.implementation_for(CreateKeyringTableOp)
+def create_keyring_table(operations: Operations, operation: CreateKeyringTableOp) -> None:
+    table = keyring_table(sa.MetaData(), operation.table_name, operation.schema)
+    _run_schema_ddl(operations, True, table)
+
+
+@Operations.implementation_for(DropKeyringTableOp)
+def drop_keyring_table(operations: Operations, operation: DropKeyringTableOp) -> None:
+    table = keyring_table(sa.MetaData(), operation.table_name, operation.schema)
+    _run_schema_ddl(operations, False, table)

@@ -1,0 +1,184 @@
+"""Interrupted conversions: a KMS failure half-way, then running the migration again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from sqlalchemy_encrypted import KeyPurpose, KmsUnavailableError, set_default_key_provider
+from sqlalchemy_encrypted.keys import DataKey
+from sqlalchemy_encrypted.testing import InMemoryKeyring
+
+from .alembic_env import AlembicEnv
+from .models import Person
+from .test_alembic_encrypt_column import (
+    CREATE_PERSONS,
+    DECRYPT_PERSONS,
+    ENCRYPT_PERSONS,
+    plain_rows,
+    raw_rows,
+    seed,
+)
+
+
+class FlakyKeyring(InMemoryKeyring):
+    """An in-memory keyring whose KMS stops answering after ``fail_after`` key lookups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_after: int | None = None
+        self.calls = 0
+
+    def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KmsUnavailableError("the KMS timed out (injected by the test)")
+
+    def active_key(self, tenant_id: str, purpose: KeyPurpose) -> DataKey:
+        self._maybe_fail()
+        return super().active_key(tenant_id, purpose)
+
+    def key_by_id(self, key_id: Any, expected_tenant: str | None = None) -> DataKey:
+        self._maybe_fail()
+        return super().key_by_id(key_id, expected_tenant)
+
+
+@pytest.fixture
+def flaky() -> Any:
+    provider = FlakyKeyring()
+    set_default_key_provider(provider)
+    yield provider
+    set_default_key_provider(None)
+
+
+def _env(tmp_path: Path, engine: sa.Engine, upgrade: str, downgrade: str) -> AlembicEnv:
+    env = AlembicEnv(tmp_path / "migrations", engine)
+    env.write_revision("r1", None, CREATE_PERSONS, 'op.drop_table("persons")')
+    env.write_revision("r2", "r1", upgrade, downgrade)
+    return env
+
+
+def _names(engine: sa.Engine) -> list[str]:
+    return [c["name"] for c in sa.inspect(engine).get_columns("persons")]
+
+
+def test_kms_failure_then_rerun_finishes(
+    tmp_path: Path, engine: sa.Engine, flaky: FlakyKeyring
+) -> None:
+    env = _env(tmp_path, engine, ENCRYPT_PERSONS, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    rows = plain_rows(40)
+    seed(engine, rows)
+    flaky.fail_after = 20  # the name column is sealed in batches of 7
+
+    with pytest.raises(KmsUnavailableError):
+        env.upgrade("head")
+
+    # The plaintext column is untouched and the converted batches sit in a
+    # separate column, each value either NULL (not yet done) or an envelope.
+    assert env.current() == "r1"
+    assert raw_rows(engine) == [(r["id"], r["name"], r["email"]) for r in rows]
+    assert _names(engine) == ["id", "tenant_id", "name", "email", "name__encrypting"]
+    partial = raw_rows(engine, "name__encrypting")
+    done = [v for (v,) in partial if v is not None]
+    assert 0 < len(done) < 36
+    assert all(v[0] == 0x01 for v in done)
+
+    flaky.fail_after = None
+    env.upgrade("head")
+
+    assert env.current() == "r2"
+    assert _names(engine) == ["id", "tenant_id", "name", "email"]
+    name_report = env.reports[0]
+    assert name_report.resumed == len(done)
+    assert (name_report.converted, name_report.null) == (36, 4)
+    with Session(engine) as session:
+        people = session.scalars(sa.select(Person).order_by(Person.id)).all()
+        assert [(p.name, p.email) for p in people] == [(r["name"], r["email"]) for r in rows]
+
+
+def test_kms_failure_in_downgrade_then_rerun(
+    tmp_path: Path, engine: sa.Engine, flaky: FlakyKeyring
+) -> None:
+    env = _env(tmp_path, engine, ENCRYPT_PERSONS, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    rows = plain_rows(30)
+    seed(engine, rows)
+    env.upgrade("head")
+    encrypted = raw_rows(engine)
+    flaky.calls = 0
+    flaky.fail_after = 10
+
+    with pytest.raises(KmsUnavailableError):
+        env.downgrade("r1")
+
+    assert env.current() == "r2"
+    assert raw_rows(engine) == encrypted
+    flaky.fail_after = None
+    env.downgrade("r1")
+    assert raw_rows(engine) == [(r["id"], r["name"], r["email"]) for r in rows]
+
+
+SINGLE_TRANSACTION = """
+op.encrypt_column(
+    "persons", "name",
+    type_=sqlalchemy_encrypted.Encrypted(sa.String(100)),
+    tenant_column="tenant_id",
+    batch_size=5,
+    commit_batches=False,
+)
+"""
+
+
+def test_single_transaction_failure_leaves_table_as_it_was(
+    tmp_path: Path, engine: sa.Engine, flaky: FlakyKeyring
+) -> None:
+    env = _env(tmp_path, engine, SINGLE_TRANSACTION, "pass")
+    env.upgrade("r1")
+    rows = plain_rows(30)
+    seed(engine, rows)
+    flaky.fail_after = 12
+
+    with pytest.raises(KmsUnavailableError):
+        env.upgrade("head")
+
+    assert raw_rows(engine) == [(r["id"], r["name"], r["email"]) for r in rows]
+    assert _names(engine) == ["id", "tenant_id", "name", "email"]
+    flaky.fail_after = None
+    env.upgrade("head")
+    with Session(engine) as session:
+        name = session.scalars(sa.select(Person.name).where(Person.id == 3)).one()
+    assert name == "Person 3 \u00e9"
+
+
+def test_application_writes_during_conversion_are_kept(
+    tmp_path: Path, engine: sa.Engine, flaky: FlakyKeyring
+) -> None:
+    env = _env(tmp_path, engine, ENCRYPT_PERSONS, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    rows = plain_rows(20)
+    seed(engine, rows)
+    flaky.fail_after = 10
+    with pytest.raises(KmsUnavailableError):
+        env.upgrade("head")
+    # The application, still on the plaintext model, changes rows the
+    # interrupted run had already converted, and adds one.
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE persons SET name = 'Renamed' WHERE id = 1")
+        conn.exec_driver_sql("UPDATE persons SET name = NULL WHERE id = 3")
+        conn.exec_driver_sql(
+            "INSERT INTO persons (id, tenant_id, name) VALUES (99, 't-acme', 'Late')"
+        )
+    flaky.fail_after = None
+
+    env.upgrade("head")
+
+    with Session(engine) as session:
+        assert session.get(Person, 1).name == "Renamed"
+        assert session.get(Person, 3).name is None
+        assert session.get(Person, 99).name == "Late"
+        assert session.get(Person, 2).name == "Person 2 \u00e9"
