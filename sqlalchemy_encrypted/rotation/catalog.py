@@ -11,12 +11,23 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+import sqlalchemy as sa
 
 from ..errors import KeyDestroyedError, KeyNotFoundError
+from ..keyring.schema import keyring_table
 from ..keys import KeyProvider, KeyPurpose
 
-__all__ = ["KeyCatalog", "KeyRecord", "KeyStateName"]
+__all__ = ["KeyCatalog", "KeyLister", "KeyRecord", "KeyStateName", "KeyringMetadata"]
+
+
+@runtime_checkable
+class KeyLister(Protocol):
+    """Anything that lists key metadata without unwrapping: a Keyring or a
+    :class:`KeyringMetadata`."""
+
+    def list_keys(self, tenant_id: str | None = None) -> Iterable[Any]: ...
 
 
 class KeyStateName:
@@ -47,10 +58,47 @@ def _state_name(state: Any) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class _ListedKey:
+    key_id: uuid.UUID
+    tenant_id: str
+    purpose: KeyPurpose
+    version: int
+    state: str
+
+
+class KeyringMetadata:
+    """Reads key metadata straight from a keyring table, with no KMS at all.
+
+    It lets a census run where only the database is reachable, for example
+    the ``status`` command without ``--kms``.
+    """
+
+    def __init__(
+        self, engine: sa.Engine, table_name: str = "encryption_keys", schema: str | None = None
+    ) -> None:
+        self.engine = engine
+        self.table = keyring_table(sa.MetaData(), table_name, schema)
+
+    def list_keys(self, tenant_id: str | None = None) -> list[_ListedKey]:
+        c = self.table.c
+        query = sa.select(c.key_id, c.tenant_id, c.purpose, c.key_version, c.state)
+        if tenant_id is not None:
+            query = query.where(c.tenant_id == tenant_id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            _ListedKey(
+                row.key_id, row.tenant_id, KeyPurpose(row.purpose), row.key_version, row.state
+            )
+            for row in rows
+        ]
+
+
 class KeyCatalog:
     """Looks up key metadata, once per key id, for one key provider."""
 
-    def __init__(self, provider: KeyProvider) -> None:
+    def __init__(self, provider: KeyProvider | KeyLister) -> None:
         self._provider = provider
         self._records: dict[uuid.UUID, KeyRecord] = {}
         self._active: dict[tuple[str, KeyPurpose], int | None] = {}
@@ -83,7 +131,7 @@ class KeyCatalog:
         return record
 
     def _ask_provider(self, key_id: uuid.UUID) -> KeyRecord:
-        if self._listed:
+        if self._listed or not isinstance(self._provider, KeyProvider):
             return KeyRecord(key_id, None, None, None, KeyStateName.UNKNOWN)
         try:
             key = self._provider.key_by_id(key_id)
@@ -99,7 +147,7 @@ class KeyCatalog:
         """Return the version new values of the tenant are sealed with, or None."""
         slot = (tenant_id, purpose)
         if slot not in self._active:
-            if self._listed:
+            if self._listed or not isinstance(self._provider, KeyProvider):
                 self._active[slot] = None
             else:
                 keys = self._provider.decryptable_keys(tenant_id, purpose)

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ..keys import KeyProvider, KeyPurpose
-from .catalog import KeyCatalog, KeyStateName
+from .catalog import KeyCatalog, KeyLister, KeyStateName
 from .columns import EncryptedColumn, Target, resolve_columns
 from .headers import HeaderPrefix, decode_prefix, envelope_condition, header_prefix
 
@@ -204,13 +204,16 @@ def census(
     tables: Iterable[str] | None = None,
     columns: Iterable[str] | None = None,
     tenants: Iterable[str] | None = None,
+    keys: KeyProvider | KeyLister | None = None,
 ) -> Census:
     """Count the values of every encrypted column of ``target`` per tenant,
     key id and key version, without decrypting any.
 
     ``target`` is a MetaData, a Table, a declarative base, or a list of
     :class:`EncryptedColumn`; ``tables`` and ``columns`` narrow it by name and
-    ``tenants`` keeps only the entries of those tenants.
+    ``tenants`` keeps only the entries of those tenants. Key metadata comes
+    from ``keys`` (a Keyring, a :class:`KeyringMetadata` or any key
+    provider), else from each column's key provider.
     """
     selected = _select_columns(target, tables, columns)
     tenant_filter = None if tenants is None else set(tenants)
@@ -218,7 +221,7 @@ def census(
     results = []
     with _connect(bind) as conn:
         for column in selected:
-            provider = column.column_type.key_provider
+            provider = keys if keys is not None else column.column_type.key_provider
             catalog = catalogs.get(id(provider))
             if catalog is None:
                 catalog = catalogs[id(provider)] = KeyCatalog(provider)

@@ -1,0 +1,211 @@
+"""The ``keys`` commands: list, rotate, promote, rewrap, retire and shred DEKs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from ._cli_context import (
+    ErrorHandlingGroup,
+    ExitCode,
+    print_json,
+    render_table,
+    settings_of,
+)
+from .errors import ConfigurationError
+from .keys import KeyPurpose
+from .kms import kms_from_uri
+from .rotation import retire_key_version
+
+__all__ = ["keys"]
+
+_PURPOSES = click.Choice([purpose.value for purpose in KeyPurpose])
+
+
+@click.group(cls=ErrorHandlingGroup)
+def keys() -> None:
+    """List, rotate, rewrap, retire and shred data keys."""
+
+
+def _key_dict(info: Any) -> dict[str, Any]:
+    return {
+        "key_id": str(info.key_id),
+        "tenant_id": info.tenant_id,
+        "purpose": info.purpose.value,
+        "version": info.version,
+        "state": info.state.value,
+        "kms_provider": info.kms_provider,
+        "kek_id": info.kek_id,
+        "created_at": info.created_at.isoformat(),
+        "activated_at": info.activated_at.isoformat() if info.activated_at else None,
+    }
+
+
+def _print_keys(infos: Sequence[Any]) -> None:
+    rows = [
+        (
+            info.tenant_id,
+            info.purpose.value,
+            info.version,
+            info.state.value,
+            info.key_id,
+            info.kek_id,
+            info.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+        for info in infos
+    ]
+    headers = ("TENANT", "PURPOSE", "VERSION", "STATE", "KEY ID", "KEK", "CREATED (UTC)")
+    click.echo(render_table(headers, rows))
+
+
+@keys.command("list")
+@click.option("--tenant", help="Only this tenant's keys.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def keys_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
+    """List key metadata; no key is unwrapped."""
+    infos = sorted(
+        settings_of(ctx).keyring().list_keys(tenant),
+        key=lambda info: (info.tenant_id, info.purpose.value, info.version),
+    )
+    if as_json:
+        print_json([_key_dict(info) for info in infos])
+    elif infos:
+        _print_keys(infos)
+    else:
+        click.echo("no keys")
+
+
+@keys.command("rotate")
+@click.argument("tenants", nargs=-1)
+@click.option("--all-tenants", is_flag=True, help="Rotate every tenant that has keys.")
+@click.option("--purpose", type=_PURPOSES, help="Rotate one purpose only (default: both).")
+@click.option(
+    "--activate-now",
+    is_flag=True,
+    help="Activate at once instead of after --active-key-ttl; only safe when no other "
+    "process is running.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def keys_rotate(
+    ctx: click.Context,
+    tenants: tuple[str, ...],
+    all_tenants: bool,
+    purpose: str | None,
+    activate_now: bool,
+    as_json: bool,
+) -> None:
+    """Create a new key version for each TENANT."""
+    settings = settings_of(ctx)
+    keyring = settings.keyring()
+    if all_tenants == bool(tenants):
+        raise click.UsageError("name one or more tenants, or pass --all-tenants")
+    if all_tenants:
+        tenants = tuple(
+            sorted({i.tenant_id for i in keyring.list_keys() if i.state.value != "destroyed"})
+        )
+    created = []
+    for tenant in tenants:
+        created.extend(
+            keyring.rotate(
+                tenant, KeyPurpose(purpose) if purpose else None, activate_now=activate_now
+            )
+        )
+    if as_json:
+        print_json([_key_dict(info) for info in created])
+        return
+    for info in created:
+        click.echo(
+            f"tenant {info.tenant_id!r}: {info.purpose.value} key version {info.version} "
+            f"is {info.state.value}"
+        )
+    if created and not activate_now:
+        click.echo(
+            f"new versions become active {settings.active_key_ttl:g} s after creation, once "
+            "every process has seen them; then run 'sqlalchemy-encrypted reencrypt'"
+        )
+
+
+@keys.command("promote")
+@click.option("--tenant", help="Only this tenant's keys.")
+@click.pass_context
+def keys_promote(ctx: click.Context, tenant: str | None) -> None:
+    """Activate pending key versions older than --active-key-ttl."""
+    promoted = settings_of(ctx).keyring().promote_pending(tenant)
+    for info in promoted:
+        click.echo(
+            f"tenant {info.tenant_id!r}: {info.purpose.value} key version {info.version} is active"
+        )
+    if not promoted:
+        click.echo("no pending key version is due")
+
+
+@keys.command("rewrap")
+@click.option("--tenant", help="Only this tenant's keys.")
+@click.option(
+    "--to-kms",
+    help="KMS URI of the new KEK; the --kms provider still unwraps (default: rewrap "
+    "under the --kms KEK).",
+)
+@click.pass_context
+def keys_rewrap(ctx: click.Context, tenant: str | None, to_kms: str | None) -> None:
+    """Wrap every DEK again under a KEK; no data row changes."""
+    keyring = settings_of(ctx).keyring()
+    target = kms_from_uri(to_kms) if to_kms else None
+    count = keyring.rewrap(target, tenant_id=tenant)
+    kek = target.kek_id if target is not None else keyring.kms.kek_id
+    click.echo(f"rewrapped {count} key(s) under KEK {kek}")
+
+
+@keys.command("retire")
+@click.argument("tenant")
+@click.argument("version", type=click.IntRange(min=1))
+@click.option("--purpose", type=_PURPOSES, help="Retire one purpose only (default: both).")
+@click.pass_context
+def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | None) -> None:
+    """Retire key VERSION of TENANT once the census finds no value under it.
+
+    Needs --models: every table that may hold the tenant's values must be in
+    the census.
+    """
+    settings = settings_of(ctx)
+    keyring = settings.keyring()
+    retired = retire_key_version(
+        settings.engine(),
+        settings.tables(),
+        keyring,
+        tenant,
+        version,
+        KeyPurpose(purpose) if purpose else None,
+    )
+    if not retired:
+        raise ConfigurationError(
+            f"tenant {tenant!r} has no decrypt-only key version {version} to retire"
+        )
+    for info in retired:
+        click.echo(f"tenant {tenant!r}: {info.purpose.value} key version {info.version} retired")
+
+
+@keys.command("shred")
+@click.argument("tenant")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for automation).")
+@click.pass_context
+def keys_shred(ctx: click.Context, tenant: str, yes: bool) -> None:
+    """Destroy every key of TENANT: its values become unreadable for good."""
+    settings = settings_of(ctx)
+    keyring = settings.keyring()
+    if not yes:
+        click.echo(
+            f"This destroys every key of tenant {tenant!r}. Its encrypted values can never "
+            "be decrypted again, and backups of the data do not help.",
+            err=True,
+        )
+        typed = click.prompt("Type the tenant id to confirm", default="", show_default=False)
+        if typed != tenant:
+            click.echo("error: the tenant id did not match; nothing was destroyed", err=True)
+            ctx.exit(int(ExitCode.ABORTED))
+    count = keyring.shred(tenant)
+    click.echo(f"tenant {tenant!r}: destroyed {count} key(s)")

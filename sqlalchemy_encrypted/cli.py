@@ -1,0 +1,163 @@
+"""The ``sqlalchemy-encrypted`` command line (also ``python -m sqlalchemy_encrypted``).
+
+Global options name the database (``--url``), the KMS (``--kms``) and the
+application's models (``--models``); each also comes from an environment
+variable. Errors print as one line unless ``--verbose`` is given, and the
+exit status tells what went wrong (see ``sqlalchemy-encrypted --help``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import click
+
+from ._cli_context import (
+    EXIT_CODES_HELP,
+    CliContext,
+    ErrorHandlingGroup,
+    ExitCode,
+    settings_of,
+)
+from ._cli_inspect import inspect
+from ._cli_keys import keys
+from ._cli_rotation import reencrypt, status
+from .rotation import CheckpointStore
+
+__all__ = ["cli", "main"]
+
+
+def _configure_logging(ctx: click.Context, verbose: bool) -> None:
+    """Send the library's log records to stderr (INFO with --verbose) while
+    the command runs."""
+    logger = logging.getLogger("sqlalchemy_encrypted")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    previous_level = logger.level
+    handler.setLevel(logging.INFO if verbose else logging.ERROR)
+    logger.addHandler(handler)
+    if verbose:
+        logger.setLevel(logging.INFO)
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+    ctx.call_on_close(restore)
+
+
+@click.group(cls=ErrorHandlingGroup, epilog=EXIT_CODES_HELP)
+@click.option(
+    "--url",
+    envvar="SQLALCHEMY_ENCRYPTED_URL",
+    help="SQLAlchemy URL of the database [env SQLALCHEMY_ENCRYPTED_URL].",
+)
+@click.option(
+    "--kms",
+    "kms_uri",
+    envvar="SQLALCHEMY_ENCRYPTED_KMS",
+    help="KMS holding the KEK: local:///path/master.key or aws-kms://arn:... "
+    "[env SQLALCHEMY_ENCRYPTED_KMS].",
+)
+@click.option(
+    "--models",
+    multiple=True,
+    envvar="SQLALCHEMY_ENCRYPTED_MODELS",
+    help="Import path of the application's declarative base or MetaData, such as "
+    "myapp.models:Base; repeatable [env SQLALCHEMY_ENCRYPTED_MODELS, space-separated].",
+)
+@click.option(
+    "--keyring-table",
+    default="encryption_keys",
+    show_default=True,
+    envvar="SQLALCHEMY_ENCRYPTED_KEYRING_TABLE",
+    help="Name of the keyring table.",
+)
+@click.option(
+    "--active-key-ttl",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    envvar="SQLALCHEMY_ENCRYPTED_ACTIVE_KEY_TTL",
+    help="Seconds a rotated key stays pending; use the application's setting.",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Log progress and print tracebacks.")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    url: str | None,
+    kms_uri: str | None,
+    models: tuple[str, ...],
+    keyring_table: str,
+    active_key_ttl: float,
+    verbose: bool,
+) -> None:
+    """Manage the keys and encrypted columns of sqlalchemy-encrypted."""
+    settings = CliContext(
+        url=url,
+        kms_uri=kms_uri,
+        models=tuple(spec for value in models for spec in value.split()),
+        keyring_table=keyring_table,
+        active_key_ttl=active_key_ttl,
+        verbose=verbose,
+    )
+    ctx.obj = settings
+    ctx.call_on_close(settings.close)
+    _configure_logging(ctx, verbose)
+
+
+# -- init ---------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--create-key/--no-create-key",
+    default=True,
+    show_default=True,
+    help="Create the local:// master key file if it does not exist.",
+)
+@click.pass_context
+def init(ctx: click.Context, create_key: bool) -> None:
+    """Create the keyring table, the re-encryption checkpoint table and, for a
+    local KMS, the master key file."""
+    settings = settings_of(ctx)
+    if create_key:
+        created = settings.create_local_key()
+        if created:
+            click.echo(
+                f"created master key file {created} (mode 0600): back it up and keep it "
+                "secret; without it no value can be decrypted"
+            )
+    keyring = settings.keyring()
+    keyring.create_table()
+    CheckpointStore().create(settings.engine())
+    click.echo(
+        f"keyring table {keyring.table.fullname} and the re-encryption checkpoint table are "
+        f"ready in {settings.database_name()}"
+    )
+
+
+cli.add_command(keys)
+cli.add_command(status)
+cli.add_command(reencrypt)
+cli.add_command(inspect)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit status (the console script's entry point)."""
+    try:
+        result = cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="sqlalchemy-encrypted",
+            standalone_mode=False,
+        )
+    except click.ClickException as exc:
+        exc.show()
+        return int(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return int(ExitCode.ABORTED)
+    # Without standalone mode, click returns the status of ctx.exit() calls.
+    return result if isinstance(result, int) else int(ExitCode.OK)

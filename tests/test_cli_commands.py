@@ -1,0 +1,393 @@
+"""The ``sqlalchemy-encrypted`` command line, run in process with click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner, Result
+from sqlalchemy.orm import Session
+
+from sqlalchemy_encrypted import KeyPurpose, tenant_scope
+from sqlalchemy_encrypted import _cli_rotation as cli_rotation
+from sqlalchemy_encrypted.cli import cli
+from sqlalchemy_encrypted.keyring import Keyring
+from sqlalchemy_encrypted.kms import LocalKms
+
+from .rotation_support import NOTE_TYPE, Base, Invoice, Note, Person, fill_persons, raw_values
+
+MODELS = "tests.rotation_support:Base"
+
+
+@dataclass
+class App:
+    """A SQLite application database with a local KMS, driven through the CLI."""
+
+    url: str
+    key_path: Path
+    engine: sa.Engine
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "SQLALCHEMY_ENCRYPTED_URL": self.url,
+            "SQLALCHEMY_ENCRYPTED_KMS": f"local://{self.key_path}",
+            "SQLALCHEMY_ENCRYPTED_MODELS": MODELS,
+        }
+
+    def run(
+        self, *args: str, input: str | None = None, env: dict[str, str] | None = None
+    ) -> Result:
+        runner = CliRunner()
+        return runner.invoke(cli, list(args), env=env or self.env, input=input)
+
+    def keyring(self) -> Keyring:
+        return Keyring(self.engine, LocalKms(self.key_path), active_key_ttl=0)
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[App]:
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/app.db")
+    yield App(f"sqlite:///{tmp_path}/app.db", tmp_path / "master.key", engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def filled(app: App) -> App:
+    """Initialized, with persons of two tenants, invoices and notes under version 1."""
+    result = app.run("init")
+    assert result.exit_code == 0, result.output
+    Base.metadata.create_all(app.engine)
+    keyring = app.keyring()
+    keyring.provision("t-acme")
+    keyring.provision("t-globex")
+    fill_persons(app.engine, 10)
+    with app.engine.begin() as conn:
+        conn.execute(
+            sa.insert(Invoice.__table__),
+            [{"id": i, "tenant_id": "t-acme", "iban": f"DE{i:020d}"} for i in (1, 2, 3)],
+        )
+        conn.execute(
+            sa.insert(Note.__table__),
+            [{"id": i, "blob": NOTE_TYPE.seal(f"note {i}", tenant_id="t-acme")} for i in (1, 2)],
+        )
+    return app
+
+
+def _json(result: Result) -> Any:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+# -- init and keys ------------------------------------------------------------
+
+
+def test_init_creates_key_file_and_tables(app: App) -> None:
+    result = app.run("init")
+
+    assert result.exit_code == 0, result.output
+    assert "created master key file" in result.output
+    assert stat.S_IMODE(os.stat(app.key_path).st_mode) == 0o600
+    tables = sa.inspect(app.engine).get_table_names()
+    assert "encryption_keys" in tables
+    assert "encryption_reencrypt_checkpoints" in tables
+    again = app.run("init")
+    assert again.exit_code == 0
+    assert "created master key file" not in again.output
+
+
+def test_keys_rotate_promote_and_list(filled: App) -> None:
+    rotated = filled.run("--active-key-ttl", "0", "keys", "rotate", "t-acme", "--json")
+    created = _json(rotated)
+    assert [(k["purpose"], k["version"], k["state"]) for k in created] == [
+        ("randomized", 2, "pending"),
+        ("deterministic", 2, "pending"),
+    ]
+
+    promoted = filled.run("--active-key-ttl", "0", "keys", "promote")
+    assert promoted.exit_code == 0, promoted.output
+    assert "randomized key version 2 is active" in promoted.output
+
+    listed = _json(filled.run("keys", "list", "--tenant", "t-acme", "--json"))
+    states = {(k["purpose"], k["version"]): k["state"] for k in listed}
+    assert states == {
+        ("deterministic", 1): "decrypt_only",
+        ("deterministic", 2): "active",
+        ("randomized", 1): "decrypt_only",
+        ("randomized", 2): "active",
+    }
+    text = filled.run("keys", "list")
+    assert "TENANT" in text.output
+    assert "t-globex" in text.output
+    assert "wrapped" not in text.output
+
+
+def test_keys_rotate_needs_tenant(filled: App) -> None:
+    result = filled.run("keys", "rotate")
+
+    assert result.exit_code == 2
+    assert "--all-tenants" in result.output
+
+
+def test_keys_rotate_all_tenants(filled: App) -> None:
+    result = filled.run(
+        "keys", "rotate", "--all-tenants", "--activate-now", "--purpose", "randomized"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "tenant 't-acme': randomized key version 2 is active" in result.output
+    assert "tenant 't-globex': randomized key version 2 is active" in result.output
+
+
+def test_keys_rewrap(filled: App, tmp_path: Path) -> None:
+    new_key = tmp_path / "new.key"
+    LocalKms.create(new_key, kek="kek-2025")
+
+    result = filled.run("keys", "rewrap", "--to-kms", f"local://{new_key}")
+
+    assert result.exit_code == 0, result.output
+    assert "rewrapped 4 key(s) under KEK local:kek-2025:" in result.output
+    listed = _json(filled.run("keys", "list", "--json"))
+    assert {k["kek_id"].split(":")[1] for k in listed} == {"kek-2025"}
+
+
+# -- status, reencrypt, retire ---------------------------------------------------
+
+
+def test_status_shows_census(filled: App) -> None:
+    filled.run("keys", "rotate", "t-acme", "--activate-now")
+
+    text = filled.run("status")
+    data = _json(filled.run("status", "--json"))
+    failing = filled.run("status", "--fail-on-stale")
+
+    assert text.exit_code == 0, text.output
+    assert "persons.name   t-acme    1        decrypt_only  5       yes" in text.output
+    assert "value(s) under an old key version" in text.output
+    assert data["stale"] == {
+        "persons.name": 5,
+        "persons.email": 5,
+        "invoices.iban": 3,
+        "notes.blob": 2,
+    }
+    assert failing.exit_code == 6
+
+
+def test_status_without_kms_reads_metadata(filled: App) -> None:
+    env = dict(filled.env)
+    del env["SQLALCHEMY_ENCRYPTED_KMS"]
+    os.remove(filled.key_path)
+
+    data = _json(filled.run("status", "--json", env=env))
+
+    persons = next(c for c in data["columns"] if c["column"] == "name")
+    assert {k["key_state"] for k in persons["keys"]} == {"active"}
+    assert persons["encrypted"] == 10
+
+
+def test_reencrypt_dry_run_then_run(filled: App) -> None:
+    filled.run("keys", "rotate", "t-acme", "--activate-now")
+    stored = raw_values(filled.engine, "persons", "name")
+
+    dry = filled.run("reencrypt", "--dry-run", "--table", "persons")
+    assert dry.exit_code == 0, dry.output
+    assert "dry run: 10 value(s) would be re-encrypted" in dry.output
+    assert raw_values(filled.engine, "persons", "name") == stored
+
+    result = filled.run("reencrypt", "--table", "persons", "--batch-size", "3", "--json")
+    data = _json(result)
+    assert data["status"] == "succeeded"
+    assert data["values_reencrypted"] == 10
+    assert data["remaining"] == {}
+    with Session(filled.engine) as session:
+        names = {p.id: p.name for p in session.scalars(sa.select(Person))}
+    assert names == {i: f"Person {i}" for i in range(1, 11)}
+
+
+def test_retire_refused_while_in_use(filled: App) -> None:
+    """A column re-encrypted alone leaves the others on version 1: retire names them."""
+    filled.run("keys", "rotate", "t-acme", "--activate-now")
+    assert filled.run("reencrypt", "--table", "persons").exit_code == 0
+
+    refused = filled.run("keys", "retire", "t-acme", "1")
+
+    assert refused.exit_code == 5
+    assert "invoices.iban: 3" in refused.output
+    assert "notes.blob: 2" in refused.output
+    assert "persons" not in refused.output
+    assert "Traceback" not in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+
+    assert filled.run("reencrypt").exit_code == 0
+    retired = filled.run("keys", "retire", "t-acme", "1")
+    assert retired.exit_code == 0, retired.output
+    assert "randomized key version 1 retired" in retired.output
+    assert "deterministic key version 1 retired" in retired.output
+
+
+def test_retire_needs_models(filled: App) -> None:
+    env = dict(filled.env)
+    del env["SQLALCHEMY_ENCRYPTED_MODELS"]
+
+    result = filled.run("keys", "retire", "t-acme", "1", env=env)
+
+    assert result.exit_code == 3
+    assert "--models" in result.output
+
+
+def test_reencrypt_reports_failed_rows(filled: App) -> None:
+    stored = bytearray(raw_values(filled.engine, "persons", "name")[2])
+    stored[-1] ^= 1
+    with filled.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE persons SET name = :v WHERE id = 2"), {"v": bytes(stored)})
+    filled.run("keys", "rotate", "t-acme", "--activate-now")
+
+    result = filled.run("reencrypt", "--table", "persons")
+
+    assert result.exit_code == 6
+    assert "failed: persons.name primary key 2: DecryptionError" in result.output
+    assert "still under an old key version: persons.name: 1" in result.output
+
+
+def test_reencrypt_progress_bar_on_terminal(filled: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    filled.run("keys", "rotate", "t-acme", "--activate-now")
+    monkeypatch.setattr(cli_rotation, "_stderr_is_terminal", lambda: True)
+
+    result = filled.run("reencrypt", "--table", "persons")
+
+    assert result.exit_code == 0, result.output
+    assert "re-encrypting" in result.stderr
+
+
+def test_reencrypt_workers_on_sqlite_is_an_error(filled: App) -> None:
+    result = filled.run("reencrypt", "--workers", "2")
+
+    assert result.exit_code == 3
+    assert result.output.startswith("error: 2 workers need PostgreSQL")
+
+
+# -- shred ----------------------------------------------------------------------
+
+
+def test_shred_asks_for_the_tenant_id(filled: App) -> None:
+    refused = filled.run("keys", "shred", "t-acme", input="t-acm\n")
+
+    assert refused.exit_code == 7
+    assert "nothing was destroyed" in refused.output
+    keyring = filled.keyring()
+    assert keyring.active_key("t-acme", KeyPurpose.RANDOMIZED).version == 1
+
+    confirmed = filled.run("keys", "shred", "t-acme", input="t-acme\n")
+
+    assert confirmed.exit_code == 0, confirmed.output
+    assert "destroyed 2 key(s)" in confirmed.output
+    listed = _json(filled.run("keys", "list", "--tenant", "t-acme", "--json"))
+    assert {k["state"] for k in listed} == {"destroyed"}
+
+
+def test_shred_with_yes(filled: App) -> None:
+    result = filled.run("keys", "shred", "t-globex", "--yes")
+
+    assert result.exit_code == 0, result.output
+    status = _json(filled.run("status", "--json", "--tenant", "t-globex"))
+    persons = next(c for c in status["columns"] if c["column"] == "name")
+    assert {k["key_state"] for k in persons["keys"]} == {"destroyed"}
+    assert persons["stale"] == 0
+
+
+# -- inspect --------------------------------------------------------------------
+
+
+def test_inspect_decodes_hex_and_base64(filled: App) -> None:
+    stored = raw_values(filled.engine, "persons", "email")[1]
+    assert stored is not None
+    import base64
+
+    for text in (
+        stored.hex(),
+        "\\x" + stored.hex(),
+        "0x" + stored.hex(),
+        base64.b64encode(stored).decode(),
+    ):
+        data = _json(filled.run("inspect", text, "--json"))
+        assert data["algorithm"] == "AES_256_SIV"
+        assert data["value_type"] == "STR"
+        assert data["key_version"] == 1
+        assert data["length"] == len(stored)
+    with tenant_scope("t-globex"):
+        key = filled.keyring().active_key("t-globex", KeyPurpose.DETERMINISTIC)
+    assert data["key_id"] == str(key.key_id)
+
+    text = filled.run("inspect", stored.hex(), env={})
+    assert text.exit_code == 0
+    assert "key version" in text.output
+
+
+def test_inspect_rejects_garbage() -> None:
+    result = CliRunner().invoke(cli, ["inspect", "not an envelope!"], env={})
+
+    assert result.exit_code == 1
+    assert result.output.startswith("error: the value is neither hex")
+    short = CliRunner().invoke(cli, ["inspect", "0x0101"], env={})
+    assert short.exit_code == 1
+    assert "too short" in short.output
+
+
+# -- errors -----------------------------------------------------------------------
+
+
+def test_missing_url_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["status"], env={"SQLALCHEMY_ENCRYPTED_URL": ""})
+
+    assert result.exit_code == 3
+    assert result.output == "error: no database URL: pass --url or set SQLALCHEMY_ENCRYPTED_URL\n"
+
+
+def test_bad_models_path(filled: App) -> None:
+    result = filled.run("--models", "nowhere.models:Base", "status")
+
+    assert result.exit_code == 3
+    assert "cannot import module 'nowhere.models'" in result.output
+
+
+def test_missing_key_file(filled: App, tmp_path: Path) -> None:
+    result = filled.run("--kms", f"local://{tmp_path}/absent.key", "keys", "list")
+
+    assert result.exit_code == 3
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_verbose_prints_traceback(filled: App, tmp_path: Path) -> None:
+    result = filled.run("--verbose", "--kms", f"local://{tmp_path}/absent.key", "keys", "list")
+
+    assert result.exit_code == 3
+    assert "Traceback" in result.stderr
+
+
+def test_database_error_hides_statement(tmp_path: Path) -> None:
+    env = {
+        "SQLALCHEMY_ENCRYPTED_URL": f"sqlite:///{tmp_path}/empty.db",
+        "SQLALCHEMY_ENCRYPTED_MODELS": MODELS,
+    }
+    result = CliRunner().invoke(cli, ["status"], env=env)
+
+    assert result.exit_code == 1
+    assert result.output.startswith("error: database error: OperationalError: no such table")
+    assert "SELECT" not in result.output
+
+
+def test_help_lists_exit_codes() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+
+    assert result.exit_code == 0
+    assert "5  key version still in use" in result.output
+    for command in ("init", "keys", "status", "reencrypt", "inspect"):
+        assert command in result.output
