@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -16,7 +17,8 @@ from sqlalchemy_encrypted.rotation import (
     ReencryptionResult,
     census,
 )
-from sqlalchemy_encrypted.testing import InMemoryKeyring
+from sqlalchemy_encrypted.keyring import Keyring
+from sqlalchemy_encrypted.kms import LocalKms
 
 from .rotation_support import Base, Person, fill_persons
 
@@ -36,15 +38,17 @@ CREATE TRIGGER persons_count_update AFTER UPDATE ON persons
 
 
 @pytest.fixture
-def rotated(pg_engine: sa.Engine, keyring: InMemoryKeyring) -> Iterator[sa.Engine]:
-    """ROWS persons under version 1, a trigger counting updates per row, then
-    a rotation of both tenants."""
+def rotated(pg_engine: sa.Engine, tmp_path: Path) -> Iterator[sa.Engine]:
+    """ROWS persons under version 1 in a keyring with a local KMS, a trigger
+    counting updates per row, then a rotation of both tenants."""
+    keyring = Keyring(pg_engine, LocalKms.create(tmp_path / "master.key"))
+    keyring.create_table()
     Base.metadata.create_all(pg_engine)
     fill_persons(pg_engine, ROWS)
     with pg_engine.begin() as conn:
         conn.exec_driver_sql(_COUNT_UPDATES)
-    keyring.rotate("t-acme")
-    keyring.rotate("t-globex")
+    keyring.rotate("t-acme", activate_now=True)
+    keyring.rotate("t-globex", activate_now=True)
     yield pg_engine
 
 
