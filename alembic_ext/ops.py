@@ -14,6 +14,7 @@ from typing import Any
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy.types import TypeEngine
 
+from sqlalchemy_encrypted.rotation import ReencryptionResult
 from sqlalchemy_encrypted.types import EncryptedType
 
 from .report import ConversionReport
@@ -24,6 +25,7 @@ __all__ = [
     "DecryptColumnOp",
     "DropKeyringTableOp",
     "EncryptColumnOp",
+    "ReencryptColumnOp",
 ]
 
 DEFAULT_BATCH_SIZE = 1000
@@ -246,6 +248,91 @@ class DecryptColumnOp(_ColumnConversionOp):
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
         return ("decrypt_column", self.schema, self.table_name, self.column_name)
+
+
+@Operations.register_operation("reencrypt_column")
+class ReencryptColumnOp(MigrateOperation):
+    """Move the values of an encrypted column to their tenants' active key versions."""
+
+    def __init__(
+        self,
+        table_name: str,
+        column_name: str,
+        *,
+        type_: EncryptedType[Any],
+        tenant_column: str | None = None,
+        tenants: Sequence[str] | None = None,
+        versions: Sequence[int] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        primary_key: Sequence[str] | None = None,
+        commit_batches: bool = True,
+        schema: str | None = None,
+    ) -> None:
+        self.table_name = table_name
+        self.column_name = column_name
+        self.type_ = type_
+        self.tenant_column = tenant_column
+        self.tenants = tuple(tenants) if tenants is not None else None
+        self.versions = tuple(versions) if versions is not None else None
+        self.batch_size = batch_size
+        self.primary_key = tuple(primary_key) if primary_key is not None else None
+        self.commit_batches = commit_batches
+        self.schema = schema
+
+    @classmethod
+    def reencrypt_column(
+        cls,
+        operations: Operations,
+        table_name: str,
+        column_name: str,
+        *,
+        type_: EncryptedType[Any],
+        tenant_column: str | None = None,
+        tenants: Sequence[str] | None = None,
+        versions: Sequence[int] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        primary_key: Sequence[str] | None = None,
+        commit_batches: bool = True,
+        schema: str | None = None,
+    ) -> ReencryptionResult:
+        """Re-encrypt the column's values that are under an older key version.
+
+        Runs the same re-encryption job as the command line and the
+        ``sqlalchemy_encrypted.rotation`` API: a census finds the stale
+        values, each is decrypted and sealed again under its tenant's active
+        DEK with a compare-and-swap write (a concurrent application write
+        wins), and a final census must find none left, else
+        :class:`ReencryptionError` is raised. Running it again after an
+        interruption continues with what is still stale.
+
+        :param type_: the column's encrypted type, as the application declares it.
+        :param tenant_column: the column naming each row's tenant, so the
+            census can check that each value is sealed under its row's tenant.
+        :param tenants: only re-encrypt the values of these tenants.
+        :param versions: only re-encrypt values under these key versions.
+        :param batch_size: rows per batch.
+        :param primary_key: the columns that identify a row, when the table
+            has no primary key constraint.
+        :param commit_batches: commit each batch on a separate connection
+            (this commits the migration's earlier work first); with False the
+            job runs in savepoints of the migration's transaction.
+        :param schema: the table's schema.
+        :return: the job's result, with the census before and after.
+        """
+        operation = cls(
+            table_name,
+            column_name,
+            type_=type_,
+            tenant_column=tenant_column,
+            tenants=tenants,
+            versions=versions,
+            batch_size=batch_size,
+            primary_key=primary_key,
+            commit_batches=commit_batches,
+            schema=schema,
+        )
+        result: ReencryptionResult = operations.invoke(operation)
+        return result
 
 
 @Operations.register_operation("create_keyring_table")

@@ -12,12 +12,19 @@ from sqlalchemy.engine import Connection
 
 from sqlalchemy_encrypted.errors import ConfigurationError, MigrationError
 from sqlalchemy_encrypted.keyring import keyring_table
+from sqlalchemy_encrypted.rotation import ReencryptionResult
 from sqlalchemy_encrypted.types import EncryptedType
 
-from . import ddl
+from . import ddl, rotation
 from .conversion import ColumnConversion, Counts, Target
 from .directions import Decrypting, Encrypting, Strategy
-from .ops import CreateKeyringTableOp, DecryptColumnOp, DropKeyringTableOp, EncryptColumnOp
+from .ops import (
+    CreateKeyringTableOp,
+    DecryptColumnOp,
+    DropKeyringTableOp,
+    EncryptColumnOp,
+    ReencryptColumnOp,
+)
 from .report import ConversionReport
 
 __all__ = ["convert_column"]
@@ -236,11 +243,31 @@ def _final_phase(
             conversion.check_strict(conversion.scan())
 
     counts = conversion.verify()
+    _check_census(conn, plan, counts)
     ddl.swap_columns(conn, plan.info, plan.source, plan.shadow, plan.strategy.target_type)
     if filled is None:
         resumed = counts.converted + counts.already - counts.written
         return _report(plan, counts, resumed=resumed, rewritten=0, swapped=True)
     return _report(plan, counts, resumed=filled.resumed, rewritten=counts.written, swapped=True)
+
+
+def _check_census(conn: Connection, plan: _Plan, counts: Counts) -> None:
+    strategy = plan.strategy
+    census_column = plan.shadow if strategy.direction == "encrypt" else plan.target.column
+    column = rotation.encrypted_column(
+        plan.info,
+        census_column,
+        strategy.encrypted_type,
+        plan.target.primary_key,
+        plan.target.tenant_column,
+    )
+    rotation.check_census(
+        conn,
+        column,
+        **rotation.expected_counts(strategy.direction, counts),
+        nulls=counts.null,
+        label=plan.target.label,
+    )
 
 
 def _report(
@@ -297,6 +324,50 @@ def encrypt_column(operations: Operations, operation: EncryptColumnOp) -> Conver
 @Operations.implementation_for(DecryptColumnOp)
 def decrypt_column(operations: Operations, operation: DecryptColumnOp) -> ConversionReport:
     return convert_column(operations, operation)
+
+
+@Operations.implementation_for(ReencryptColumnOp)
+def reencrypt_column(operations: Operations, operation: ReencryptColumnOp) -> ReencryptionResult:
+    context = operations.migration_context
+    if context.as_sql:
+        raise _offline_error("reencrypt_column")
+    if operation.batch_size < 1:
+        raise ConfigurationError(
+            f"invalid batch_size {operation.batch_size}: it must be at least 1"
+        )
+    conn = operations.get_bind()
+    table, column = operation.table_name, operation.column_name
+    info = ddl.reflect_table(conn, table, operation.schema)
+    info.column(column)
+    primary_key = operation.primary_key or info.primary_key
+    if not primary_key:
+        raise MigrationError(
+            f"table {info.qualified_name} has no primary key: pass primary_key=[...] "
+            "naming columns that identify each row"
+        )
+    encrypted = rotation.encrypted_column(
+        info,
+        column,
+        _bound_type(operation.type_, table, column, "type_"),
+        primary_key,
+        operation.tenant_column,
+    )
+    options: dict[str, Any] = {
+        "tenants": operation.tenants,
+        "versions": operation.versions,
+        "batch_size": operation.batch_size,
+    }
+    if operation.commit_batches and _separate_connection_usable(context, conn):
+        with context.autocommit_block():
+            result = rotation.run_reencryption(conn.engine, encrypted, **options)
+    else:
+        result = rotation.run_reencryption(conn, encrypted, **options)
+    audit.info(
+        "%s: re-encrypted %d value(s) to the active key versions",
+        encrypted.label,
+        result.values_reencrypted,
+    )
+    return result
 
 
 def _run_schema_ddl(operations: Operations, create: bool, table: sa.Table) -> None:

@@ -114,9 +114,10 @@ class AlembicEnv:
         # op.get_context().config.attributes["reports"].
         self.reports: list[Any] = []
         self.output = io.StringIO()
+        self.sql_output = io.StringIO()
 
     def config(self) -> Config:
-        config = Config(str(self.ini), stdout=self.output)
+        config = Config(str(self.ini), stdout=self.output, output_buffer=self.sql_output)
         config.attributes["engine"] = self.engine
         config.attributes["target_metadata"] = self.target_metadata
         config.attributes["configure_options"] = self.configure_options
