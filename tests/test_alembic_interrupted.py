@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from sqlalchemy_encrypted import KeyPurpose, KmsUnavailableError, set_default_key_provider
+from sqlalchemy_encrypted.keyring import Keyring
 from sqlalchemy_encrypted.keys import DataKey
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
@@ -182,3 +186,88 @@ def test_application_writes_during_conversion_are_kept(
         assert session.get(Person, 3).name is None
         assert session.get(Person, 99).name == "Late"
         assert session.get(Person, 2).name == "Person 2 \u00e9"
+
+
+KILLED_WORKER = """
+import os
+import signal
+import sys
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+from sqlalchemy_encrypted.keyring import Keyring
+from sqlalchemy_encrypted.kms import LocalKms
+
+url, ini, key_file, kill_after = sys.argv[1:5]
+engine = sa.create_engine(url)
+Keyring(engine, LocalKms(key_file))
+updates = 0
+
+
+@sa.event.listens_for(engine, "after_cursor_execute")
+def kill_mid_batch(conn, cursor, statement, parameters, context, executemany):
+    # SIGKILL right after the UPDATE of a batch, before its COMMIT.
+    global updates
+    if statement.startswith("UPDATE") and "name__encrypting" in statement:
+        updates += 1
+        if updates == int(kill_after):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+config = Config(ini)
+config.attributes["engine"] = engine
+config.attributes["reports"] = []
+command.upgrade(config, "head")
+"""
+
+
+def _subprocess_url(engine: sa.Engine) -> str:
+    url = engine.url
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            schema = conn.exec_driver_sql("SELECT current_schema()").scalar_one()
+        url = url.update_query_dict({"options": f"-csearch_path={schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+def test_killed_migration_resumes(tmp_path: Path, engine: sa.Engine, local_kms: Any) -> None:
+    env = AlembicEnv(tmp_path / "migrations", engine)
+    env.write_revision("k1", None, "op.create_keyring_table()")
+    env.write_revision("r1", "k1", CREATE_PERSONS)
+    env.write_revision("r2", "r1", ENCRYPT_PERSONS, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    rows = plain_rows(40)
+    seed(engine, rows)
+    worker = tmp_path / "worker.py"
+    worker.write_text(KILLED_WORKER)
+    key_file = tmp_path / "master.key"
+
+    process = subprocess.run(
+        [sys.executable, str(worker), _subprocess_url(engine), str(env.ini), str(key_file), "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    assert env.current() == "r1"
+    assert raw_rows(engine) == [(r["id"], r["name"], r["email"]) for r in rows]
+    shadow = [v for (v,) in raw_rows(engine, "name__encrypting") if v is not None]
+    # Batches of 7 rows and one NULL name (id 10) among the first 14 rows: the
+    # two committed batches hold 13 envelopes, the killed third batch none.
+    assert len(shadow) == 13
+    assert all(v[0] == 0x01 for v in shadow)
+
+    Keyring(engine, local_kms)
+    env.upgrade("head")
+
+    assert env.current() == "r2"
+    name_report = env.reports[0]
+    assert name_report.resumed == 13
+    assert (name_report.converted, name_report.null) == (36, 4)
+    with Session(engine) as session:
+        people = session.scalars(sa.select(Person).order_by(Person.id)).all()
+        assert [(p.name, p.email) for p in people] == [(r["name"], r["email"]) for r in rows]
