@@ -8,9 +8,9 @@ imported, so ``env.py`` needs nothing but the import:
   equal to the model's encrypted type, so a model that matches the
   database produces no change.
 * A plaintext column (any non-binary type) whose model now declares an
-  encrypted type is a conversion, not a type change: it is written as
-  ``op.encrypt_column(...)``, and its downgrade as ``op.decrypt_column(...)``,
-  in place of an ``op.alter_column()`` that would change the type without
+  encrypted type is a conversion, not a type change. It is written as
+  ``op.encrypt_column(...)``, with ``op.decrypt_column(...)`` in the
+  downgrade. An ``op.alter_column()`` would change the type without
   encrypting anything.
 * The keyring table and the re-encryption checkpoint table, which live in
   the database but usually not in the application's metadata, are not
@@ -67,8 +67,8 @@ def _is_text(type_: TypeEngine[Any]) -> bool:
 
 
 def _matches_storage(inspected: TypeEngine[Any], declared: EncryptedType[Any]) -> bool | None:
-    """Return True if the database type stores ``declared``, False if the column
-    holds plaintext, or None when the types cannot tell."""
+    """Return True if the database type is the storage type of ``declared``,
+    False if the column contains plaintext, or None when the types cannot tell."""
     if declared.storage == "base64":
         return True if _is_text(inspected) else None
     return _is_binary(inspected)

@@ -108,7 +108,7 @@ def shadow_column_name(column: str, suffix: str) -> str:
     """Return the name of the temporary column that receives converted values.
 
     The name is visible in the database while a conversion is unfinished,
-    so it says what it is: ``<column>__encrypting`` or ``<column>__decrypting``.
+    so it names what it is for: ``<column>__encrypting`` or ``<column>__decrypting``.
     """
     name = f"{column}__{suffix}"
     if len(name.encode("utf-8")) <= _MAX_IDENTIFIER_LENGTH:
@@ -172,7 +172,7 @@ def swap_columns(
     NOT NULL, comment, indexes and constraints.
 
     Runs inside the caller's transaction: on failure nothing is changed once
-    the caller rolls back, and the error says which step failed.
+    the caller rolls back, and the error names the step that failed.
     """
     if source.default is not None:
         logger.warning(

@@ -1,4 +1,4 @@
-"""What "convert" means in each direction, one value at a time.
+"""The two conversion directions, applied one value at a time.
 
 Encrypting reads a plaintext column and writes envelopes; decrypting reads
 an encrypted column and writes plaintext. Either way a source value is

@@ -1,6 +1,6 @@
 """Alembic operations for encrypted columns, registered on ``op`` by importing ``alembic_ext``.
 
-Each class holds the arguments of one operation and its user-facing
+Each class contains the arguments of one operation and its user-facing
 classmethod (``op.encrypt_column(...)`` and so on). The implementations are
 in :mod:`alembic_ext.toimpl`; the autogenerate renderers in
 :mod:`alembic_ext.render`.
@@ -106,10 +106,10 @@ class EncryptColumnOp(_ColumnConversionOp):
         """Encrypt every value of a plaintext column and give it an encrypted type.
 
         The values are sealed in batches into a temporary column
-        ``<column>__encrypting``, checked by decrypting each one while writes
-        to the table are blocked, and the temporary column then replaces the
-        original one, keeping its name, NOT NULL, comment, indexes and
-        constraints. NULL stays NULL. Values that already are envelopes of
+        ``<column>__encrypting``. Each one is then checked by decrypting it
+        while writes to the table are blocked, and the temporary column
+        replaces the original one. The column keeps its name, NOT NULL,
+        comment, indexes and constraints. NULL stays NULL. Values that already are envelopes of
         this column are kept as they are and counted.
 
         :param table_name: the table.
@@ -298,10 +298,10 @@ class ReencryptColumnOp(MigrateOperation):
         """Re-encrypt the column's values that are under an older key version.
 
         Runs the same re-encryption job as the command line and the
-        ``sqlalchemy_encrypted.rotation`` API: a census finds the stale
-        values, each is decrypted and sealed again under its tenant's active
-        DEK with a compare-and-swap write (a concurrent application write
-        wins), and a final census must find none left, else
+        ``sqlalchemy_encrypted.rotation`` API. A census finds the stale
+        values, and each is decrypted and sealed again under its tenant's
+        active DEK with a compare-and-swap write, so a concurrent application
+        write wins. A final census must find none left, else
         :class:`ReencryptionError` is raised. Running it again after an
         interruption continues with what is still stale.
 
@@ -337,7 +337,7 @@ class ReencryptColumnOp(MigrateOperation):
 
 @Operations.register_operation("create_keyring_table")
 class CreateKeyringTableOp(MigrateOperation):
-    """Create the keyring table that holds the wrapped DEKs."""
+    """Create the keyring table, which stores the wrapped DEKs."""
 
     def __init__(self, table_name: str = "encryption_keys", *, schema: str | None = None) -> None:
         self.table_name = table_name

@@ -3,10 +3,10 @@
 Alembic writes a custom type as ``<module>.<repr>`` with no import line,
 which fails when the migration runs. :func:`render_item` writes
 ``sqlalchemy_encrypted.Encrypted(sa.String(length=100))`` instead and adds
-``import sqlalchemy_encrypted`` to the file. Only non-secret settings are
-rendered (the inner type, ``context=``, ``storage=``): a ``keyring=``
-passed to the type is dropped, because keys are looked up when the
-migration runs, never written into it.
+``import sqlalchemy_encrypted`` to the file. Only the type's non-secret
+settings are rendered (the inner type, ``context=``, ``storage=``,
+``allow_plaintext_reads=``): a ``keyring=`` passed to the type is dropped,
+because keys are looked up when the migration runs, never written into it.
 """
 
 from __future__ import annotations
@@ -49,10 +49,12 @@ def _type_prefix(type_: EncryptedType[Any], autogen_context: AutogenContext) -> 
 
 def _render_encrypted(type_: EncryptedType[Any], autogen_context: AutogenContext) -> str:
     arguments = [render_type(type_.inner, autogen_context)]
-    if type_.context is not None:
-        arguments.append(f"context={type_.context!r}")
-    if type_.storage != "binary":
-        arguments.append(f"storage={type_.storage!r}")
+    # The options the type itself copies, minus the key provider, and only
+    # where they differ from the defaults.
+    defaults = type(type_)(type_.inner)._copy_options()
+    for name, value in type_._copy_options().items():
+        if name != "keyring" and value != defaults.get(name):
+            arguments.append(f"{name}={value!r}")
     prefix = _type_prefix(type_, autogen_context)
     return f"{prefix}{type(type_).__qualname__}({', '.join(arguments)})"
 
@@ -70,10 +72,10 @@ def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | 
     """The ``render_item`` hook for ``context.configure()`` in ``env.py``.
 
     Renders encrypted types and leaves everything else to Alembic (by
-    returning False). Importing ``alembic_ext`` in ``env.py`` installs it
-    for ``alembic revision --autogenerate`` already, chained after any hook
-    of your own; pass it explicitly to ``render_python_code()`` and other
-    direct uses of the autogenerate API.
+    returning False). Importing ``alembic_ext`` in ``env.py`` already
+    installs it for ``alembic revision --autogenerate``, after any hook of
+    your own. Pass it explicitly to ``render_python_code()`` and other direct
+    uses of the autogenerate API.
     """
     if type_ == "type" and isinstance(obj, EncryptedType):
         return _render_encrypted(obj, autogen_context)

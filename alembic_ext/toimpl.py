@@ -1,4 +1,4 @@
-"""How the operations of :mod:`alembic_ext.ops` run against a database."""
+"""Implementations of the operations in :mod:`alembic_ext.ops`."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def _bound_type(type_: Any, table: str, column: str, argument: str) -> Encrypted
             f"Encrypted(sa.String(100)), got {type_!r}"
         )
     bound = type_.copy()
+    # Plaintext transition mode would return legacy text from decrypt();
+    # telling envelopes from plaintext needs decrypt() to raise instead.
+    bound.allow_plaintext_reads = False
     sa.Table(table, sa.MetaData(), sa.Column(column, bound))
     return bound
 
@@ -89,6 +92,7 @@ class _Plan:
         self.shadow = ddl.shadow_column_name(operation.column_name, self.strategy.shadow_suffix)
         opposite = "decrypting" if self.strategy.direction == "encrypt" else "encrypting"
         self.leftover = ddl.shadow_column_name(operation.column_name, opposite)
+
         primary_key = operation.primary_key or info.primary_key
         if not primary_key:
             raise MigrationError(
@@ -102,6 +106,7 @@ class _Plan:
                 f"{info.qualified_name}.{operation.column_name} is part of the primary key, "
                 "which cannot be encrypted"
             )
+
         if operation.tenant_column is not None and operation.tenant_id is not None:
             raise ConfigurationError(
                 f"{info.qualified_name}.{operation.column_name}: pass tenant_column or "
@@ -335,6 +340,7 @@ def reencrypt_column(operations: Operations, operation: ReencryptColumnOp) -> Re
         raise ConfigurationError(
             f"invalid batch_size {operation.batch_size}: it must be at least 1"
         )
+
     conn = operations.get_bind()
     table, column = operation.table_name, operation.column_name
     info = ddl.reflect_table(conn, table, operation.schema)
@@ -352,6 +358,7 @@ def reencrypt_column(operations: Operations, operation: ReencryptColumnOp) -> Re
         primary_key,
         operation.tenant_column,
     )
+
     options: dict[str, Any] = {
         "tenants": operation.tenants,
         "versions": operation.versions,

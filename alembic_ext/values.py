@@ -119,7 +119,7 @@ def classify_stored(
 def plaintext_value(raw: Any, python_type: type[Any] | None, where: str) -> Any:
     """Interpret a stored plaintext value as a value of ``python_type``.
 
-    Bytes become ``str`` by UTF-8 decoding when the target holds text, which
+    Bytes become ``str`` by UTF-8 decoding when the target type is text. That
     covers plaintext written into a binary column by raw SQL. Other values
     are returned unchanged, and the column's codec checks their type.
     """

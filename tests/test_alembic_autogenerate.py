@@ -292,3 +292,22 @@ def test_compare_type_hook() -> None:
     assert hook(context, column, column, sa.TEXT(), base64_type) is False
     assert hook(context, column, column, sa.LargeBinary(), base64_type) is None
     assert hook(context, column, column, sa.VARCHAR(100), sa.String(200)) is None
+
+
+def test_render_keeps_options_drops_keyring() -> None:
+    keyring = InMemoryKeyring()
+    table = sa.Table(
+        "accounts",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("legacy", Encrypted(sa.String(30), allow_plaintext_reads=True)),
+        sa.Column("own_keys", DeterministicEncrypted(sa.String(30), keyring=keyring)),
+    )
+    upgrade_ops = alembic_ops.UpgradeOps(ops=[alembic_ops.CreateTableOp.from_table(table)])
+
+    code = render_python_code(upgrade_ops, render_item=alembic_ext.render_item)
+
+    assert "Encrypted(sa.String(length=30), allow_plaintext_reads=True)" in code
+    assert "DeterministicEncrypted(sa.String(length=30)), nullable=True)" in code
+    assert "keyring" not in code
+    assert "InMemoryKeyring" not in code

@@ -30,7 +30,7 @@ from .test_alembic_encrypt_column import (
 
 
 class FlakyKeyring(InMemoryKeyring):
-    """An in-memory keyring whose KMS stops answering after ``fail_after`` key lookups."""
+    """An in-memory keyring whose KMS stops responding after ``fail_after`` key lookups."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -303,3 +303,18 @@ def test_envelope_of_other_tenant_is_rejected(
         env.upgrade("r2")
     with tenant_scope("t-globex"):
         assert name_type.decrypt(_stored(engine)[2]) == "moved"
+
+
+def test_transition_mode_type_still_rejects_lookalike(
+    mixed: tuple[AlembicEnv, list[dict[str, Any]]], engine: sa.Engine
+) -> None:
+    env, _ = mixed
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE persons SET name = :value WHERE id = 2"), {"value": LOOKALIKE})
+    operation = ENCRYPT_NAME.format(strict=False).replace(
+        "Encrypted(sa.String(100))", "Encrypted(sa.String(100), allow_plaintext_reads=True)"
+    )
+    env.write_revision("r2", "r1", operation)
+
+    with pytest.raises(DecryptionError, match=r"persons\.name \(primary key 2\)"):
+        env.upgrade("r2")
