@@ -158,12 +158,16 @@ def _drop_leftover(conn: Connection, plan: _Plan) -> bool:
 def _separate_connection_usable(context: MigrationContext, conn: Connection) -> bool:
     """Return True if batches may be committed on a second connection from the same engine.
 
-    Not when the caller passed a connection inside its own transaction
-    (Alembic cannot commit that transaction), and not for an in-memory
-    SQLite database, which a second connection would not see.
+    Not when the connection is inside a transaction Alembic did not begin
+    (Alembic cannot commit it), and not for an in-memory SQLite database,
+    which a second connection would not see.
     """
-    # MigrationContext has no public flag for "the caller owns the transaction".
+    # MigrationContext has no public flag for "the caller owns the
+    # transaction". autocommit_block() can only commit a transaction that
+    # Alembic began itself (begin_transaction() in env.py).
     if getattr(context, "_in_external_transaction", False):
+        return False
+    if conn.in_transaction() and getattr(context, "_transaction", None) is None:
         return False
     url = conn.engine.url
     if url.get_backend_name() == "sqlite":

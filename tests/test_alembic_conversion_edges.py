@@ -264,3 +264,20 @@ def test_tenant_of_each_row_is_checked_by_census(
             )
     with tenant_scope("t1"):
         assert body_type.decrypt(body_type.seal("y", tenant_id="t1")) == "y"
+
+
+def test_runs_inside_callers_transaction(engine: sa.Engine, keyring: InMemoryKeyring) -> None:
+    _create_notes(engine)
+    with engine.connect() as conn:
+        operations = _operations(conn)
+        conn.exec_driver_sql("SELECT 1")  # the caller's transaction has begun
+        report = operations.encrypt_column(
+            "notes", "body", type_=Encrypted(sa.String(200)), tenant_column="tenant_id"
+        )
+        assert report.converted == 12
+        conn.rollback()
+
+    # Nothing was committed on the side: the rollback undid the whole operation.
+    assert _columns(engine) == ["id", "tenant_id", "body"]
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT body FROM notes WHERE id = 1").scalar_one() == "note 1"
