@@ -104,7 +104,8 @@ def test_demo_lookup_and_isolation(demo: tuple[Path, dict[str, str]]) -> None:
 def test_demo_census_and_reencryption(demo: tuple[Path, dict[str, str]]) -> None:
     _, output = demo
     reencrypt = output["Re-encrypt the stale values"]
-    stale_values = PATIENTS_PER_CLINIC * 6  # 4 encrypted columns per patient, and 2 visits with 1 each
+    # 4 encrypted columns per patient, and 2 visits with 1 encrypted column each.
+    stale_values = PATIENTS_PER_CLINIC * 6
 
     assert stale_total(output["Census before rotation"]) == 0
     assert stale_total(output[HEADINGS[6]]) == stale_values
