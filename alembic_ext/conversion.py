@@ -242,9 +242,12 @@ class ColumnConversion:
                 key = self._key(row)
                 source, tenant, where = self._source(row)
                 counts.add(source.state, key)
-                if not self.strategy.shadow_matches(source, row[self._shadow_index], tenant, where):
-                    value = self.strategy.shadow_value(source, tenant, where)
-                    fixes[key] = self._params(key, value)
+                if self.strategy.shadow_matches(source, row[self._shadow_index], tenant, where):
+                    if source.state is not RowState.NULL:
+                        counts.resumed += 1
+                    continue
+                value = self.strategy.shadow_value(source, tenant, where)
+                fixes[key] = self._params(key, value)
             if fixes:
                 self._update(list(fixes.values()))
                 counts.written += len(fixes)

@@ -255,8 +255,7 @@ def _final_phase(
     _check_census(conn, plan, counts)
     ddl.swap_columns(conn, plan.info, plan.source, plan.shadow, plan.strategy.target_type)
     if filled is None:
-        resumed = counts.converted + counts.already - counts.written
-        return _report(plan, counts, resumed=resumed, rewritten=0, swapped=True)
+        return _report(plan, counts, resumed=counts.resumed, rewritten=0, swapped=True)
     return _report(plan, counts, resumed=filled.resumed, rewritten=counts.written, swapped=True)
 
 

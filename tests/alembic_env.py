@@ -52,8 +52,7 @@ def run_migrations_online():
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
-            transaction_per_migration=True,
-            **options,
+            **{"transaction_per_migration": True, **options},
         )
         with context.begin_transaction():
             context.run_migrations()

@@ -162,6 +162,25 @@ def test_encrypt_populated_column(
             assert session.scalars(query).one().id == 7
 
 
+def test_one_transaction_for_all_migrations(
+    env: AlembicEnv, engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    # Alembic's default: every migration of the run in one transaction. The
+    # table created by r1 is committed before r2 encrypts it.
+    env.configure_options = {"transaction_per_migration": False}
+    env.write_revision(
+        "r1",
+        None,
+        CREATE_PERSONS + "\nop.execute(\"INSERT INTO persons VALUES (1, 't', 'a', NULL)\")",
+    )
+
+    env.upgrade("head")
+
+    assert env.current() == "r2"
+    with Session(engine) as session:
+        assert session.get(Person, 1).name == "a"
+
+
 def test_values_sealed_under_row_tenant(
     env: AlembicEnv, engine: sa.Engine, keyring: InMemoryKeyring
 ) -> None:

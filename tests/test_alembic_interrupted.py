@@ -10,9 +10,16 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
 from sqlalchemy.orm import Session
 
-from sqlalchemy_encrypted import KeyPurpose, KmsUnavailableError, set_default_key_provider
+from sqlalchemy_encrypted import (
+    Encrypted,
+    KeyPurpose,
+    KmsUnavailableError,
+    set_default_key_provider,
+)
 from sqlalchemy_encrypted.keyring import Keyring
 from sqlalchemy_encrypted.keys import DataKey
 from sqlalchemy_encrypted.testing import InMemoryKeyring
@@ -271,3 +278,59 @@ def test_killed_migration_resumes(tmp_path: Path, engine: sa.Engine, local_kms: 
     with Session(engine) as session:
         people = session.scalars(sa.select(Person).order_by(Person.id)).all()
         assert [(p.name, p.email) for p in people] == [(r["name"], r["email"]) for r in rows]
+
+
+def test_single_transaction_rerun_counts_resumed(
+    tmp_path: Path, engine: sa.Engine, flaky: FlakyKeyring
+) -> None:
+    env = _env(tmp_path, engine, "pass", "pass")
+    env.upgrade("r1")
+    seed(engine, plain_rows(30))
+    name_type = Encrypted(sa.String(100))
+    flaky.fail_after = 12
+    with engine.connect() as conn, pytest.raises(KmsUnavailableError):
+        Operations(MigrationContext.configure(connection=conn)).encrypt_column(
+            "persons", "name", type_=name_type, tenant_column="tenant_id", batch_size=5
+        )
+    done = [v for (v,) in raw_rows(engine, "name__encrypting") if v is not None]
+    flaky.fail_after = None
+
+    with engine.connect() as conn:
+        report = Operations(MigrationContext.configure(connection=conn)).encrypt_column(
+            "persons", "name", type_=name_type, tenant_column="tenant_id", commit_batches=False
+        )
+        conn.commit()
+
+    assert len(done) > 0
+    assert report.resumed == len(done)
+    assert (report.converted, report.null, report.rewritten) == (27, 3, 0)
+
+
+def test_concurrent_write_during_fill_is_caught(
+    tmp_path: Path, engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    env = _env(tmp_path, engine, ENCRYPT_PERSONS, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    seed(engine, plain_rows(30))
+    updates = 0
+
+    def application_write(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        # Before the second batch of name values is written, the application
+        # (still on the plaintext model) renames a row the first batch sealed.
+        nonlocal updates
+        if statement.startswith("UPDATE") and "name__encrypting" in statement:
+            updates += 1
+            if updates == 2:
+                with engine.begin() as other:
+                    other.exec_driver_sql("UPDATE persons SET name = 'Changed' WHERE id = 2")
+
+    sa.event.listen(engine, "before_cursor_execute", application_write)
+    try:
+        env.upgrade("head")
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", application_write)
+
+    name_report = env.reports[0]
+    assert name_report.rewritten == 1
+    with Session(engine) as session:
+        assert session.get(Person, 2).name == "Changed"
