@@ -51,23 +51,25 @@ def stored_length(envelope_size: int, storage: StorageMode) -> int:
 
 
 def dialect_impl(dialect: Dialect, storage: StorageMode, length: int | None) -> TypeEngine[Any]:
-    """Return the column type that stores envelopes of at most ``length`` on ``dialect``."""
-    mysql_like = dialect.name in ("mysql", "mariadb")
-    if mysql_like:
+    """Return the column type that stores envelopes of at most ``length`` on ``dialect``.
+
+    Generic types are returned as they are, not through
+    ``dialect.type_descriptor()``: DDL renders the returned type, and
+    PostgreSQL's descriptor for ``Text`` would render as VARCHAR.
+    """
+    if dialect.name in ("mysql", "mariadb"):
         from sqlalchemy.dialects import mysql
 
         if storage == "base64":
             if length is not None and length <= _MYSQL_MAX_VARCHAR:
-                return dialect.type_descriptor(sa.String(length))
-            return dialect.type_descriptor(mysql.LONGTEXT())
+                return sa.String(length)
+            return mysql.LONGTEXT()
         if length is not None and length <= _MYSQL_MAX_VARBINARY:
-            return dialect.type_descriptor(mysql.VARBINARY(length))
-        return dialect.type_descriptor(mysql.LONGBLOB())
+            return mysql.VARBINARY(length)
+        return mysql.LONGBLOB()
     if storage == "base64":
-        if length is not None:
-            return dialect.type_descriptor(sa.String(length))
-        return dialect.type_descriptor(sa.Text())
-    return dialect.type_descriptor(sa.LargeBinary(length))
+        return sa.String(length) if length is not None else sa.Text()
+    return sa.LargeBinary(length)
 
 
 def to_base64(envelope: bytes) -> str:

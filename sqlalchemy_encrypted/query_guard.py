@@ -3,8 +3,10 @@
 Operators such as ``==`` or LIKE are rejected by the column types' comparators
 when the expression is built. ORDER BY, GROUP BY, casts and SQL functions
 reach a column without calling an operator, so they are checked here, when a
-SELECT is compiled. Compilation happens before any SQL is sent, and a
-compiled statement is cached, so the check runs once per distinct statement.
+SELECT is compiled. In INSERT and UPDATE statements, values bound with
+another type than the column's are retyped, so they are encrypted too.
+Compilation happens before any SQL is sent, and a compiled statement is
+cached, so the checks run once per distinct statement.
 """
 
 from __future__ import annotations
@@ -13,15 +15,26 @@ from typing import Any
 
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import visitors
-from sqlalchemy.sql.elements import BindParameter, Cast, ColumnElement, Over, WithinGroup
+from sqlalchemy.sql.dml import Insert, Update
+from sqlalchemy.sql.elements import (
+    BindParameter,
+    Cast,
+    ClauseElement,
+    ColumnElement,
+    Null,
+    Over,
+    WithinGroup,
+    _textual_label_reference,
+)
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, Select
+from sqlalchemy.util import immutabledict
 
 from .errors import UnsupportedOperationError
 from .keys import KeyPurpose
 from .types import EncryptedType
 
-__all__ = ["check_compound_select", "check_select"]
+__all__ = ["check_compound_select", "check_select", "encrypting_dml"]
 
 # Functions whose result does not depend on the bytes of their argument.
 _SAFE_FUNCTIONS = frozenset({"count"})
@@ -46,12 +59,26 @@ def _reject(column_type: EncryptedType[Any], what: str) -> UnsupportedOperationE
     )
 
 
-def _check_ordering(order_by: Any, group_by: Any) -> None:
+def _named_columns(statement: Any, clause: Any) -> list[EncryptedType[Any]]:
+    """Resolve ``order_by("name")`` and ``group_by("name")`` against the
+    statement's selected columns."""
+    found: list[EncryptedType[Any]] = []
+    if statement is None:
+        return found
+    for element in visitors.iterate(clause):
+        if isinstance(element, _textual_label_reference):
+            column = statement.selected_columns.get(element.element)
+            if column is not None and isinstance(column.type, EncryptedType):
+                found.append(column.type)
+    return found
+
+
+def _check_ordering(order_by: Any, group_by: Any, statement: Any = None) -> None:
     for clause in order_by:
-        for column_type in _encrypted_columns(clause):
+        for column_type in _encrypted_columns(clause) + _named_columns(statement, clause):
             raise _reject(column_type, "ORDER BY")
     for clause in group_by:
-        for column_type in _encrypted_columns(clause):
+        for column_type in _encrypted_columns(clause) + _named_columns(statement, clause):
             if column_type.purpose is KeyPurpose.RANDOMIZED:
                 raise _reject(column_type, "GROUP BY")
 
@@ -63,7 +90,7 @@ def check_select(select: Select[Any]) -> None:
     Grouping (and window partitioning) is allowed on deterministic columns,
     whose equal values have equal stored bytes.
     """
-    _check_ordering(select._order_by_clauses, select._group_by_clauses)
+    _check_ordering(select._order_by_clauses, select._group_by_clauses, select)
     for element in visitors.iterate(select):
         if isinstance(element, FunctionElement):
             name = getattr(element, "name", "")
@@ -86,7 +113,94 @@ def check_select(select: Select[Any]) -> None:
 def check_compound_select(select: CompoundSelect[Any]) -> None:
     """Check the ORDER BY and GROUP BY of a UNION, INTERSECT or EXCEPT; its
     member SELECTs are checked when they compile."""
-    _check_ordering(select._order_by_clauses, select._group_by_clauses)
+    _check_ordering(select._order_by_clauses, select._group_by_clauses, select)
+
+
+def _encrypted_column(columns: Any, key: Any) -> Any:
+    column = columns.get(getattr(key, "key", key))
+    if column is not None and isinstance(column.type, EncryptedType):
+        return column
+    return None
+
+
+def _needs_encrypting_type(value: Any) -> bool:
+    """Return True for a bound parameter that keeps a non-encrypting type.
+
+    SQLAlchemy gives an untyped parameter the column's type, but keeps the
+    type of a typed one, such as ``literal("x")``, ``bindparam("n",
+    type_=String)`` or the parameters ``lambda_stmt`` makes for
+    ``.values(name=variable)``. Such a value would be stored unencrypted.
+    """
+    return (
+        isinstance(value, BindParameter)
+        and not value.type._isnull
+        and not isinstance(value.type, EncryptedType)
+    )
+
+
+def _reject_expression(column: Any, value: Any) -> None:
+    """Reject a SQL expression as the value of an encrypted column: the
+    database would store its result unencrypted."""
+    if isinstance(value, (BindParameter, Null)) or not isinstance(value, ClauseElement):
+        return
+    if isinstance(value, ColumnElement) and value._deannotate() is column._deannotate():
+        return
+    raise UnsupportedOperationError(
+        f"the value for encrypted column {column.type.column_identity} is a SQL expression, "
+        "which the database would store unencrypted; pass a Python value instead"
+    )
+
+
+def encrypting_dml(statement: Insert | Update) -> Insert | Update:
+    """Return ``statement`` with every value for an encrypted column bound
+    through the column's type.
+
+    A typed bound parameter is retyped to the column's encrypted type, the
+    same way SQLAlchemy types an untyped one. A SQL expression as the value
+    raises :class:`UnsupportedOperationError`.
+    """
+    columns = getattr(statement.table, "c", None)
+    if columns is None:
+        return statement
+    replacements = {}
+    for key, value in (statement._values or {}).items():
+        column = _encrypted_column(columns, key)
+        if column is None:
+            continue
+        _reject_expression(column, value)
+        if _needs_encrypting_type(value):
+            replacements[key] = value._with_binary_element_type(column.type)
+    for rows in getattr(statement, "_multi_values", None) or ():
+        for row in rows:
+            for key, value in row.items() if isinstance(row, dict) else ():
+                column = _encrypted_column(columns, key)
+                if column is not None:
+                    _reject_expression(column, value)
+                    if _needs_encrypting_type(value):
+                        raise UnsupportedOperationError(
+                            f"the value for encrypted column {column.type.column_identity} "
+                            "in a multi-row VALUES is a typed bound parameter, which would "
+                            "store it unencrypted; pass plain Python values"
+                        )
+    if replacements:
+        # Set on a clone rather than through .values(): a statement resolved
+        # from lambda_stmt holds its values in a plain dict, which .values()
+        # cannot extend.
+        merged: dict[Any, Any] = dict(statement._values or {})
+        merged.update(replacements)
+        statement = statement._clone()
+        statement._values = immutabledict(merged)
+    return statement
+
+
+@compiles(Insert)
+def _compile_checked_insert(element: Insert, compiler: Any, **kw: Any) -> str:
+    return str(compiler.visit_insert(encrypting_dml(element), **kw))
+
+
+@compiles(Update)
+def _compile_checked_update(element: Update, compiler: Any, **kw: Any) -> str:
+    return str(compiler.visit_update(encrypting_dml(element), **kw))
 
 
 @compiles(Select)

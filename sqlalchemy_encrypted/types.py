@@ -346,7 +346,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             return _storage.to_base64(envelope)
         return envelope
 
-    def process_literal_param(self, value: Any, dialect: Dialect) -> str:
+    def literal_processor(self, dialect: Dialect) -> Any:
+        # Raised here rather than from the returned processor: SQLAlchemy
+        # wraps a failing processor in a CompileError whose message shows the
+        # value, and so the plaintext.
         raise UnsupportedOperationError(
             f"encrypted column {self.column_identity} cannot be rendered as a SQL literal; "
             "use bound parameters"

@@ -99,3 +99,19 @@ def assert_same_value(actual: Any, expected: Any) -> None:
             assert_same_value(actual_item, expected_item)
     else:
         assert actual == expected
+
+
+def record_key_material(monkeypatch: Any) -> list[bytes]:
+    """Record every DEK the in-memory keyring creates from now on, so a test
+    can search its output for key bytes."""
+    from sqlalchemy_encrypted import testing
+    from sqlalchemy_encrypted._aead import AeadCipher
+
+    created: list[bytes] = []
+
+    def recording_cipher(algorithm: Any, key: bytes) -> AeadCipher:
+        created.append(key)
+        return AeadCipher(algorithm, key)
+
+    monkeypatch.setattr(testing, "AeadCipher", recording_cipher)
+    return created

@@ -123,10 +123,11 @@ def tenant(keyring: InMemoryKeyring) -> Iterator[str]:
     yield "t-roundtrip"
 
 
-def round_trip(engine: sa.Engine, name: str, value: Any) -> None:
-    """Write ``value`` to both columns of ``name``, read it back and compare."""
+def round_trip(engine: sa.Engine, name: str, value: Any, deterministic: bool = True) -> None:
+    """Write ``value`` to both columns of ``name`` (or only the randomized
+    one), read it back and compare."""
     enc = values_table.c[f"enc_{name}"]
-    det = values_table.c.get(f"det_{name}")
+    det = values_table.c.get(f"det_{name}") if deterministic else None
     row = {enc.key: value}
     if det is not None:
         row[det.key] = value
@@ -237,7 +238,7 @@ def test_small_integer_round_trip(db: sa.Engine, tenant: str, value: int) -> Non
 @example(value=decimal.Decimal("NaN"))
 @example(value=decimal.Decimal("-Infinity"))
 def test_numeric_round_trip_keeps_scale(db: sa.Engine, tenant: str, value: decimal.Decimal) -> None:
-    round_trip(db, "numeric", value)
+    round_trip(db, "numeric", value, deterministic=False)
 
 
 @ROUND_TRIP

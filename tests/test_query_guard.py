@@ -1,0 +1,157 @@
+"""SQL that would silently work on ciphertext: ORDER BY, functions, casts,
+window functions and hybrid expressions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.hybrid import hybrid_property
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import sqlalchemy_encrypted as se
+from sqlalchemy_encrypted import DeterministicEncrypted, Encrypted, UnsupportedOperationError
+from sqlalchemy_encrypted.testing import InMemoryKeyring
+
+from .helpers import count_statements
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Member(Base):
+    __tablename__ = "members"
+    __table_args__ = {"info": {"tenant_column": "tenant_id"}}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.String(40))
+    name: Mapped[str | None] = mapped_column(Encrypted(sa.String(100)))
+    email: Mapped[str | None] = mapped_column(DeterministicEncrypted(sa.String(254)))
+
+    @hybrid_property
+    def initial(self) -> str:
+        """The first letter of the name; has no SQL form over ciphertext."""
+        return (self.name or "")[:1]
+
+
+@pytest.fixture
+def members(engine: sa.Engine, keyring: InMemoryKeyring) -> Iterator[sa.Engine]:
+    Base.metadata.create_all(engine)
+    rows = [("Charlie", "x@example.test"), ("Alpha", "x@example.test"), ("Bravo", "y@example.test")]
+    with Session(engine) as session:
+        for number, (name, email) in enumerate(rows, start=1):
+            session.add(Member(id=number, tenant_id="t-acme", name=name, email=email))
+        session.commit()
+    with se.tenant_scope("t-acme"):
+        yield engine
+
+
+REJECTED: dict[str, tuple[Callable[[], Any], str]] = {
+    "order by randomized": (lambda: sa.select(Member).order_by(Member.name), "members.name"),
+    "order by desc": (lambda: sa.select(Member).order_by(Member.name.desc()), "members.name"),
+    "order by deterministic": (lambda: sa.select(Member).order_by(Member.email), "members.email"),
+    "min": (lambda: sa.select(sa.func.min(Member.name)), "members.name"),
+    "max deterministic": (lambda: sa.select(sa.func.max(Member.email)), "members.email"),
+    "group by randomized": (
+        lambda: sa.select(Member.name, sa.func.count()).group_by(Member.name),
+        "members.name",
+    ),
+    "substr": (lambda: sa.select(sa.func.substr(Member.name, 1, 2)), "members.name"),
+    "lower": (lambda: sa.select(sa.func.lower(Member.email)), "members.email"),
+    "length": (lambda: sa.select(sa.func.length(Member.name)), "members.name"),
+    "concat": (lambda: sa.select(Member.name + "x"), "members.name"),
+    "cast": (lambda: sa.select(sa.cast(Member.name, sa.Integer)), "members.name"),
+    "cast in where": (
+        lambda: sa.select(Member.id).where(sa.cast(Member.email, sa.String) == "x"),
+        "members.email",
+    ),
+    "window order": (
+        lambda: sa.select(sa.func.row_number().over(order_by=Member.name)),
+        "members.name",
+    ),
+    "window partition randomized": (
+        lambda: sa.select(sa.func.row_number().over(partition_by=Member.name)),
+        "members.name",
+    ),
+    "union order by": (
+        lambda: sa.union(sa.select(Member.email), sa.select(Member.email)).order_by("email"),
+        "members.email",
+    ),
+    "subquery order by": (
+        lambda: sa.select(sa.select(Member.id).order_by(Member.name).subquery()),
+        "members.name",
+    ),
+    "deterministic like": (
+        lambda: sa.select(Member).where(Member.email.like("x%")),
+        "members.email",
+    ),
+    "deterministic range": (lambda: sa.select(Member).where(Member.email > "m"), "members.email"),
+    "deterministic between": (
+        lambda: sa.select(Member).where(Member.email.between("a", "z")),
+        "members.email",
+    ),
+    "deterministic other column": (
+        lambda: sa.select(Member).where(Member.email == Member.tenant_id),
+        "members.email",
+    ),
+}
+
+
+@pytest.mark.parametrize("build, column", REJECTED.values(), ids=REJECTED.keys())
+def test_operation_over_ciphertext_raises_before_sql(
+    members: sa.Engine, build: Callable[[], Any], column: str
+) -> None:
+    with count_statements(members) as counter, Session(members) as session:
+        with pytest.raises(UnsupportedOperationError) as caught:
+            session.execute(build())
+    assert counter.count == 0
+    assert column in str(caught.value)
+
+
+def test_group_by_deterministic_column(members: sa.Engine) -> None:
+    with Session(members) as session:
+        rows = session.execute(
+            sa.select(Member.email, sa.func.count()).group_by(Member.email)
+        ).all()
+    assert sorted((email, count) for email, count in rows) == [
+        ("x@example.test", 2),
+        ("y@example.test", 1),
+    ]
+
+
+def test_distinct_deterministic_column(members: sa.Engine) -> None:
+    with Session(members) as session:
+        emails = session.scalars(sa.select(Member.email).distinct()).all()
+        counted = session.scalar(sa.select(sa.func.count(Member.email.distinct())))
+    assert sorted(emails) == ["x@example.test", "y@example.test"]
+    assert counted == 2
+
+
+def test_window_partition_by_deterministic_column(members: sa.Engine) -> None:
+    with Session(members) as session:
+        rows = session.execute(
+            sa.select(
+                Member.id, sa.func.count().over(partition_by=Member.email).label("same")
+            ).order_by(Member.id)
+        ).all()
+    assert [(row.id, row.same) for row in rows] == [(1, 2), (2, 2), (3, 1)]
+
+
+def test_hybrid_property_over_encrypted_column(members: sa.Engine) -> None:
+    """The instance form of a hybrid works on decrypted values; its class
+    form would slice ciphertext, so it raises."""
+    with Session(members) as session:
+        charlie = session.get(Member, 1)
+        assert charlie is not None
+        assert charlie.initial == "C"
+    with pytest.raises(UnsupportedOperationError, match=r"members\.name"):
+        sa.select(Member.initial)
+
+
+def test_order_by_plain_columns_still_works(members: sa.Engine) -> None:
+    with Session(members) as session:
+        names = session.scalars(sa.select(Member.name).order_by(Member.id.desc())).all()
+    assert names == ["Bravo", "Alpha", "Charlie"]
