@@ -77,10 +77,21 @@ def to_base64(envelope: bytes) -> str:
 
 
 def _from_base64(text: str | bytes) -> bytes | None:
+    """Decode canonical base64, or return None.
+
+    Non-canonical text (unused low bits set in the last character) decodes
+    to the same bytes as the canonical form; it is rejected so that each
+    stored text has exactly one meaning and deterministic lookups, which
+    compare the text, cannot be sidestepped.
+    """
     try:
-        return base64.b64decode(text, validate=True)
+        decoded = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return None
+    canonical = base64.b64encode(decoded)
+    if canonical != (text.encode("ascii") if isinstance(text, str) else bytes(text)):
+        return None
+    return decoded
 
 
 def _is_envelope_start(data: bytes) -> bool:
