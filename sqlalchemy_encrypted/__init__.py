@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import query_guard as _query_guard  # noqa: F401  (registers the SELECT check)
 from . import row_tenant as _row_tenant  # noqa: F401  (registers the tenant hooks)
+from . import statement_errors as _statement_errors  # noqa: F401  (registers the error hook)
 from .envelope import Algorithm, EnvelopeHeader, parse_header
 from .errors import (
     ConfigurationError,

@@ -241,7 +241,13 @@ class FloatCodec(Codec):
 
     def encode(self, value: Any, column: str) -> bytes:
         self.check(value, column)
-        return struct.pack(">d", float(value))
+        try:
+            return struct.pack(">d", float(value))
+        except OverflowError:
+            pass
+        raise ValueTypeError(
+            f"invalid value for encrypted column {column}: the number is too large for a float"
+        )
 
     def decode(self, data: bytes) -> float | decimal.Decimal:
         number = float(struct.unpack(">d", data)[0])

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Generic, TypeVar, cast
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnElement
 from sqlalchemy.sql.type_api import TypeEngine
@@ -40,6 +41,7 @@ from .envelope import (
 from .errors import (
     ConfigurationError,
     DecryptionError,
+    EncryptionError,
     KeyDestroyedError,
     KeyNotFoundError,
     PlaintextTooLongError,
@@ -341,7 +343,20 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         elif isinstance(value, SearchToken):
             key = value.key
             value = value.value
-        envelope = self.seal(value, tenant_id, key)
+        unexpected: str | None = None
+        try:
+            envelope = self.seal(value, tenant_id, key)
+        except (EncryptionError, SQLAlchemyError):
+            raise
+        except Exception as exc:
+            # SQLAlchemy would wrap any other error in a StatementError that
+            # quotes the parameters, and the error itself may quote the value.
+            unexpected = type(exc).__name__
+        if unexpected is not None:
+            raise EncryptionError(
+                f"could not encrypt a value for encrypted column {self.column_identity}: "
+                f"{unexpected}"
+            )
         if self.storage == "base64":
             return _storage.to_base64(envelope)
         return envelope

@@ -42,7 +42,7 @@ def count_statements(engine: sa.Engine) -> Iterator[StatementCounter]:
 
 def secret_forms(secret: str | bytes) -> list[str]:
     """Return the ways a secret could show up in text: as is, hex and base64."""
-    raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+    raw = secret.encode("utf-8", "surrogatepass") if isinstance(secret, str) else secret
     forms = [raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode("ascii"), repr(raw)]
     if isinstance(secret, str):
         forms.append(secret)
