@@ -84,7 +84,7 @@ def load_script() -> str:
         )
     script = path.read_text(encoding="utf-8")
     # The script first recreates a database "chinook" and connects to it with
-    # psql's \c; the tables go into the test's schema instead.
+    # psql's \c command. The tables go into the test's schema instead.
     marker = "\\c chinook;"
     assert marker in script, f"{path} is not the expected Chinook script"
     return script.split(marker, 1)[1]

@@ -8,15 +8,19 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from examples.flask_app.models import Base as ClinicBase
+from examples.flask_app.models import Patient
 from sqlalchemy_encrypted import (
     ConfigurationError,
     DecryptionError,
     DeterministicEncrypted,
+    DuplicateValueError,
     Encrypted,
     TenantMismatchError,
     UnsupportedOperationError,
     tenant_scope,
 )
+from sqlalchemy_encrypted.rotation import install_unique_guard
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
 from .models import Base, Person
@@ -275,3 +279,19 @@ def test_engine_log_shows_no_plaintext(
     for plaintext in ["Alice", "Secret Duplicate", "1@e.test"]:
         assert plaintext not in caplog.text
         assert plaintext not in str(raised.value)
+
+
+def test_unique_guard_catches_duplicate_across_versions(
+    engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    ClinicBase.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(Patient(clinic_id="north", name="Alice Varga", email="alice@example.test"))
+        session.commit()
+    keyring.rotate("north")
+
+    with Session(engine) as session:
+        install_unique_guard(session)
+        session.add(Patient(clinic_id="north", name="Alice V.", email="alice@example.test"))
+        with pytest.raises(DuplicateValueError):
+            session.commit()

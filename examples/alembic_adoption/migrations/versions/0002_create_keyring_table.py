@@ -4,7 +4,7 @@ Revision ID: 0002
 Revises: 0001
 """
 
-from alembic import op
+from alembic_ext import op  # alembic.op, typed for the encryption operations
 
 revision = "0002"
 down_revision = "0001"

@@ -10,8 +10,8 @@ Revises: 0002
 """
 
 import sqlalchemy as sa
-from alembic import op
 
+from alembic_ext import op  # alembic.op, typed for the encryption operations
 from sqlalchemy_encrypted import DeterministicEncrypted, Encrypted
 
 revision = "0003"
