@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
@@ -32,6 +33,7 @@ from .envelope import (
     GCM_NONCE_SIZE,
     GCM_TAG_SIZE,
     HEADER_SIZE,
+    MIN_ENVELOPE_SIZE,
     SIV_TAG_SIZE,
     Algorithm,
     EnvelopeHeader,
@@ -73,6 +75,10 @@ _PLAINTEXT_WARNING_INTERVAL = 60.0
 
 # One-byte prefixes for SIV plaintexts, indexed by value type tag.
 _TAG_BYTES = tuple(bytes((tag,)) for tag in range(256))
+
+# seal() and decrypt() test for SIV once per value, and reading an Enum
+# member through its class is slower than reading a module global.
+_SIV = Algorithm.AES_256_SIV
 
 
 class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
@@ -143,8 +149,14 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         self._codec: Codec = codec_for(
             inner_type, self.column_identity, self.purpose is KeyPurpose.DETERMINISTIC
         )
+        self._max_plaintext_length = self._codec.max_encoded_length()
         self._prefix_cache: dict[Any, tuple[bytes, bytes]] = {}
         self._prefix_lock = threading.Lock()
+        # Headers that passed _check_header, keyed by their 24 bytes.
+        self._checked_headers: dict[bytes, EnvelopeHeader] = {}
+        self._dialect_impls: weakref.WeakKeyDictionary[Dialect, TypeEngine[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._plaintext_reads = _PlaintextReadLog()
         self.impl = _storage.impl_for(storage)  # type: ignore[assignment]
         if context is not None:
@@ -195,6 +207,11 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             )
 
     def _identity_for_write(self) -> str:
+        # The two common cases first, without the property: this runs per value.
+        if self.context is not None:
+            return self.context
+        if self._column_name is not None:
+            return self._column_name
         identity = self.column_identity
         if identity == "<unattached column>":
             raise ConfigurationError(
@@ -218,7 +235,14 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         return _storage.stored_length(self._envelope_overhead + encoded, self.storage)
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        return _storage.dialect_impl(dialect, self.storage, self.max_stored_length())
+        # SQLAlchemy calls this on every execution of a statement with an
+        # expanding IN parameter, as deterministic lookups are. A new type
+        # object each time would miss SQLAlchemy's per-type caches.
+        impl = self._dialect_impls.get(dialect)
+        if impl is None:
+            impl = _storage.dialect_impl(dialect, self.storage, self.max_stored_length())
+            self._dialect_impls[dialect] = impl
+        return impl
 
     @property
     def python_type(self) -> type[Any]:
@@ -279,7 +303,8 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
     # -- binding ------------------------------------------------------------
 
     def _prefix(self, key: DataKey, identity: str) -> tuple[bytes, bytes]:
-        cache_key = (key.key_id, identity)
+        # Keyed by the UUID's int: UUID.__hash__ is Python code, and this runs per value.
+        cache_key = (key.key_id.int, identity)
         prefix = self._prefix_cache.get(cache_key)
         if prefix is None:
             header = EnvelopeHeader(
@@ -303,7 +328,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         """
         identity = self.column_identity
         plaintext = self._codec.encode(value, identity)
-        limit = self._codec.max_encoded_length()
+        limit = self._max_plaintext_length
         if limit is not None and len(plaintext) > limit:
             raise PlaintextTooLongError(
                 f"value for encrypted column {identity} encodes to {len(plaintext)} bytes, "
@@ -325,7 +350,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             tenant = tenant_id if tenant_id is not None else current_tenant(identity)
             key = self.key_provider.active_key(tenant, self.purpose)
         header, aad = self._prefix(key, identity)
-        if self.algorithm is Algorithm.AES_256_SIV:
+        if self.algorithm is _SIV:
             # The tag byte keeps SIV's plaintext non-empty, which AESSIV requires.
             plaintext = _TAG_BYTES[self._codec.tag] + plaintext
         return header + key.cipher.seal(plaintext, aad)
@@ -381,6 +406,11 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
 
     def _check_header(self, data: bytes, identity: str) -> EnvelopeHeader:
         """Parse the header of ``data`` and check that this column can open it."""
+        # The checks depend only on the 24 header bytes, apart from the
+        # length, so a header that passed them once is not parsed again.
+        header = self._checked_headers.get(data[:HEADER_SIZE])
+        if header is not None and len(data) >= MIN_ENVELOPE_SIZE[self.algorithm]:
+            return header
         header = parse_header(data, f"encrypted column {identity}")
         if header.algorithm is not self.algorithm:
             raise DecryptionError(
@@ -392,6 +422,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 f"could not decrypt encrypted column {identity}: value type tag "
                 f"{header.value_tag} does not match the column's type"
             )
+        checked = self._checked_headers
+        if len(checked) >= _PREFIX_CACHE_SIZE:
+            checked.clear()
+        checked[data[:HEADER_SIZE]] = header
         return header
 
     def _key_for(self, header: EnvelopeHeader, identity: str) -> DataKey:
@@ -465,7 +499,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             raise DecryptionError(
                 f"could not decrypt {_describe(identity, key, header)}: authentication failed"
             )
-        if self.algorithm is Algorithm.AES_256_SIV:
+        if self.algorithm is _SIV:
             if not plaintext or plaintext[0] != self._codec.tag:
                 raise DecryptionError(
                     f"could not decrypt {_describe(identity, key, header)}: invalid value type tag"
