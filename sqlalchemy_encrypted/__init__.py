@@ -49,6 +49,7 @@ from .keys import (
     set_default_key_provider,
 )
 from .row_tenant import TENANT_COLUMN_INFO_KEY
+from .schema_check import UndersizedColumn, find_undersized_columns
 from .tenancy import current_tenant, set_default_tenant, tenant_scope
 from .types import DeterministicEncrypted, Encrypted, EncryptedType
 
@@ -89,9 +90,11 @@ __all__ = [
     "StoredKeyNotFoundError",
     "TenantContextError",
     "TenantMismatchError",
+    "UndersizedColumn",
     "UnsupportedOperationError",
     "ValueTypeError",
     "current_tenant",
+    "find_undersized_columns",
     "get_default_key_provider",
     "parse_header",
     "set_default_key_provider",

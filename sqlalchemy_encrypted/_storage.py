@@ -1,4 +1,4 @@
-"""How envelopes are stored: binary columns or base64 text, per dialect.
+"""Storage of envelopes in binary columns or as base64 text, per dialect.
 
 Binary storage (the default) maps to BYTEA on PostgreSQL, BLOB on SQLite and
 VARBINARY(n) on MySQL and MariaDB, sized from the inner type's maximum
@@ -31,7 +31,7 @@ __all__ = [
 
 StorageMode = Literal["binary", "base64"]
 
-# MySQL limits: VARBINARY holds at most 65,535 bytes, and a utf8mb4 VARCHAR at
+# MySQL limits: VARBINARY stores at most 65,535 bytes, and a utf8mb4 VARCHAR at
 # most 16,383 characters (65,535 bytes at 4 bytes per character).
 _MYSQL_MAX_VARBINARY = 65_535
 _MYSQL_MAX_VARCHAR = 16_383
@@ -80,9 +80,9 @@ def _from_base64(text: str | bytes) -> bytes | None:
     """Decode canonical base64, or return None.
 
     Non-canonical text (unused low bits set in the last character) decodes
-    to the same bytes as the canonical form; it is rejected so that each
-    stored text has exactly one meaning and deterministic lookups, which
-    compare the text, cannot be sidestepped.
+    to the same bytes as the canonical form. It is rejected so that each
+    stored value has exactly one spelling, which deterministic lookups
+    compare.
     """
     try:
         decoded = base64.b64decode(text, validate=True)
@@ -104,6 +104,10 @@ def coerce_stored(value: Any, storage: StorageMode, identity: str) -> bytes:
     Raises :class:`StorageFormatError` for an empty value, for text where the
     column stores bytes, for text that is not base64, and for any other type.
     """
+    if isinstance(value, (bytes, bytearray, str, memoryview)) and len(value) == 0:
+        raise StorageFormatError(
+            f"encrypted column {identity} contains an empty value, which is not a valid envelope"
+        )
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         if storage == "base64" and data:
@@ -114,10 +118,10 @@ def coerce_stored(value: Any, storage: StorageMode, identity: str) -> bytes:
     elif isinstance(value, str):
         if storage != "base64":
             raise _text_in_binary_column(value, identity)
-        decoded = _from_base64(value) if value else b""
+        decoded = _from_base64(value)
         if decoded is None:
             raise StorageFormatError(
-                f"encrypted column {identity} holds a value that is not base64: it may be "
+                f"encrypted column {identity} contains a value that is not base64: it may be "
                 "plaintext written outside this library; check the migration state of "
                 "this column"
             )
@@ -126,10 +130,6 @@ def coerce_stored(value: Any, storage: StorageMode, identity: str) -> bytes:
         raise StorageFormatError(
             f"encrypted column {identity} returned a {type(value).__name__}, "
             "not bytes: check the column's storage type"
-        )
-    if not data:
-        raise StorageFormatError(
-            f"encrypted column {identity} holds an empty value, which is not a valid envelope"
         )
     return data
 
@@ -165,7 +165,7 @@ def explain_format_error(
     they are plaintext rather than a damaged envelope."""
     if not _is_envelope_start(data) and _looks_like_text(data):
         return StorageFormatError(
-            f"encrypted column {identity} holds a value that looks like plaintext, not an "
+            f"encrypted column {identity} contains a value that looks like plaintext, not an "
             "envelope: the column may have been decrypted by a migration; check the "
             "migration state of this column"
         )

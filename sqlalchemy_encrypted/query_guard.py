@@ -183,9 +183,9 @@ def encrypting_dml(statement: Insert | Update) -> Insert | Update:
                             "store it unencrypted; pass plain Python values"
                         )
     if replacements:
-        # Set on a clone rather than through .values(): a statement resolved
-        # from lambda_stmt holds its values in a plain dict, which .values()
-        # cannot extend.
+        # Set on a clone rather than through .values(), because a statement
+        # resolved from lambda_stmt keeps its values in a plain dict, which
+        # .values() cannot extend.
         merged: dict[Any, Any] = dict(statement._values or {})
         merged.update(replacements)
         statement = statement._clone()

@@ -9,7 +9,7 @@ missing bound value or another column type rejecting its value: their
 parameters are the raw Python values, plaintext included.
 
 A ``handle_error`` listener on every engine marks such errors with
-``hide_parameters``, so their message says the parameters were hidden. The
+``hide_parameters``, so their message omits the parameters. The
 ``params`` attribute still holds them for code that inspects the error. Set
 ``create_engine(..., hide_parameters=True)`` to hide the parameters of every
 error, including the plaintext columns of failed statements.

@@ -437,7 +437,8 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             return self.key_provider.key_by_id(header.key_id, expected_tenant=scope)
         except (KeyNotFoundError, TenantContextError) as exc:
             failure = exc
-        except DecryptionError as exc:
+        except EncryptionError as exc:
+            # KMS and keyring errors keep their class; the note names the column.
             exc.add_note(f"while decrypting encrypted column {identity}")
             raise
         # Raised here, outside the except block, so the new error has no
@@ -745,7 +746,7 @@ class DeterministicEncrypted(EncryptedType[_T]):
         if op in (operators.eq, operators.ne):
             value = other[0]
             if _is_tracked_bind(value) or isinstance(value, BindParameter):
-                # An explicit or lambda-tracked bound parameter holds one value
+                # An explicit or lambda-tracked bound parameter carries one value
                 # that is sealed when the statement executes, so it matches
                 # values sealed under the active DEK only.
                 return _base_operate(comparator, op, value, **kwargs)

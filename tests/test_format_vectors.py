@@ -1,6 +1,6 @@
 """Golden vectors of ciphertext format v1.
 
-``tests/vectors/format_v1.json`` holds envelopes made once with fixed keys
+``tests/vectors/format_v1.json`` contains envelopes made once with fixed keys
 and fixed GCM nonces. Every later version must decrypt them to the same
 values, and seal them to the same bytes, or stored data would be lost.
 """

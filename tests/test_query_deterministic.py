@@ -100,7 +100,7 @@ def test_orm_update_and_delete_by_deterministic_value(people: sa.Engine) -> None
     assert [tuple(row) for row in remaining] == [(1, "Renamed"), (4, "D"), (5, "E")]
 
 
-def test_wrong_value_type_fails_when_expression_is_built(people: sa.Engine) -> None:
+def test_wrong_type_fails_at_build_time(people: sa.Engine) -> None:
     with pytest.raises(ValueTypeError, match=r"persons\.email"):
         Person.email == b"a@example.test"  # noqa: B015
     with pytest.raises(ValueTypeError, match=r"persons\.email"):
@@ -198,9 +198,7 @@ def test_typed_values_are_still_encrypted(people: sa.Engine) -> None:
             sa.update(Person).where(Person.id == 1).values(name=sa.literal("Literal Name"))
         )
         session.execute(
-            sa.update(Person)
-            .where(Person.id == 2)
-            .values(name=sa.bindparam("n", type_=sa.String)),
+            sa.update(Person).where(Person.id == 2).values(name=sa.bindparam("n", type_=sa.String)),
             {"n": "Typed Name"},
         )
         session.commit()

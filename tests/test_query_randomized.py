@@ -91,9 +91,7 @@ def test_null_tests_work_on_randomized_column(people: sa.Engine) -> None:
 
 def test_deterministic_equality_still_finds_row(people: sa.Engine) -> None:
     with Session(people) as session:
-        found = session.scalars(
-            sa.select(Person).where(Person.email == "alice@example.test")
-        ).all()
+        found = session.scalars(sa.select(Person).where(Person.email == "alice@example.test")).all()
     assert [person.name for person in found] == ["Test Person"]
 
 

@@ -82,9 +82,7 @@ def _key_tenants(engine: sa.Engine, column: str) -> dict[int, uuid.UUID]:
     return {row_id: parse_header(bytes(value)).key_id for row_id, value in rows if value}
 
 
-def test_one_flush_seals_each_row_under_its_tenant(
-    db: sa.Engine, counting_keyring: CountingKeyring
-) -> None:
+def test_flush_seals_rows_per_tenant(db: sa.Engine, counting_keyring: CountingKeyring) -> None:
     with Session(db) as session:
         session.add(Person(id=1, tenant_id="t-acme", name="Acme Person"))
         session.add(Person(id=2, tenant_id="t-globex", name="Globex Person"))

@@ -112,7 +112,7 @@ def test_cache_keys_differ_by_column_identity() -> None:
     assert Encrypted(sa.String(10))._static_cache_key == Encrypted(sa.String(10))._static_cache_key
 
 
-def test_repr_and_cache_key_hold_no_key_material(
+def test_repr_and_cache_key_keyless(
     engine: sa.Engine, keyring: InMemoryKeyring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     created = record_key_material(monkeypatch)

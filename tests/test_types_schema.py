@@ -83,7 +83,7 @@ def test_binary_storage_ddl_sqlite() -> None:
 
 
 @pytest.mark.parametrize("dialect_name", ["mysql", "mariadb"])
-def test_binary_storage_ddl_mysql_sized_from_inner_length(dialect_name: str) -> None:
+def test_mysql_varbinary_sized_from_inner_length(dialect_name: str) -> None:
     columns = _column_ddl(dialect_name)
     assert columns["name"] == f"VARBINARY({GCM_OVERHEAD + 4 * 100})"
     assert columns["email"] == f"VARBINARY({SIV_OVERHEAD + 4 * 254})"
@@ -182,7 +182,7 @@ def test_string_limit_counts_characters(
     engine: sa.Engine, keyring: InMemoryKeyring, storage: Any
 ) -> None:
     """A String(50) column takes 50 characters of any UTF-8 width, and its
-    sized storage column holds the longest of them."""
+    sized storage column fits the longest of them."""
     table = sa.Table(
         "notes",
         sa.MetaData(),
@@ -276,3 +276,44 @@ def test_mapped_str_column_type_checks(tmp_path: Path) -> None:
     errors = [line for line in output.splitlines() if ": error:" in line]
     assert len(errors) == 1, output
     assert 'expression has type "str", variable has type "int"' in errors[0]
+
+
+def test_undersized_legacy_column_is_reported(engine: sa.Engine, keyring: InMemoryKeyring) -> None:
+    """A column created with the plaintext's length is reported with the
+    required and actual lengths. PostgreSQL rejects a write that does not
+    fit; SQLite ignores declared lengths and stores it whole."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE notes (id INTEGER PRIMARY KEY, body VARCHAR(60), title VARCHAR(400))"
+        )
+    table = sa.Table(
+        "notes",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.String(50), storage="base64")),
+        sa.Column("title", Encrypted(sa.String(50), storage="base64")),
+    )
+    problems = se.find_undersized_columns(engine, table.metadata)
+    assert [(p.column, p.required, p.actual, p.unit) for p in problems] == [
+        ("notes.body", 336, 60, "characters")
+    ]
+    assert str(problems[0]) == (
+        "encrypted column notes.body needs 336 characters, but the database column "
+        "stores at most 60 characters"
+    )
+    with se.tenant_scope("t-acme"):
+        if engine.dialect.name == "postgresql":
+            with pytest.raises(sa.exc.DataError), engine.begin() as conn:
+                conn.execute(table.insert(), [{"id": 1, "body": "a" * 50}])
+        else:
+            with engine.begin() as conn:
+                conn.execute(table.insert(), [{"id": 1, "body": "a" * 50}])
+                assert conn.execute(sa.select(table.c.body)).scalar_one() == "a" * 50
+
+
+def test_correctly_sized_columns_are_not_reported(
+    engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    metadata = _storage_table().metadata
+    metadata.create_all(engine)
+    assert se.find_undersized_columns(engine, metadata) == []
