@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import visitors
-from sqlalchemy.sql.dml import Insert, Update
+from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import (
     BindParameter,
     Cast,
@@ -34,7 +34,7 @@ from .errors import UnsupportedOperationError
 from .keys import KeyPurpose
 from .types import EncryptedType
 
-__all__ = ["check_compound_select", "check_select", "encrypting_dml"]
+__all__ = ["check_compound_select", "check_expressions", "check_select", "encrypting_dml"]
 
 # Functions whose result does not depend on the bytes of their argument.
 _SAFE_FUNCTIONS = frozenset({"count"})
@@ -91,7 +91,14 @@ def check_select(select: Select[Any]) -> None:
     whose equal values have equal stored bytes.
     """
     _check_ordering(select._order_by_clauses, select._group_by_clauses, select)
-    for element in visitors.iterate(select):
+    check_expressions(select)
+
+
+def check_expressions(statement: Any) -> None:
+    """Raise :class:`UnsupportedOperationError` if any part of ``statement``
+    casts, calls a SQL function (other than ``count()``) or orders a window
+    over an encrypted column."""
+    for element in visitors.iterate(statement):
         if isinstance(element, FunctionElement):
             name = getattr(element, "name", "")
             if name.lower() in _SAFE_FUNCTIONS:
@@ -200,7 +207,15 @@ def _compile_checked_insert(element: Insert, compiler: Any, **kw: Any) -> str:
 
 @compiles(Update)
 def _compile_checked_update(element: Update, compiler: Any, **kw: Any) -> str:
-    return str(compiler.visit_update(encrypting_dml(element), **kw))
+    encrypting = encrypting_dml(element)
+    check_expressions(encrypting)
+    return str(compiler.visit_update(encrypting, **kw))
+
+
+@compiles(Delete)
+def _compile_checked_delete(element: Delete, compiler: Any, **kw: Any) -> str:
+    check_expressions(element)
+    return str(compiler.visit_delete(element, **kw))
 
 
 @compiles(Select)

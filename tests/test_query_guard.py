@@ -93,6 +93,14 @@ REJECTED: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: sa.select(Member).where(Member.email.between("a", "z")),
         "members.email",
     ),
+    "update where function": (
+        lambda: sa.update(Member).where(sa.func.lower(Member.email) == "x").values(name="y"),
+        "members.email",
+    ),
+    "delete where cast": (
+        lambda: sa.delete(Member).where(sa.cast(Member.name, sa.String) == "x"),
+        "members.name",
+    ),
     "deterministic other column": (
         lambda: sa.select(Member).where(Member.email == Member.tenant_id),
         "members.email",
