@@ -97,8 +97,66 @@ def test_assert_finds_plaintext_inside(engine: sa.Engine, keyring: InMemoryKeyri
     assert "hunter2" not in str(raised.value)
 
 
+def test_assert_rejects_wrong_algorithm(engine: sa.Engine, keyring: InMemoryKeyring) -> None:
+    table = make_table(engine)
+    header = EnvelopeHeader(
+        algorithm=Algorithm.AES_256_SIV, value_tag=1, key_id=uuid.uuid4(), key_version=1
+    ).pack()
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO secrets (id, secret) VALUES (1, :value)"),
+            {"value": header + bytes(32)},
+        )
+
+    with engine.connect() as connection, pytest.raises(AssertionError, match="AES_256_SIV"):
+        assert_encrypted_at_rest(connection, table.c.secret)
+
+
 def test_helpers_reject_plain_columns(engine: sa.Engine) -> None:
     table = make_table(engine)
 
     with engine.connect() as connection, pytest.raises(TypeError, match="'id'"):
         stored_values(connection, table.c.id)
+
+
+PLUGIN_ISOLATION = """
+import sqlalchemy_encrypted as se
+from sqlalchemy_encrypted.keyring import Keyring
+from sqlalchemy_encrypted.testing import InMemoryKeyring
+import sqlalchemy as sa
+
+pytest_plugins = ["sqlalchemy_encrypted.pytest_plugin"]
+
+
+def test_memory_keyring_is_default(encryption_keyring):
+    assert se.get_default_key_provider() is encryption_keyring
+    se.set_default_tenant("acme")
+
+
+def test_local_kms_keyring_is_default(encryption_local_kms, tmp_path):
+    keyring = Keyring(sa.create_engine(f"sqlite:///{tmp_path}/k.db"), encryption_local_kms)
+    assert se.get_default_key_provider() is keyring
+    assert encryption_local_kms.kek_id.startswith("local:test:")
+
+
+def test_nothing_leaked():
+    from sqlalchemy_encrypted import keys, tenancy
+    assert keys._default_provider is None
+    assert tenancy.get_default_tenant() is None
+"""
+
+
+def test_plugin_fixtures_restore_defaults(tmp_path: Path) -> None:
+    (tmp_path / "test_isolation.py").write_text(PLUGIN_ISOLATION)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
