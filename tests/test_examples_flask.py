@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -10,6 +11,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from examples.flask_app import create_app
+from examples.flask_app.app import from_environment
 from examples.flask_app.models import Patient
 from sqlalchemy_encrypted import tenancy
 from sqlalchemy_encrypted.keyring import Keyring
@@ -139,3 +141,24 @@ def test_shredded_clinic_is_gone(app: Flask, client: FlaskClient) -> None:
     south = client.get(f"/patients/{south_id}", headers=SOUTH)
     assert south.status_code == 200
     assert south.get_json()["name"] == PATIENT["name"]
+
+
+def test_app_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file = tmp_path / "clinic.key"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'clinic.db'}")
+    monkeypatch.setenv("KMS_URI", f"local://{key_file}")
+
+    client = from_environment().test_client()
+    created = client.post("/patients", json=PATIENT, headers=NORTH)
+
+    assert created.status_code == 201
+    assert key_file.is_file()
+    assert client.get("/patients/1", headers=NORTH).get_json()["name"] == PATIENT["name"]
+
+
+def test_app_from_environment_needs_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("KMS_URI", raising=False)
+
+    with pytest.raises(RuntimeError, match="DATABASE_URL and KMS_URI"):
+        from_environment()
