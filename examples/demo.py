@@ -124,6 +124,7 @@ class ProgressBar:
     def __init__(self, stream: TextIO = sys.stdout) -> None:
         self.stream = stream
         self.interactive = stream.isatty()
+        self.longest = 0
         self.next_quarter = 1
 
     def __call__(self, progress: ReencryptionProgress) -> None:
@@ -135,7 +136,9 @@ class ProgressBar:
             f"({progress.table}, {progress.elapsed:.1f} s)"
         )
         if self.interactive:
-            print("\r" + line, end="", file=self.stream, flush=True)
+            # Pad to the longest line so far, so that no tail of it is left.
+            self.longest = max(self.longest, len(line))
+            print("\r" + line.ljust(self.longest), end="", file=self.stream, flush=True)
         elif done * 4 >= self.next_quarter * planned:
             print(line, file=self.stream)
             self.next_quarter = done * 4 // planned + 1
