@@ -295,3 +295,14 @@ def test_unique_guard_catches_duplicate_across_versions(
         session.add(Patient(clinic_id="north", name="Alice V.", email="alice@example.test"))
         with pytest.raises(DuplicateValueError):
             session.commit()
+
+
+def test_function_in_update_where_raises(
+    engine: sa.Engine, keyring: InMemoryKeyring, contacts: sa.Table
+) -> None:
+    statement = (
+        sa.update(contacts).where(sa.func.lower(contacts.c.email) == "x").values(tenant_id="b")
+    )
+
+    with engine.connect() as connection, pytest.raises(UnsupportedOperationError):
+        connection.execute(statement)
