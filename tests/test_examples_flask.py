@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
+from flask import Flask, g
 from flask.testing import FlaskClient
 
 from examples.flask_app import create_app
 from examples.flask_app.app import from_environment
 from examples.flask_app.models import Patient
-from sqlalchemy_encrypted import tenancy
+from sqlalchemy_encrypted import TenantMismatchError, tenancy
 from sqlalchemy_encrypted.keyring import Keyring
 from sqlalchemy_encrypted.kms import LocalKms
 from sqlalchemy_encrypted.pytest_plugin import assert_encrypted_at_rest
@@ -162,3 +162,18 @@ def test_app_from_environment_needs_settings(monkeypatch: pytest.MonkeyPatch) ->
 
     with pytest.raises(RuntimeError, match="DATABASE_URL and KMS_URI"):
         from_environment()
+
+
+def test_unfiltered_read_fails_in_scope(app: Flask, client: FlaskClient) -> None:
+    north_id = client.post("/patients", json=PATIENT, headers=NORTH).get_json()["id"]
+
+    # A handler that forgot the clinic filter, inside a request of clinic south.
+    with app.test_request_context(headers=SOUTH):
+        app.preprocess_request()
+        try:
+            with pytest.raises(TenantMismatchError):
+                g.session.get(Patient, north_id)
+        finally:
+            app.do_teardown_request()
+
+    assert tenancy.scoped_tenant() is None
