@@ -115,10 +115,11 @@ class ColumnCensus:
 
     def stale_headers(
         self, tenants: Iterable[str] | None = None, versions: Iterable[int] | None = None
-    ) -> list[HeaderPrefix]:
-        """Return the stored headers of the values a re-encryption should rewrite."""
+    ) -> dict[HeaderPrefix, CensusEntry]:
+        """Return the stored headers of the values a re-encryption should rewrite,
+        each with the entry naming its tenant and key version."""
         wanted = {id(entry) for entry in self.matching(tenants, versions)}
-        return [prefix for prefix, entry in self.headers.items() if id(entry) in wanted]
+        return {prefix: entry for prefix, entry in self.headers.items() if id(entry) in wanted}
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -10,6 +10,7 @@ ran, or rows another worker held, are picked up by a further pass, up to
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -29,9 +30,8 @@ from .checkpoint import (
     check_cursor_types,
 )
 from .columns import EncryptedColumn, Target, resolve_columns
-from .headers import HeaderPrefix
 from .ratelimit import RateLimiter
-from .worker import BatchReport, RowFailure, TableWorker, WorkerStats
+from .worker import BatchReport, RowFailure, StaleHeaders, TableWorker, WorkerStats
 
 __all__ = [
     "ReencryptionJob",
@@ -282,9 +282,7 @@ class ReencryptionJob:
 
     # -- per table ----------------------------------------------------------------
 
-    def _stale_headers(
-        self, group: list[EncryptedColumn], table_census: Census
-    ) -> dict[str, list[HeaderPrefix]]:
+    def _stale_headers(self, group: list[EncryptedColumn], table_census: Census) -> StaleHeaders:
         return {
             column.name: table_census.column(column.label).stale_headers(
                 self.tenants, self.versions
@@ -311,7 +309,7 @@ class ReencryptionJob:
         return passes, table_census
 
     def _run_workers(
-        self, group: list[EncryptedColumn], headers: dict[str, list[HeaderPrefix]], pass_number: int
+        self, group: list[EncryptedColumn], headers: StaleHeaders, pass_number: int
     ) -> tuple[WorkerStats, bool]:
         outcomes: list[tuple[WorkerStats, bool]] = []
         errors: list[BaseException] = []
@@ -324,7 +322,9 @@ class ReencryptionJob:
                 errors.append(exc)
 
         if self.workers == 1:
-            work()
+            # An empty context, like a new thread's: no tenant_scope of the caller
+            # applies to the values of every tenant the job handles.
+            contextvars.Context().run(work)
         else:
             threads = [
                 threading.Thread(target=work, name=f"reencrypt-{i}", daemon=True)
@@ -344,7 +344,7 @@ class ReencryptionJob:
         return total, resumed
 
     def _work(
-        self, group: list[EncryptedColumn], headers: dict[str, list[HeaderPrefix]], pass_number: int
+        self, group: list[EncryptedColumn], headers: StaleHeaders, pass_number: int
     ) -> tuple[WorkerStats, bool]:
         label = group[0].qualified_table
 
@@ -379,7 +379,7 @@ class ReencryptionJob:
         conn: Connection,
         slot: int,
         group: list[EncryptedColumn],
-        headers: dict[str, list[HeaderPrefix]],
+        headers: StaleHeaders,
         pass_number: int,
         on_batch: Callable[[BatchReport], None],
     ) -> tuple[WorkerStats, bool]:

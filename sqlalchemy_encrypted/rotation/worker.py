@@ -29,22 +29,27 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
-from ..envelope import parse_header
-from ..errors import EncryptionError, KmsError, ReencryptionError
+from ..errors import (
+    EncryptionError,
+    KeyNotFoundError,
+    KmsError,
+    ReencryptionError,
+    TenantContextError,
+)
 from ..keys import DataKey
-from ..tenancy import tenant_scope
+from .census import CensusEntry
 from .checkpoint import Checkpoint, CheckpointStore
 from .columns import EncryptedColumn, raw_table
 from .headers import HeaderPrefix, header_prefix, prefix_of
 from .ratelimit import RateLimiter
 
-__all__ = ["BatchReport", "RowFailure", "TableWorker", "WorkerStats"]
+__all__ = ["BatchReport", "RowFailure", "StaleHeaders", "TableWorker", "WorkerStats"]
+
+# Per column name, the stored headers to rewrite, each with the census entry
+# naming the tenant and key version it stands for.
+StaleHeaders = dict[str, dict[HeaderPrefix, CensusEntry]]
 
 logger = logging.getLogger("sqlalchemy_encrypted.rotation")
-
-# Most bound parameters one UPDATE statement may carry (SQLite allows 32766,
-# PostgreSQL 65535).
-_MAX_PARAMETERS = 30_000
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ class TableWorker:
         self,
         conn: Connection,
         columns: Sequence[EncryptedColumn],
-        stale_headers: dict[str, list[HeaderPrefix]],
+        stale_headers: StaleHeaders,
         *,
         batch_size: int,
         slot: int,
@@ -124,7 +129,7 @@ class TableWorker:
         self.columns = [c for c in columns if stale_headers.get(c.name)]
         self.table = columns[0].table
         self.label = columns[0].qualified_table
-        self.headers = {name: set(values) for name, values in stale_headers.items() if values}
+        self.headers = {name: values for name, values in stale_headers.items() if values}
         self.batch_size = batch_size
         self.slot = slot
         self.cursor = cursor
@@ -140,6 +145,9 @@ class TableWorker:
         self._raw = raw_table(self.table, [c.name for c in self.columns])
         self._pk_names = [column.name for column in self.table.primary_key.columns]
         self._tenant_name = self.columns[0].tenant_column if self.columns else None
+        self._updates: dict[tuple[str, ...], sa.Update] = {}
+        self._array_sqls: dict[tuple[str, ...], str] = {}
+        self._active_keys: dict[tuple[str, Any], DataKey] = {}
 
     # -- statements -------------------------------------------------------------
 
@@ -202,7 +210,7 @@ class TableWorker:
                 last_key = self._primary_key(rows[-1])
                 updates = self._reseal(rows, failures)
                 try:
-                    written = self._write(conn, updates) if updates else set()
+                    written = self._write(conn, updates) if updates else (0, 0)
                 except IntegrityError:
                     # A row collides with a unique index (one value under two key
                     # versions): roll the batch back, then write row by row.
@@ -239,13 +247,12 @@ class TableWorker:
         self,
         batch: WorkerStats,
         updates: list[_RowUpdate],
-        written: set[tuple[Any, ...]],
+        written: tuple[int, int],
         failures: list[RowFailure],
     ) -> None:
-        batch.values_reencrypted = sum(
-            len(update.values) for update in updates if update.primary_key in written
-        )
-        batch.rows_skipped = len(updates) - len(written)
+        rows, values = written
+        batch.values_reencrypted = values
+        batch.rows_skipped = len(updates) - rows
         batch.rows_failed = len({failure.primary_key for failure in failures})
 
     def _save_checkpoint(self, conn: Connection, batch: WorkerStats) -> None:
@@ -266,6 +273,9 @@ class TableWorker:
         return tuple(mapping[name] for name in self._pk_names)
 
     def _reseal(self, rows: Sequence[Row[Any]], failures: list[RowFailure]) -> list[_RowUpdate]:
+        # One active-key lookup per tenant and purpose per batch, whatever the
+        # key provider's own caching.
+        self._active_keys = {}
         updates = []
         for row in rows:
             mapping = row._mapping
@@ -274,10 +284,12 @@ class TableWorker:
             values: dict[str, tuple[Any, Any]] = {}
             for column in self.columns:
                 stored = mapping[column.name]
-                if prefix_of(stored, column.is_base64) not in self.headers[column.name]:
+                prefix = prefix_of(stored, column.is_base64)
+                entry = self.headers[column.name].get(prefix) if prefix is not None else None
+                if entry is None:
                     continue
                 try:
-                    new = self._reseal_value(column, stored, row_tenant)
+                    new = self._reseal_value(column, stored, entry, row_tenant)
                 except (KmsError, ReencryptionError):
                     # Not the row's fault: stop the job rather than fail every row.
                     raise
@@ -294,28 +306,40 @@ class TableWorker:
                 updates.append(_RowUpdate(primary_key, values))
         return updates
 
-    def _reseal_value(self, column: EncryptedColumn, stored: Any, row_tenant: Any) -> Any:
+    def _reseal_value(
+        self, column: EncryptedColumn, stored: Any, entry: CensusEntry, row_tenant: Any
+    ) -> Any:
         """Return the value sealed under its tenant's active DEK, or None when
-        the active key is not newer than the one that sealed it."""
+        the active key is not newer than the one that sealed it.
+
+        The tenant is the owner of the key named in the value's header (from
+        the keyring's metadata, through the census). A successful decryption
+        proves it, because the AAD binds the key's tenant; a tenant column that
+        disagrees fails the row. The job runs outside any ``tenant_scope``.
+        """
         column_type = column.column_type
-        data = bytes(stored) if isinstance(stored, memoryview | bytearray) else stored
-        envelope = base64.b64decode(data) if column.is_base64 else data
-        header = parse_header(envelope, f"encrypted column {column.label}")
-        provider = column_type.key_provider
-        # The tenant is the one whose DEK sealed the value: the AAD binds it, so
-        # decrypting below proves it. A tenant column must agree with it.
-        old_key = provider.key_by_id(
-            header.key_id, expected_tenant=row_tenant if isinstance(row_tenant, str) else None
-        )
-        tenant = old_key.tenant_id
-        with tenant_scope(tenant):
-            value = column_type.decrypt(data)
-        active: DataKey = provider.active_key(tenant, column_type.purpose)
-        if active.version <= header.key_version:
-            if active.version < header.key_version:
+        tenant = entry.tenant_id
+        if tenant is None:
+            raise KeyNotFoundError(
+                f"encrypted column {column.label}: key id {entry.key_id} is not in the keyring"
+            )
+        if isinstance(row_tenant, str) and row_tenant != tenant:
+            raise TenantContextError(
+                f"encrypted column {column.label}: the value is sealed under key id "
+                f"{entry.key_id} of tenant {tenant!r}, but the row belongs to tenant "
+                f"{row_tenant!r}; it is left as it is"
+            )
+        value = column_type.decrypt(stored)
+        slot = (tenant, column_type.purpose)
+        active = self._active_keys.get(slot)
+        if active is None:
+            active = column_type.key_provider.active_key(tenant, column_type.purpose)
+            self._active_keys[slot] = active
+        if active.version <= entry.key_version:
+            if active.version < entry.key_version:
                 raise ReencryptionError(
                     f"encrypted column {column.label}: tenant {tenant!r} has key version "
-                    f"{header.key_version} in use, but this process sees version "
+                    f"{entry.key_version} in use, but this process sees version "
                     f"{active.version} as active; wait for the active-key cache to expire "
                     "and run the job again"
                 )
@@ -327,62 +351,108 @@ class TableWorker:
 
     # -- writing ----------------------------------------------------------------
 
-    def _write(self, conn: Connection, updates: list[_RowUpdate]) -> set[tuple[Any, ...]]:
-        """Write ``updates`` with compare-and-swap; return the primary keys written."""
+    def _write(self, conn: Connection, updates: list[_RowUpdate]) -> tuple[int, int]:
+        """Write ``updates`` with compare-and-swap; return the rows and the
+        values written.
+
+        Rows are grouped by the columns they change. On PostgreSQL with
+        psycopg each group is one statement taking arrays (see
+        :meth:`_write_arrays`); elsewhere it is an executemany of single-row
+        updates.
+        """
         groups: dict[tuple[str, ...], list[_RowUpdate]] = {}
         for update in updates:
             groups.setdefault(tuple(sorted(update.values)), []).append(update)
-        written: set[tuple[Any, ...]] = set()
+        rows = values = 0
         for names, group in groups.items():
-            if self._dialect == "postgresql":
-                per_row = len(self._pk_names) + 2 * len(names)
-                step = max(1, _MAX_PARAMETERS // per_row)
-                for start in range(0, len(group), step):
-                    written |= self._write_values(conn, names, group[start : start + step])
+            if self._dialect == "postgresql" and conn.dialect.driver == "psycopg":
+                written = self._write_arrays(conn, names, group)
             else:
+                parameters = []
                 for update in group:
-                    if self._write_row(conn, update):
-                        written.add(update.primary_key)
-        return written
+                    row = {f"pk_{i}": value for i, value in enumerate(update.primary_key)}
+                    for name in names:
+                        row[f"old_{name}"], row[f"new_{name}"] = update.values[name]
+                    parameters.append(row)
+                written = conn.execute(self._update_statement(names), parameters).rowcount
+            rows += written
+            values += written * len(names)
+        return rows, values
 
-    def _write_values(
-        self, conn: Connection, names: tuple[str, ...], group: list[_RowUpdate]
-    ) -> set[tuple[Any, ...]]:
-        """Write a group in one ``UPDATE ... FROM (VALUES ...) RETURNING`` statement."""
+    def _array_sql(self, conn: Connection, names: tuple[str, ...]) -> str:
+        """Return ``UPDATE t SET col = v.new FROM unnest(%(pk_0)b, ...) AS v(...)
+        WHERE t.pk = v.pk AND t.col = v.old RETURNING t.pk`` for one set of columns.
+
+        Each field of the batch travels as one array in psycopg's binary
+        format, so the whole batch is one statement and one round trip, the
+        bytes are not escaped as text, and the planner joins the arrays to
+        the table through its primary key index.
+        """
+        sql = self._array_sqls.get(names)
+        if sql is not None:
+            return sql
+        dialect = conn.dialect
+        preparer = dialect.identifier_preparer
+
+        def quote(name: str) -> str:
+            return preparer.quote(name).replace("%", "%%")
+
         raw = self._raw
-        pk_columns = [raw.c[name] for name in self._pk_names]
-        value_columns = [sa.column(f"pk_{i}", c.type) for i, c in enumerate(pk_columns)]
+        fields: list[tuple[str, str]] = []
+        for i, name in enumerate(self._pk_names):
+            fields.append((f"pk_{i}", raw.c[name].type.compile(dialect=dialect)))
         for name in names:
-            storage = raw.c[name].type
-            value_columns.append(sa.column(f"old_{name}", storage))
-            value_columns.append(sa.column(f"new_{name}", storage))
-        data = []
-        for update in group:
-            row: list[Any] = list(update.primary_key)
-            for name in names:
-                row.extend(update.values[name])
-            data.append(tuple(row))
-        values = sa.values(*value_columns, name="reencrypted").data(data)
-        conditions = [column == values.c[f"pk_{i}"] for i, column in enumerate(pk_columns)]
-        assignments = {}
+            storage = raw.c[name].type.compile(dialect=dialect)
+            fields += [(f"old_{name}", storage), (f"new_{name}", storage)]
+        arrays = ", ".join(f"%({key})b::{sql_type}[]" for key, sql_type in fields)
+        aliases = ", ".join(f"f{i}" for i in range(len(fields)))
+        position = {key: f"v.f{i}" for i, (key, _) in enumerate(fields)}
+        table = preparer.format_table(self.table).replace("%", "%%")
+        assignments = ", ".join(f"{quote(name)} = {position[f'new_{name}']}" for name in names)
+        conditions = [
+            f"t.{quote(name)} = {position[f'pk_{i}']}" for i, name in enumerate(self._pk_names)
+        ]
+        conditions += [f"t.{quote(name)} = {position[f'old_{name}']}" for name in names]
+        returning = ", ".join(f"t.{quote(name)}" for name in self._pk_names)
+        # Every name in the text is a quoted identifier or generated here.
+        sql = (
+            f"UPDATE {table} AS t SET {assignments} FROM unnest({arrays}) AS v({aliases}) "  # noqa: S608
+            f"WHERE {' AND '.join(conditions)} RETURNING {returning}"
+        )
+        self._array_sqls[names] = sql
+        return sql
+
+    def _write_arrays(
+        self, conn: Connection, names: tuple[str, ...], group: list[_RowUpdate]
+    ) -> int:
+        parameters: dict[str, list[Any]] = {}
+        for i in range(len(self._pk_names)):
+            parameters[f"pk_{i}"] = [update.primary_key[i] for update in group]
         for name in names:
-            storage = raw.c[name].type
-            conditions.append(raw.c[name] == sa.cast(values.c[f"old_{name}"], storage))
-            assignments[name] = sa.cast(values.c[f"new_{name}"], storage)
-        statement = sa.update(raw).values(assignments).where(*conditions).returning(*pk_columns)
-        return {tuple(row) for row in conn.execute(statement)}
+            parameters[f"old_{name}"] = [update.values[name][0] for update in group]
+            parameters[f"new_{name}"] = [update.values[name][1] for update in group]
+        return len(conn.exec_driver_sql(self._array_sql(conn, names), parameters).all())
+
+    def _update_statement(self, names: tuple[str, ...]) -> sa.Update:
+        """Return ``UPDATE t SET col = :new WHERE pk = :pk AND col = :old`` for one
+        set of columns, built once so that SQLAlchemy compiles it once."""
+        statement = self._updates.get(names)
+        if statement is None:
+            raw = self._raw
+            conditions = [
+                raw.c[name] == sa.bindparam(f"pk_{i}") for i, name in enumerate(self._pk_names)
+            ]
+            conditions += [raw.c[name] == sa.bindparam(f"old_{name}") for name in names]
+            statement = (
+                sa.update(raw)
+                .where(*conditions)
+                .values({name: sa.bindparam(f"new_{name}") for name in names})
+            )
+            self._updates[names] = statement
+        return statement
 
     def _write_row(self, conn: Connection, update: _RowUpdate) -> bool:
-        raw = self._raw
-        keys = zip(self._pk_names, update.primary_key, strict=True)
-        conditions = [raw.c[name] == value for name, value in keys]
-        conditions += [raw.c[name] == old for name, (old, _) in update.values.items()]
-        statement = (
-            sa.update(raw)
-            .values({name: new for name, (_, new) in update.values.items()})
-            .where(*conditions)
-        )
-        return conn.execute(statement).rowcount == 1
+        return self._write(conn, [update])[0] == 1
 
     def _write_one_by_one(
         self, updates: list[_RowUpdate], batch: WorkerStats, failures: list[RowFailure]
