@@ -349,6 +349,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         if key is None:
             tenant = tenant_id if tenant_id is not None else current_tenant(identity)
             key = self.key_provider.active_key(tenant, self.purpose)
+        return self._seal_encoded(plaintext, key, identity)
+
+    def _seal_encoded(self, plaintext: bytes, key: DataKey, identity: str) -> bytes:
+        """Seal codec-encoded ``plaintext`` under ``key`` into an envelope."""
         header, aad = self._prefix(key, identity)
         if self.algorithm is _SIV:
             # The tag byte keeps SIV's plaintext non-empty, which AESSIV requires.
@@ -453,6 +457,36 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             raise StoredKeyDestroyedError(f"could not decrypt {where}: {failure}")
         raise StoredKeyNotFoundError(f"could not decrypt {where}: {failure}")
 
+    def _open(self, data: bytes, header: EnvelopeHeader, identity: str) -> tuple[DataKey, bytes]:
+        """Authenticate the envelope ``data`` and return its key and the
+        codec-encoded plaintext."""
+        key = self._key_for(header, identity)
+        if key.purpose is not self.purpose or key.version != header.key_version:
+            raise DecryptionError(
+                f"could not decrypt {_describe(identity, key, header)}: authentication failed"
+            )
+        # The AAD starts with the stored header; it equals the cached header
+        # unless the key provider returned a key with another id.
+        prefix_header, aad = self._prefix(key, identity)
+        header_bytes = data[:HEADER_SIZE]
+        if prefix_header != header_bytes:
+            aad = header_bytes + aad[HEADER_SIZE:]
+        try:
+            plaintext = key.cipher.open(data[HEADER_SIZE:], aad)
+        except InvalidTag:
+            plaintext = None
+        if plaintext is None:
+            raise DecryptionError(
+                f"could not decrypt {_describe(identity, key, header)}: authentication failed"
+            )
+        if self.algorithm is _SIV:
+            if not plaintext or plaintext[0] != self._codec.tag:
+                raise DecryptionError(
+                    f"could not decrypt {_describe(identity, key, header)}: invalid value type tag"
+                )
+            plaintext = plaintext[1:]
+        return key, plaintext
+
     def decrypt(self, stored: Any) -> Any:
         """Decrypt one stored value of this column back into its Python value.
 
@@ -481,31 +515,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             format_error = _storage.explain_format_error(data, exc, identity)
         if format_error is not None:
             return self._read_plaintext(stored, identity, format_error)
-        key = self._key_for(header, identity)
-        if key.purpose is not self.purpose or key.version != header.key_version:
-            raise DecryptionError(
-                f"could not decrypt {_describe(identity, key, header)}: authentication failed"
-            )
-        # The AAD starts with the stored header; it equals the cached header
-        # unless the key provider returned a key with another id.
-        prefix_header, aad = self._prefix(key, identity)
-        header_bytes = data[:HEADER_SIZE]
-        if prefix_header != header_bytes:
-            aad = header_bytes + aad[HEADER_SIZE:]
-        try:
-            plaintext = key.cipher.open(data[HEADER_SIZE:], aad)
-        except InvalidTag:
-            plaintext = None
-        if plaintext is None:
-            raise DecryptionError(
-                f"could not decrypt {_describe(identity, key, header)}: authentication failed"
-            )
-        if self.algorithm is _SIV:
-            if not plaintext or plaintext[0] != self._codec.tag:
-                raise DecryptionError(
-                    f"could not decrypt {_describe(identity, key, header)}: invalid value type tag"
-                )
-            plaintext = plaintext[1:]
+        key, plaintext = self._open(data, header, identity)
         decode_failure: str | None = None
         try:
             return self._codec.decode(plaintext)
@@ -517,6 +527,29 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             f"could not decode {_describe(identity, key, header)}: "
             f"{decode_failure} in the value codec"
         )
+
+    def reseal(self, stored: Any, key: DataKey) -> bytes:
+        """Re-encrypt one stored value of this column under ``key``.
+
+        The value is authenticated exactly as :meth:`decrypt` does, and its
+        encoded plaintext is sealed again without being decoded, so the value
+        keeps its exact encoding. ``key`` must be a key of the
+        value's tenant for this column's purpose, usually the tenant's active
+        key. Returns the new envelope (bytes, also for base64 storage).
+        Values that are not envelopes raise :class:`StorageFormatError`, even
+        in plaintext transition mode.
+        """
+        identity = self._identity_for_write()
+        data = _storage.coerce_stored(stored, self.storage, identity)
+        header = self._check_header(data, identity)
+        old_key, plaintext = self._open(data, header, identity)
+        if key.tenant_id != old_key.tenant_id or key.purpose is not self.purpose:
+            raise TenantContextError(
+                f"encrypted column {identity}: cannot re-encrypt a value of tenant "
+                f"{old_key.tenant_id!r} under {key.purpose.value} key id {key.key_id} of "
+                f"tenant {key.tenant_id!r}"
+            )
+        return self._seal_encoded(plaintext, key, identity)
 
     def _read_plaintext(self, stored: Any, identity: str, error: StorageFormatError) -> Any:
         """Return a legacy plaintext value in transition mode, else raise ``error``.

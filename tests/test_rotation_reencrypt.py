@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import decimal
 import logging
@@ -474,3 +475,26 @@ def test_rate_limiter_spaces_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sleeps == pytest.approx([0.5, 0.5, 0.5])
     with pytest.raises(ConfigurationError, match="rows per second"):
         RateLimiter(0)
+
+
+def test_reseal_keeps_plaintext_and_tenant(keyring: InMemoryKeyring) -> None:
+    from sqlalchemy_encrypted import TenantContextError, parse_header
+
+    column_type = Typed.__table__.c.doc.type
+    stored = column_type.seal({"b": 1, "a": [1.5, None]}, tenant_id="t-acme")
+    keyring.rotate("t-acme")
+    new_key = keyring.active_key("t-acme", KeyPurpose.RANDOMIZED)
+
+    resealed = column_type.reseal(stored, new_key)
+
+    assert parse_header(resealed).key_version == 2
+    assert column_type.decrypt(resealed) == {"b": 1, "a": [1.5, None]}
+    other = keyring.active_key("t-globex", KeyPurpose.RANDOMIZED)
+    with pytest.raises(TenantContextError, match="cannot re-encrypt a value of tenant 't-acme'"):
+        column_type.reseal(stored, other)
+    base64_type = Typed.__table__.c.text_b64.type
+    with tenant_scope("t-acme"):
+        stored_text = base64_type.process_bind_param("tëxt", None)
+    assert isinstance(stored_text, str)
+    resealed_text = base64.b64encode(base64_type.reseal(stored_text, new_key)).decode()
+    assert base64_type.decrypt(resealed_text) == "tëxt"

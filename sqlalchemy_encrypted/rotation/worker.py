@@ -309,8 +309,12 @@ class TableWorker:
     def _reseal_value(
         self, column: EncryptedColumn, stored: Any, entry: CensusEntry, row_tenant: Any
     ) -> Any:
-        """Return the value sealed under its tenant's active DEK, or None when
+        """Return the value re-sealed under its tenant's active DEK, or None when
         the active key is not newer than the one that sealed it.
+
+        :meth:`EncryptedType.reseal` authenticates the value and seals its
+        encoded plaintext again without decoding it, so no value changes
+        through a codec round trip.
 
         The tenant is the owner of the key named in the value's header (from
         the keyring's metadata, through the census). A successful decryption
@@ -329,7 +333,6 @@ class TableWorker:
                 f"{entry.key_id} of tenant {tenant!r}, but the row belongs to tenant "
                 f"{row_tenant!r}; it is left as it is"
             )
-        value = column_type.decrypt(stored)
         slot = (tenant, column_type.purpose)
         active = self._active_keys.get(slot)
         if active is None:
@@ -344,7 +347,7 @@ class TableWorker:
                     "and run the job again"
                 )
             return None
-        sealed = column_type.seal(value, key=active)
+        sealed = column_type.reseal(stored, active)
         if column.is_base64:
             return base64.b64encode(sealed).decode("ascii")
         return sealed
