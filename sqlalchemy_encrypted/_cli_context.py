@@ -181,7 +181,7 @@ def local_key_path(uri: str) -> tuple[str, str | None] | None:
 
 @dataclass
 class CliContext:
-    """What the global options configure, opened on first use."""
+    """Settings of the global options, and the resources they open on first use."""
 
     url: str | None
     kms_uri: str | None

@@ -3,7 +3,7 @@
 Global options name the database (``--url``), the KMS (``--kms``) and the
 application's models (``--models``); each also comes from an environment
 variable. Errors print as one line unless ``--verbose`` is given, and the
-exit status tells what went wrong (see ``sqlalchemy-encrypted --help``).
+exit status names the kind of failure (see ``sqlalchemy-encrypted --help``).
 """
 
 from __future__ import annotations

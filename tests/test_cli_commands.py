@@ -180,6 +180,23 @@ def test_status_shows_census(filled: App) -> None:
     assert failing.exit_code == 6
 
 
+def test_status_counts_plaintext_and_nulls(filled: App) -> None:
+    with filled.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO persons (id, tenant_id, name, email) VALUES (90, 't-acme', NULL, NULL)"
+        )
+        conn.execute(
+            sa.text("INSERT INTO persons (id, tenant_id, name) VALUES (91, 't-acme', :v)"),
+            {"v": b"legacy plaintext"},
+        )
+
+    text = filled.run("status", "--table", "persons")
+
+    assert text.exit_code == 0, text.output
+    assert "persons.name: 1 NULL, 1 not encrypted" in text.output
+    assert "persons.email: 2 NULL" in text.output
+
+
 def test_status_without_kms_reads_metadata(filled: App) -> None:
     env = dict(filled.env)
     del env["SQLALCHEMY_ENCRYPTED_KMS"]

@@ -1,6 +1,6 @@
 """Key metadata for the census: which tenant, purpose, version and state a key id has.
 
-A provider with ``list_keys()`` (the keyring) answers from its metadata
+A provider with ``list_keys()`` (the keyring) reads it from its metadata
 table, with no KMS call and no DEK unwrapped. Any other
 :class:`~sqlalchemy_encrypted.keys.KeyProvider` is asked through the
 protocol, which may unwrap DEKs but never decrypts a stored value.
@@ -43,8 +43,8 @@ class KeyStateName:
 
 @dataclass(frozen=True)
 class KeyRecord:
-    """What the census knows about one key id. ``tenant_id``, ``purpose`` and
-    ``version`` are None only for a key id the keyring does not know."""
+    """The metadata of one key id. ``tenant_id``, ``purpose`` and ``version``
+    are None only for a key id that is not in the keyring."""
 
     key_id: uuid.UUID
     tenant_id: str | None

@@ -138,7 +138,7 @@ class ColumnCensus:
 
 @dataclass
 class Census:
-    """The census of several columns, with the questions rotation asks of it."""
+    """The census of several columns, with the queries that rotation needs."""
 
     columns: list[ColumnCensus]
 

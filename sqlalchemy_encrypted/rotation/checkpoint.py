@@ -1,7 +1,7 @@
 """The checkpoint table: where each re-encryption worker has got to.
 
-One row per (job name, table, worker slot) holds the primary key of the last
-row the worker committed, its counters and its status. A worker writes its
+One row per (job name, table, worker slot) stores the primary key of the
+last row the worker committed, its counters and its status. A worker writes its
 row in the same transaction as the batch it describes, so after a crash the
 checkpoint never claims work that was rolled back.
 
@@ -60,7 +60,7 @@ def checkpoint_table(
     """Define the checkpoint table in ``metadata`` (a new MetaData if None).
 
     Add it to the application's own MetaData to create it with the rest of
-    the schema or through Alembic; otherwise the job creates it on first use.
+    the schema or through Alembic. Otherwise the job creates it on first use.
     """
     metadata = metadata if metadata is not None else sa.MetaData()
     return sa.Table(
@@ -133,7 +133,7 @@ def _now() -> dt.datetime:
 
 
 def owner_name() -> str:
-    """Return ``host:pid``, naming the process that holds a slot."""
+    """Return ``host:pid``, naming the process that owns a slot."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -366,8 +366,8 @@ class SlotLease:
     """Ownership of one worker slot of a job's table.
 
     On PostgreSQL the lease is a session advisory lock taken on the worker's
-    own connection: it keeps no transaction open, and the server releases it
-    as soon as the owning process dies, so a restarted worker can take the
+    own connection, so it keeps no transaction open. The server releases it
+    as soon as the owning process dies, and a restarted worker can take the
     slot over. Other databases run one worker, which always has slot 0.
     """
 
@@ -405,7 +405,7 @@ class SlotLease:
             conn.invalidate()
 
     def is_held(self, engine: Engine, slot: int) -> bool:
-        """Return True when a live session holds ``slot``."""
+        """Return True when a live session has the lock of ``slot``."""
         if engine.dialect.name != "postgresql":
             return False
         with engine.connect() as conn:

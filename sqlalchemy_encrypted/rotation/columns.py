@@ -1,4 +1,4 @@
-"""Which columns hold encrypted values, and how to read their raw bytes.
+"""Descriptions of the columns that store envelopes, and raw access to their bytes.
 
 The census and the re-encryption engine work on :class:`EncryptedColumn`
 descriptions built from SQLAlchemy tables. Columns declared with

@@ -2,9 +2,9 @@
 
 Every envelope starts with a fixed 24-byte header (format version,
 algorithm, flags, value type tag, key id, key version). For one column and
-one DEK the header is the same for every value, so grouping rows by their
-first 24 bytes yields one group per DEK in use, and filtering on those bytes
-selects the values of given DEKs, all without decrypting anything.
+one DEK the header is the same for every value. Grouping rows by their first
+24 bytes therefore yields one group per DEK in use, and filtering on those
+bytes selects the values of given DEKs, without decrypting anything.
 
 Columns stored as base64 text work the same way: 24 bytes encode to exactly
 32 base64 characters, so the first 32 characters are the header.

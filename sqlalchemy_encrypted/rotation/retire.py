@@ -43,9 +43,9 @@ def check_key_unused(
     references = result.references(tenant_id, version, purpose)
     if references:
         listed = ", ".join(f"{label}: {count}" for label, count in sorted(references.items()))
-        which = f"{purpose.value} " if purpose is not None else ""
+        purpose_text = f"{purpose.value} " if purpose is not None else ""
         raise KeyInUseError(
-            f"cannot retire {which}key version {version} of tenant {tenant_id!r}: "
+            f"cannot retire {purpose_text}key version {version} of tenant {tenant_id!r}: "
             f"{sum(references.values())} value(s) still use it ({listed}); re-encrypt them "
             "first",
             references=references,

@@ -2,9 +2,9 @@
 
 A unique index on a :class:`DeterministicEncrypted` column compares stored
 bytes. After a rotation the same value sealed under the old and the new key
-version gives two different byte strings, so the index accepts a duplicate
-until the re-encryption job reaches the old row (which then fails with an
-integrity error and is reported).
+version gives two different byte strings, so the index accepts a duplicate.
+The re-encryption job finds it later, when the old row fails with an
+integrity error, and reports it.
 
 :func:`install_unique_guard` closes that gap for ORM writes: before each
 flush it looks up every new or changed value of a unique constraint that
@@ -78,7 +78,7 @@ def _needs_check(table: sa.Table, names: tuple[str, ...], tenant_id: str) -> boo
 
 
 def check_unique_values(session: Session, obj: Any) -> None:
-    """Raise :class:`DuplicateValueError` if another row holds the values of
+    """Raise :class:`DuplicateValueError` if another row contains the values of
     one of ``obj``'s unique deterministic constraints under any decryptable
     key version of its tenant."""
     state = sa.inspect(obj)
@@ -89,6 +89,7 @@ def check_unique_values(session: Session, obj: Any) -> None:
     groups = unique_groups(table)
     if not groups:
         return
+
     tenant_name = tenant_column_of(table)
     values: dict[str, Any] = {}
     changed: set[str] = set()
@@ -100,6 +101,7 @@ def check_unique_values(session: Session, obj: Any) -> None:
     tenant = values.get(tenant_name) if tenant_name else None
     if not isinstance(tenant, str) or not tenant:
         tenant = current_tenant(table.name)
+
     for names in groups:
         if not changed.intersection(names) or any(values[name] is None for name in names):
             continue

@@ -54,7 +54,7 @@ logger = logging.getLogger("sqlalchemy_encrypted.rotation")
 
 @dataclass(frozen=True)
 class RowFailure:
-    """A value the job could not re-encrypt. ``message`` holds no plaintext."""
+    """A value the job could not re-encrypt. ``message`` contains no plaintext."""
 
     table: str
     column: str
@@ -92,7 +92,7 @@ class WorkerStats:
 
 @dataclass
 class BatchReport:
-    """What one committed batch did; passed to the job's progress hook."""
+    """The counters and failures of one committed batch, passed to the job's progress hook."""
 
     slot: int
     stats: WorkerStats
@@ -387,9 +387,9 @@ class TableWorker:
         WHERE t.pk = v.pk AND t.col = v.old RETURNING t.pk`` for one set of columns.
 
         Each field of the batch travels as one array in psycopg's binary
-        format, so the whole batch is one statement and one round trip, the
-        bytes are not escaped as text, and the planner joins the arrays to
-        the table through its primary key index.
+        format, so the whole batch is one statement and one round trip, and
+        no byte is escaped as text. The planner joins the arrays to the table
+        through its primary key index.
         """
         sql = self._array_sqls.get(names)
         if sql is not None:
