@@ -498,3 +498,40 @@ def test_reseal_keeps_plaintext_and_tenant(keyring: InMemoryKeyring) -> None:
     assert isinstance(stored_text, str)
     resealed_text = base64.b64encode(base64_type.reseal(stored_text, new_key)).decode()
     assert base64_type.decrypt(resealed_text) == "tëxt"
+
+
+def test_reencrypt_quoted_names_in_schema(pg_engine: sa.Engine, keyring: InMemoryKeyring) -> None:
+    """Mixed-case names with spaces, a schema, a text primary key and base64
+    storage, through PostgreSQL's array update."""
+    from sqlalchemy_encrypted import Encrypted
+
+    with pg_engine.connect() as conn:
+        schema = conn.exec_driver_sql("SELECT current_schema()").scalar_one()
+    table = sa.Table(
+        "Member Notes",
+        sa.MetaData(),
+        sa.Column("Key", sa.String(20), primary_key=True),
+        sa.Column("Tenant", sa.String(40)),
+        sa.Column("Body Text", Encrypted(sa.String(60), storage="base64")),
+        schema=schema,
+        info={"tenant_column": "Tenant"},
+    )
+    table.create(pg_engine)
+    with pg_engine.begin() as conn:
+        conn.execute(
+            sa.insert(table),
+            [{"Key": f"k{i:03d}", "Tenant": "t-acme", "Body Text": f"note {i}"} for i in range(9)],
+        )
+    keyring.rotate("t-acme")
+
+    result = reencrypt(pg_engine, table, batch_size=4)
+
+    assert result.ok
+    assert result.values_reencrypted == 9
+    with pg_engine.connect() as conn:
+        rows = conn.execute(sa.select(table.c["Key"], table.c["Body Text"])).all()
+    assert sorted(rows) == [(f"k{i:03d}", f"note {i}") for i in range(9)]
+    entries = list(census(pg_engine, table))
+    assert [(e.table, e.key_version, e.count) for e in entries] == [
+        (f"{schema}.Member Notes", 2, 9)
+    ]
