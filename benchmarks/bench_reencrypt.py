@@ -1,6 +1,6 @@
 """Benchmark re-encryption on PostgreSQL against a plain batched UPDATE.
 
-Run it by hand from the repository root (it is not part of the test suite)::
+Run it by hand from the repository root (the test suite only runs it on a few rows)::
 
     scripts/test.sh --co -q >/dev/null      # once, to create .venv
     .venv/bin/python benchmarks/bench_reencrypt.py
@@ -27,10 +27,10 @@ characters) over ``--tenants`` tenants is rotated, then
 The table is vacuumed before each measured run, and each run is repeated
 ``--repeat`` times (after a rotation, for the job), keeping the median.
 
-Memory: for each size in ``--memory-sizes`` a fresh table is filled and a
-child process runs the job under ``tracemalloc``, reporting its Python heap
-peak and its peak RSS, so a size-independent result shows the job's memory
-is bounded by the batch size, not by the table.
+Memory: for each size in ``--memory-sizes`` a fresh table is filled, and a
+child process runs the job under ``tracemalloc`` and reports its Python heap
+peak and its peak RSS. Figures that do not grow with the size show that the
+job's memory is bounded by the batch size, not by the table.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def reencrypt(engine: sa.Engine, metadata: sa.MetaData, batch_size: int, workers
 
 
 def job_child(url: str, key_file: str, job_name: str, batch_size: int, workers: int) -> None:
-    """Run one process of a multi-process job once the parent says go; print its count."""
+    """Run one process of a multi-process job once the parent sends "go"; print its count."""
     engine = sa.create_engine(url)
     metadata = sa.MetaData()
     define_table(metadata)

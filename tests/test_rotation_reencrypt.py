@@ -364,7 +364,7 @@ def test_active_key_older_than_value_stops(
     real_active = keyring.active_key
 
     def stale_view(tenant_id: str, purpose: KeyPurpose) -> DataKey:
-        # A process whose active-key cache still holds version 1.
+        # A process whose active-key cache still returns version 1.
         if tenant_id == "t-acme" and purpose is KeyPurpose.RANDOMIZED:
             return old_key
         return real_active(tenant_id, purpose)
