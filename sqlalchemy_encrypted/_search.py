@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import BinaryExpression
+
 from .keys import DataKey, KeyPurpose
 from .tenancy import current_tenant
 
 if TYPE_CHECKING:
     from .types import DeterministicEncrypted
 
-__all__ = ["SearchToken", "TokenSet"]
+__all__ = ["SearchToken", "TokenSearch", "TokenSet"]
 
 
 class SearchToken:
@@ -69,3 +72,42 @@ class TokenSet(Sequence[SearchToken]):
 
     def __iter__(self) -> Iterator[SearchToken]:
         return iter(self._tokens())
+
+
+class TokenSearch(BinaryExpression[bool]):
+    """``column IN (tokens)`` or ``NOT IN``: the SQL form of ``==``, ``!=``,
+    ``in_()`` and ``not_in()`` on a deterministic column.
+
+    It compiles as the plain IN it is. Its own visit name stops the ORM from
+    evaluating it in Python for ORM UPDATE and DELETE statements with
+    ``synchronize_session="evaluate"`` or the default ``"auto"``. The
+    evaluator would compare decrypted attributes with search tokens and so
+    update the wrong objects in the session. With it, ``"auto"`` falls back
+    to ``"fetch"`` and ``"evaluate"`` raises.
+    """
+
+    __visit_name__ = "encrypted_token_search"
+    inherit_cache = True
+
+    def __init__(self, binary: BinaryExpression[Any]) -> None:
+        super().__init__(
+            binary.left,
+            binary.right,
+            binary.operator,
+            type_=binary.type,
+            negate=binary.negate,
+            modifiers=binary.modifiers,
+        )
+
+    def _negate(self) -> Any:
+        # The stock negation returns a plain BinaryExpression, which the ORM
+        # would evaluate in Python again.
+        negated = super()._negate()  # type: ignore[no-untyped-call]
+        if isinstance(negated, BinaryExpression):
+            return TokenSearch(negated)
+        return negated
+
+
+@compiles(TokenSearch)
+def _compile_token_search(element: TokenSearch, compiler: Any, **kw: Any) -> str:
+    return str(compiler.visit_binary(element, **kw))

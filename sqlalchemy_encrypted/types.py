@@ -26,7 +26,7 @@ from sqlalchemy.sql.type_api import TypeEngine
 from . import _storage
 from ._aead import InvalidTag
 from ._comparison import ColumnComparison
-from ._search import SearchToken, TokenSet
+from ._search import SearchToken, TokenSearch, TokenSet
 from ._storage import StorageMode
 from .codecs import Codec, StrCodec, codec_for
 from .envelope import (
@@ -782,18 +782,36 @@ class DeterministicEncrypted(EncryptedType[_T]):
                 # An explicit or lambda-tracked bound parameter carries one value
                 # that is sealed when the statement executes, so it matches
                 # values sealed under the active DEK only.
-                return _base_operate(comparator, op, value, **kwargs)
+                return _base_operate(comparator, op, self._retyped(value), **kwargs)
             return self._token_in(comparator, [value], negate=op is operators.ne)
         if op in (operators.in_op, operators.not_in_op):
             values = other[0]
             if _is_sql_expression(values) or not isinstance(values, (list, tuple, set, frozenset)):
-                return _base_operate(comparator, op, values, **kwargs)
+                return _base_operate(comparator, op, self._retyped(values), **kwargs)
             if any(_is_sql_expression(value) for value in values):
                 raise comparator._reject(op)
             return self._token_in(comparator, list(values), negate=op is operators.not_in_op)
         if op is operators.distinct_op:
             return _base_operate(comparator, op, *other, **kwargs)
         raise comparator._reject(op)
+
+    def _retyped(self, value: Any) -> Any:
+        """Return ``value`` bound through this column's type if it is a bound
+        parameter with another type.
+
+        SQLAlchemy keeps the type of a typed parameter, such as
+        ``literal("x")`` or ``bindparam("e", type_=String)``, so its value
+        would reach the database as plaintext and never match.
+        """
+        if not isinstance(value, BindParameter) or value.type._isnull:
+            return value
+        bound_type = value.type
+        if (
+            isinstance(bound_type, EncryptedType)
+            and bound_type.column_identity == self.column_identity
+        ):
+            return value
+        return value._with_binary_element_type(self)
 
     def _token_in(self, comparator: Any, values: list[Any], negate: bool) -> ColumnElement[Any]:
         # Check every value now, so a wrong type or length fails when the
@@ -805,7 +823,9 @@ class DeterministicEncrypted(EncryptedType[_T]):
             None, value=TokenSet(self, values), type_=self, expanding=True, unique=True
         )
         op = operators.not_in_op if negate else operators.in_op
-        return _base_operate(comparator, op, parameter)
+        binary = _base_operate(comparator, op, parameter)
+        assert isinstance(binary, BinaryExpression)
+        return TokenSearch(binary)
 
 
 def _is_tracked_bind(value: Any) -> bool:
