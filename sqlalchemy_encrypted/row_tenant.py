@@ -18,6 +18,12 @@ primary key, an ORM bulk update without the tenant key, a ``lambda_stmt``)
 seal under the tenant of the active scope, else the default tenant. Such a
 statement must only touch rows of that tenant, for example by filtering on
 the tenant column.
+
+An ORM flush that changes an object's tenant column seals every encrypted
+value of the object again under the new tenant. The row then stays readable
+and searchable for its new tenant, and a shred of the old tenant leaves it
+intact. A statement that changes only the tenant column does not do this:
+its values stay sealed under the old tenant.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Mapper, attributes
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.sql.elements import BindParameter
@@ -167,6 +173,35 @@ def _before_execute(
     return clauseelement, multiparams, params
 
 
+def _reseal_moved_row(
+    mapper: Mapper[Any], state: InstanceState[Any], table: sa.Table, tenant_key: str, tenant: str
+) -> None:
+    """Mark every encrypted attribute of an object whose tenant column
+    changed as modified, so the flush seals it under the new tenant."""
+    if tenant_key not in state.committed_state:
+        return
+    # The previous tenant, or a loader sentinel when it was never loaded.
+    previous = state.committed_state[tenant_key]
+    if previous == tenant:
+        return
+    for column in table.columns:
+        if not isinstance(column.type, EncryptedType):
+            continue
+        key = mapper.get_property_by_column(column).key
+        if key not in state.dict:
+            was = f"tenant {previous!r}" if isinstance(previous, str) else "an unknown tenant"
+            raise TenantContextError(
+                f"table {table.name}: a row moves from {was} to tenant {tenant!r}, but "
+                f"encrypted column {column.type.column_identity} is not loaded, so its value "
+                "cannot be sealed under the new tenant's key; load the object's encrypted "
+                "attributes (for example with session.refresh()) before changing its tenant"
+            )
+        if state.dict[key] is not None and key not in state.committed_state:
+            obj = state.obj()
+            if obj is not None:
+                attributes.flag_modified(obj, key)
+
+
 def _wrap_changed(mapper: Mapper[Any], state: InstanceState[Any]) -> None:
     """Bind the changed encrypted attributes of an updated object to its tenant."""
     table = mapper.local_table
@@ -175,6 +210,7 @@ def _wrap_changed(mapper: Mapper[Any], state: InstanceState[Any]) -> None:
         return
     tenant_prop = mapper.get_property_by_column(table.columns[tenant_name])
     tenant = _row_tenant(table, state.dict.get(tenant_prop.key))
+    _reseal_moved_row(mapper, state, table, tenant_prop.key, tenant)
     for column in table.columns:
         if not isinstance(column.type, EncryptedType):
             continue
@@ -189,6 +225,26 @@ def _unwrap(state: InstanceState[Any]) -> None:
     for key, value in list(state.dict.items()):
         if isinstance(value, TenantBound):
             state.dict[key] = value.value
+
+
+def _keep_previous_tenant(target: Any, value: Any, oldvalue: Any, initiator: Any) -> None:
+    """Do nothing: registered only for its ``active_history``."""
+
+
+@event.listens_for(Mapper, "mapper_configured")
+def _track_tenant_changes(mapper: Mapper[Any], class_: type[Any]) -> None:
+    """Make setting the tenant column load the previous tenant (and the
+    object's other expired attributes), so a flush can tell a moved row."""
+    table = mapper.local_table
+    tenant_name = tenant_column_of(table)
+    if tenant_name is None or not isinstance(table, sa.Table) or not _encrypted_keys(table):
+        return
+    if tenant_name not in table.columns:
+        return
+    key = mapper.get_property_by_column(table.columns[tenant_name]).key
+    attribute = getattr(class_, key)
+    if not event.contains(attribute, "set", _keep_previous_tenant):
+        event.listen(attribute, "set", _keep_previous_tenant, active_history=True)
 
 
 @event.listens_for(Mapper, "before_update")
