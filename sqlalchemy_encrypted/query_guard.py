@@ -18,6 +18,7 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import (
     BindParameter,
+    Case,
     Cast,
     ClauseElement,
     ColumnElement,
@@ -115,12 +116,52 @@ def check_expressions(statement: Any) -> None:
                 [] if order_by is None else [order_by],
                 [] if partition_by is None else [partition_by],
             )
+        elif isinstance(element, Case):
+            results = [result for _, result in element.whens]
+            if element.else_ is not None:
+                results.append(element.else_)
+            _check_one_source(results, "CASE")
+
+
+def _describe_source(element: Any) -> str:
+    if isinstance(element.type, EncryptedType):
+        return f"encrypted column {element.type.column_identity}"
+    return "a value that is not encrypted"
+
+
+def _check_one_source(elements: list[Any], what: str) -> None:
+    """Raise if ``elements``, which share one result column, mix an
+    encrypted column with another column or value.
+
+    The result column is decrypted with one column's key and identity, so
+    values from anywhere else fail to authenticate, or come back as raw
+    ciphertext. NULL mixes with anything.
+    """
+    encrypted = [e for e in elements if isinstance(e.type, EncryptedType)]
+    if not encrypted:
+        return
+    identity = encrypted[0].type.column_identity
+    for element in elements:
+        if isinstance(element, Null):
+            continue
+        if isinstance(element.type, EncryptedType) and (element.type.column_identity == identity):
+            continue
+        raise UnsupportedOperationError(
+            f"{what} combines encrypted column {identity} with "
+            f"{_describe_source(element)} in one result column: its values could not be "
+            "decrypted with one column's key; select the columns separately"
+        )
 
 
 def check_compound_select(select: CompoundSelect[Any]) -> None:
-    """Check the ORDER BY and GROUP BY of a UNION, INTERSECT or EXCEPT; its
-    member SELECTs are checked when they compile."""
+    """Check the ORDER BY and GROUP BY of a UNION, INTERSECT or EXCEPT, and
+    that each of its result columns comes from one encrypted column or none.
+    Its member SELECTs are checked when they compile."""
     _check_ordering(select._order_by_clauses, select._group_by_clauses, select)
+    keyword = str(getattr(select.keyword, "value", "UNION"))
+    members = [list(member.selected_columns) for member in select.selects]
+    for position in range(min(len(columns) for columns in members)):
+        _check_one_source([columns[position] for columns in members], keyword)
 
 
 def _encrypted_column(columns: Any, key: Any) -> Any:

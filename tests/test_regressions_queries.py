@@ -7,11 +7,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_encrypted as se
+from sqlalchemy_encrypted import DeterministicEncrypted
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
+from .helpers import count_statements
 from .models import Base, Person
 
 SECRET_EMAIL = "carol.secret@example.test"
@@ -130,3 +132,68 @@ def test_orm_update_evaluate_is_refused(people: sa.Engine) -> None:
         )
         with pytest.raises(sa.exc.InvalidRequestError, match="evaluate"):
             session.execute(statement)
+
+
+class _VisitBase(DeclarativeBase):
+    pass
+
+
+class _Visit(_VisitBase):
+    """A second table with an encrypted column, for UNION and CASE checks."""
+
+    __tablename__ = "visits"
+    __table_args__ = {"info": {"tenant_column": "tenant_id"}}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.String(40))
+    code: Mapped[str | None] = mapped_column(DeterministicEncrypted(sa.String(20)))
+
+
+MIXED_RESULTS: dict[str, Any] = {
+    "union of two encrypted columns": lambda: sa.union(
+        sa.select(Person.email), sa.select(_Visit.code)
+    ),
+    "union of encrypted and plaintext": lambda: sa.union_all(
+        sa.select(Person.email), sa.select(Person.tenant_id)
+    ),
+    "union in a subquery": lambda: sa.select(
+        sa.union(sa.select(_Visit.code), sa.select(Person.email)).subquery()
+    ),
+    "case with plaintext branch": lambda: sa.select(
+        sa.case((Person.name.is_(None), "no name"), else_=Person.name)
+    ),
+    "case with two encrypted columns": lambda: sa.select(
+        sa.case((Person.id == 1, Person.name), else_=Person.email)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MIXED_RESULTS)
+def test_mixed_result_column_raises_before_sql(people: sa.Engine, name: str) -> None:
+    """A result column that holds values of an encrypted column and values
+    from elsewhere cannot be decrypted with one column's key and identity."""
+    _Visit.__table__.create(people)
+    with Session(people) as session:
+        session.add(_Visit(id=1, tenant_id="t-acme", code="J10"))
+        session.commit()
+    with count_statements(people) as counter, Session(people) as session:
+        with pytest.raises(se.UnsupportedOperationError) as caught:
+            session.execute(MIXED_RESULTS[name]()).all()
+    assert counter.count == 0
+    assert "persons." in str(caught.value)
+
+
+def test_union_of_one_encrypted_column_works(people: sa.Engine) -> None:
+    with Session(people) as session:
+        emails = session.scalars(
+            sa.union(
+                sa.select(Person.email).where(Person.id == 1),
+                sa.select(Person.email).where(Person.id == 2),
+                sa.select(sa.null()),
+            )
+        ).all()
+        names = session.scalars(
+            sa.select(sa.case((Person.id == 1, Person.name), else_=None)).order_by(Person.id)
+        ).all()
+    assert sorted(emails, key=str) == sorted([SECRET_EMAIL, "dave@example.test", None], key=str)
+    assert names == ["Carol", None]
