@@ -10,6 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ..errors import ConfigurationError
 from ..keys import KeyPurpose
 from ..kms.base import WrapContext
 from .schema import KeyState
@@ -128,7 +129,24 @@ class KeyStore:
         stmt = stmt.order_by(self.table.c.tenant_id, self.table.c.purpose, self.table.c.key_version)
         if for_update and conn.dialect.name != "sqlite":
             stmt = stmt.with_for_update()
-        return [self._row(mapping) for mapping in conn.execute(stmt).mappings()]
+        try:
+            result = conn.execute(stmt)
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+            self._raise_if_table_missing()
+            raise
+        return [self._row(mapping) for mapping in result.mappings()]
+
+    def _raise_if_table_missing(self) -> None:
+        """Turn the driver's "no such table" into an error that says what to do."""
+        with self.engine.connect() as conn:
+            exists = sa.inspect(conn).has_table(self.table.name, schema=self.table.schema)
+        if not exists:
+            raise ConfigurationError(
+                f"keyring table {self.table.fullname} does not exist in the keyring's "
+                "database: create it with keyring.create_table(), with "
+                "op.create_keyring_table() in an Alembic migration, or with "
+                "'sqlalchemy-encrypted init'"
+            ) from None
 
     def get(self, key_id: uuid.UUID) -> KeyRow | None:
         with self.engine.connect() as conn:

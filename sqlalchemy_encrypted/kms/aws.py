@@ -134,9 +134,17 @@ class AwsKms(KmsProvider):
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
         )
-        return boto3.client(
-            "kms", region_name=region_name, endpoint_url=endpoint_url, config=config
-        )
+        from botocore.exceptions import NoRegionError
+
+        try:
+            return boto3.client(
+                "kms", region_name=region_name, endpoint_url=endpoint_url, config=config
+            )
+        except NoRegionError:
+            raise ConfigurationError(
+                "AwsKms found no AWS region: pass region_name= (or ?region= in an aws-kms:// "
+                "URI), or set AWS_DEFAULT_REGION"
+            ) from None
 
     def __repr__(self) -> str:
         return f"<AwsKms key={self._arn or self._reference}>"
