@@ -326,7 +326,9 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         Raises :class:`ValueTypeError` for a value of the wrong type and
         :class:`PlaintextTooLongError` for one over the column's limit.
         """
-        identity = self.column_identity
+        return self._encode(value, self.column_identity)
+
+    def _encode(self, value: Any, identity: str) -> bytes:
         plaintext = self._codec.encode(value, identity)
         limit = self._max_plaintext_length
         if limit is not None and len(plaintext) > limit:
@@ -345,7 +347,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         is the envelope in bytes, also for a column with base64 storage.
         """
         identity = self._identity_for_write()
-        plaintext = self.encode_plaintext(value)
+        plaintext = self._encode(value, identity)
         if key is None:
             tenant = tenant_id if tenant_id is not None else current_tenant(identity)
             key = self.key_provider.active_key(tenant, self.purpose)
@@ -409,9 +411,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         return self.decrypt
 
     def _check_header(self, data: bytes, identity: str) -> EnvelopeHeader:
-        """Parse the header of ``data`` and check that this column can open it."""
-        # The checks depend only on the 24 header bytes, apart from the
-        # length, so a header that passed them once is not parsed again.
+        """Parse the header of ``data`` and check that this column can open it.
+
+        A header that passes is remembered and not parsed again.
+        """
         header = self._checked_headers.get(data[:HEADER_SIZE])
         if header is not None and len(data) >= MIN_ENVELOPE_SIZE[self.algorithm]:
             return header
@@ -431,6 +434,14 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             checked.clear()
         checked[data[:HEADER_SIZE]] = header
         return header
+
+    def _header_or_error(self, data: bytes, identity: str) -> EnvelopeHeader | StorageFormatError:
+        """Return the checked header, or the error to raise once outside this
+        ``except`` block, so that it carries no ``__context__``."""
+        try:
+            return self._check_header(data, identity)
+        except StorageFormatError as exc:
+            return _storage.explain_format_error(data, exc, identity)
 
     def _key_for(self, header: EnvelopeHeader, identity: str) -> DataKey:
         """Look up the DEK named by ``header``, turning the provider's errors
@@ -497,7 +508,9 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         """
         if stored is None:
             return None
-        identity = self.column_identity
+        identity = self.context if self.context is not None else self._column_name
+        if identity is None:
+            identity = self.column_identity
         if type(stored) is bytes and stored:
             data = stored
         else:
@@ -508,13 +521,14 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 failure = exc
             if failure is not None:
                 return self._read_plaintext(stored, identity, failure)
-        format_error: StorageFormatError | None = None
-        try:
-            header = self._check_header(data, identity)
-        except StorageFormatError as exc:
-            format_error = _storage.explain_format_error(data, exc, identity)
-        if format_error is not None:
-            return self._read_plaintext(stored, identity, format_error)
+        # The header checks depend only on the 24 header bytes, apart from the
+        # length, so a header that passed them once is not parsed again.
+        header = self._checked_headers.get(data[:HEADER_SIZE])
+        if header is None or len(data) < MIN_ENVELOPE_SIZE[self.algorithm]:
+            checked = self._header_or_error(data, identity)
+            if isinstance(checked, StorageFormatError):
+                return self._read_plaintext(stored, identity, checked)
+            header = checked
         key, plaintext = self._open(data, header, identity)
         decode_failure: str | None = None
         try:
