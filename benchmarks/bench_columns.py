@@ -28,7 +28,7 @@ import string
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,77 +92,98 @@ def _rotated(variants: Sequence[Variant], shift: int) -> list[Variant]:
 
 # -- steps ---------------------------------------------------------------------
 #
-# Every step runs all variants on one batch before it moves to the next
-# batch, and rotates the variant order from batch to batch. Noise from other
-# processes on the machine then falls on all variants alike.
+# A step runs in rounds: one insert batch, one primary-key range of rows or one
+# chunk of lookups. Every variant runs a round before the next round starts,
+# in an order rotated from round to round, so that noise from other processes
+# on the machine falls on all variants alike. Each step returns the seconds
+# of every round per variant.
+
+Rounds = dict[str, list[float]]
+
+
+def _interleave(
+    variants: Sequence[Variant],
+    rounds: Sequence[Any],
+    shift: int,
+    work: Callable[[Variant, Any], None],
+) -> Rounds:
+    elapsed: Rounds = {variant.name: [] for variant in variants}
+    for index, item in enumerate(rounds):
+        for variant in _rotated(variants, index + shift):
+            start = time.perf_counter()
+            work(variant, item)
+            elapsed[variant.name].append(time.perf_counter() - start)
+    return elapsed
 
 
 def orm_insert(
-    engine: sa.Engine, variants: Sequence[Variant], batches: Sequence[Sequence[Any]]
-) -> dict[str, float]:
-    """Insert with ``Session.add_all`` and one commit per batch."""
-    elapsed = dict.fromkeys((variant.name for variant in variants), 0.0)
-    for index, batch in enumerate(batches):
-        for variant in _rotated(variants, index):
-            model = variant.model
-            start = time.perf_counter()
-            with Session(engine) as session:
-                session.add_all([model(**row) for row in batch])
-                session.commit()
-            elapsed[variant.name] += time.perf_counter() - start
-    return elapsed
+    engine: sa.Engine, variants: Sequence[Variant], batches: Sequence[Sequence[Any]], shift: int
+) -> Rounds:
+    """Insert each batch with ``Session.add_all`` and one commit."""
+
+    def insert_batch(variant: Variant, batch: Sequence[dict[str, Any]]) -> None:
+        with Session(engine) as session:
+            session.add_all([variant.model(**row) for row in batch])
+            session.commit()
+
+    return _interleave(variants, batches, shift, insert_batch)
 
 
 def core_insert(
-    engine: sa.Engine, variants: Sequence[Variant], batches: Sequence[Sequence[Any]]
-) -> dict[str, float]:
-    """Insert with Core ``executemany``, one transaction per batch."""
-    elapsed = dict.fromkeys((variant.name for variant in variants), 0.0)
-    for index, batch in enumerate(batches):
-        for variant in _rotated(variants, index):
-            statement = sa.insert(variant.core_table)
-            start = time.perf_counter()
-            with engine.begin() as conn:
-                conn.execute(statement, list(batch))
-            elapsed[variant.name] += time.perf_counter() - start
-    return elapsed
+    engine: sa.Engine, variants: Sequence[Variant], batches: Sequence[Sequence[Any]], shift: int
+) -> Rounds:
+    """Insert each batch with Core ``executemany`` in its own transaction."""
+
+    def insert_batch(variant: Variant, batch: Sequence[dict[str, Any]]) -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.insert(variant.core_table), list(batch))
+
+    return _interleave(variants, batches, shift, insert_batch)
 
 
-def select_all(engine: sa.Engine, variants: Sequence[Variant], shift: int) -> dict[str, float]:
-    """Load every row as an ORM object and read every attribute."""
-    elapsed = {}
-    for variant in _rotated(variants, shift):
-        start = time.perf_counter()
+def select_all(
+    engine: sa.Engine, variants: Sequence[Variant], rows: int, batch_size: int, shift: int
+) -> Rounds:
+    """Load every row as an ORM object and read every attribute, one
+    primary-key range of ``batch_size`` rows per query."""
+    ranges = [(low + 1, min(low + batch_size, rows)) for low in range(0, rows, batch_size)]
+    loaded = dict.fromkeys((variant.name for variant in variants), 0)
+
+    def load_range(variant: Variant, bounds: tuple[int, int]) -> None:
+        model = variant.model
+        statement = sa.select(model).where(model.id.between(*bounds))
         with Session(engine) as session:
-            for row in session.scalars(sa.select(variant.model)).all():
+            for row in session.scalars(statement).all():
                 _ = (row.id, row.tenant_id, row.email, row.ssn, row.notes)
-        elapsed[variant.name] = time.perf_counter() - start
+                loaded[variant.name] += 1
+
+    elapsed = _interleave(variants, ranges, shift, load_range)
+    for name, count in loaded.items():
+        if count != rows:
+            raise RuntimeError(f"select_all loaded {count} rows of {name}, expected {rows}")
     return elapsed
 
 
 def lookup(
-    engine: sa.Engine, variants: Sequence[Variant], emails: Sequence[str]
-) -> tuple[dict[str, float], dict[str, int]]:
+    engine: sa.Engine, variants: Sequence[Variant], emails: Sequence[str], shift: int
+) -> tuple[Rounds, dict[str, int]]:
     """Find rows by e-mail one at a time and read ssn and notes of each hit.
 
-    Returns the seconds and the number of rows found, per variant.
+    Returns the seconds per round and the number of rows found, per variant.
     """
-    elapsed = dict.fromkeys((variant.name for variant in variants), 0.0)
     found = dict.fromkeys((variant.name for variant in variants), 0)
-    for index, chunk in enumerate(_chunks(emails, LOOKUP_CHUNK)):
-        for variant in _rotated(variants, index):
-            model = variant.model
-            hits = 0
-            start = time.perf_counter()
-            with Session(engine) as session:
-                for email in chunk:
-                    statement = sa.select(model).where(model.email == email)
-                    row = session.scalars(statement).one_or_none()
-                    if row is not None:
-                        hits += 1
-                        _ = (row.ssn, row.notes)
-            elapsed[variant.name] += time.perf_counter() - start
-            found[variant.name] += hits
+
+    def look_up_chunk(variant: Variant, chunk: Sequence[str]) -> None:
+        model = variant.model
+        with Session(engine) as session:
+            for email in chunk:
+                statement = sa.select(model).where(model.email == email)
+                row = session.scalars(statement).one_or_none()
+                if row is not None:
+                    found[variant.name] += 1
+                    _ = (row.ssn, row.notes)
+
+    elapsed = _interleave(variants, _chunks(emails, LOOKUP_CHUNK), shift, look_up_chunk)
     return elapsed, found
 
 
@@ -176,24 +197,24 @@ def run_repeat(
     emails: Sequence[str],
     batch_size: int,
     shift: int,
-) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+) -> tuple[dict[str, Rounds], dict[str, int]]:
     """Run the four steps once on newly created tables."""
     metadata = variants[0].orm_table.metadata
     metadata.drop_all(engine)
     metadata.create_all(engine)
     batches = _chunks(rows, batch_size)
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, Rounds] = {}
     with tenant_scope(TENANT):
         gc.collect()
-        results["orm_insert"] = orm_insert(engine, variants, batches)
+        results["orm_insert"] = orm_insert(engine, variants, batches, shift)
         gc.collect()
-        results["core_insert"] = core_insert(engine, variants, batches)
+        results["core_insert"] = core_insert(engine, variants, batches, shift)
         with engine.begin() as conn:
             conn.exec_driver_sql("ANALYZE")
         gc.collect()
-        results["select_all"] = select_all(engine, variants, shift)
+        results["select_all"] = select_all(engine, variants, len(rows), batch_size, shift)
         gc.collect()
-        results["lookup"], found = lookup(engine, variants, emails)
+        results["lookup"], found = lookup(engine, variants, emails, shift)
     return results, found
 
 
