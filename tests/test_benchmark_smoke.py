@@ -48,11 +48,12 @@ def test_benchmark_runs_every_step(tmp_path: Path) -> None:
             rounds = 1 if step == "lookup" else 3
             assert [len(repeat) for repeat in cell["seconds_per_round"]] == [rounds, rounds]
             assert cell["ratio_to_plain"]["median"] > 0
-    assert {target["variant"] for target in sqlite["targets"]} == {
-        "lib",
-        "lib_rowtenant",
-        "lib_kms",
-    }
+    checks = {(target["variant"], target["check"]) for target in sqlite["targets"]}
+    assert ("bare", "su_gcm / bare >= 4.0") in checks
+    for name in ("lib", "lib_rowtenant", "lib_kms"):
+        assert (name, f"{name} / bare <= 1.15") in checks
+        assert (name, f"su_gcm / {name} >= 4.0") in checks
+    assert all(target["verdict"] in ("met", "missed", "unclear") for target in sqlite["targets"])
 
 
 def test_benchmark_lookups_find_rows(tmp_path: Path) -> None:
