@@ -4,11 +4,12 @@ Run it by hand from the repository root::
 
     .venv/bin/python benchmarks/bench_value_costs.py            # about 30 seconds
 
-For the SSN column (11 characters) of each variant of ``bench_columns.py``,
-it times the bind processor (Python value to stored value) and the result
-processor (stored value to Python value) as SQLAlchemy calls them, and for
-the library the key provider calls inside them. Each figure is the lowest
-of several samples, because load from other processes only adds time.
+It times the SSN column (11 characters) of the variants of
+``bench_columns.py``: the bind processor (Python value to stored value) and
+the result processor (stored value to Python value) as SQLAlchemy calls
+them. For the library it also times the key provider calls inside them.
+Each figure is the lowest of several samples, because load from other
+processes only adds time.
 """
 
 from __future__ import annotations

@@ -113,8 +113,6 @@ class Variant:
     model: type[Any]
     orm_table: sa.Table
     core_table: sa.Table
-    # False where lookups cannot match: randomized encryption of the e-mail.
-    searchable: bool = True
     # The production keyring of lib_kms, for its cache statistics.
     keyring: Any = None
     close: Callable[[], None] = field(default=lambda: None)
@@ -126,7 +124,6 @@ class _Spec:
     email: Callable[[], Any]
     ssn: Callable[[], Any]
     notes: Callable[[], Any]
-    searchable: bool = True
     tenant_column: bool = False
     keyring: Any = None
     close: Callable[[], None] = field(default=lambda: None)
@@ -176,7 +173,6 @@ def _spec(name: str, workdir: Path) -> _Spec:
             email=lambda: _su_gcm(255),
             ssn=lambda: _su_gcm(None),
             notes=lambda: _su_gcm(None),
-            searchable=False,
         )
     if name == "lib":
         return _library_spec("this library, InMemoryKeyring, tenant_scope", InMemoryKeyring())
@@ -228,7 +224,6 @@ def build_variants(names: list[str], workdir: Path) -> list[Variant]:
                 model=model,
                 orm_table=orm_table,
                 core_table=core_table,
-                searchable=spec.searchable,
                 keyring=spec.keyring,
                 close=spec.close,
             )
