@@ -39,6 +39,7 @@ __all__ = [
     "TableInfo",
     "add_column",
     "begin_write",
+    "check_swappable",
     "drop_column",
     "lock_for_writes",
     "reflect_table",
@@ -150,6 +151,38 @@ def lock_for_writes(conn: Connection, table: str, schema: str | None, column: st
         conn.exec_driver_sql(f"LOCK TABLE {target} IN SHARE ROW EXCLUSIVE MODE")
     else:
         begin_write(conn, table, schema, column)
+
+
+def check_swappable(conn: Connection, info: TableInfo, column: str) -> None:
+    """Raise before any write if SQLite could not drop ``column`` at the swap.
+
+    SQLite refuses ``DROP COLUMN`` for a column that a table-level UNIQUE
+    constraint or a foreign key uses. Recreating the table instead would
+    need the constraint rebuilt on the renamed column, which the swap does
+    not do.
+    """
+    if conn.dialect.name != "sqlite":
+        return
+    inspector = sa.inspect(conn)
+    blockers = [
+        f"UNIQUE constraint {unique.get('name') or '(unnamed)'} "
+        f"({', '.join(unique['column_names'])})"
+        for unique in inspector.get_unique_constraints(info.name, schema=info.schema)
+        if column in unique["column_names"]
+    ]
+    blockers += [
+        f"FOREIGN KEY ({', '.join(key['constrained_columns'])}) to {key['referred_table']}"
+        for key in inspector.get_foreign_keys(info.name, schema=info.schema)
+        if column in key["constrained_columns"]
+    ]
+    if blockers:
+        raise MigrationError(
+            f"cannot convert {info.qualified_name}.{column} on SQLite: the table-level "
+            f"{' and '.join(blockers)} uses it, and SQLite cannot drop such a column to swap "
+            "in its converted copy. Nothing was written. Replace a UNIQUE constraint with a "
+            "unique index (op.create_index(..., unique=True)) in an earlier migration, "
+            "recreating the table with op.batch_alter_table(), then run this one again"
+        )
 
 
 def add_column(

@@ -88,6 +88,7 @@ class _Plan:
         self.operation = operation
         info = ddl.reflect_table(conn, operation.table_name, operation.schema)
         self.source = info.column(operation.column_name)
+        ddl.check_swappable(conn, info, operation.column_name)
         self.strategy = _strategy(operation, conn.dialect, self.source)
         self.shadow = ddl.shadow_column_name(operation.column_name, self.strategy.shadow_suffix)
         opposite = "decrypting" if self.strategy.direction == "encrypt" else "encrypting"
