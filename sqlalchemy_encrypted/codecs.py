@@ -12,6 +12,7 @@ import datetime as dt
 import decimal
 import enum
 import json
+import math
 import operator
 import struct
 import uuid
@@ -419,6 +420,9 @@ class JsonCodec(Codec):
 
     JSON has no tuples and only string keys, so tuples read back as lists and
     non-string keys are rejected rather than silently turned into strings.
+    NaN and the infinities are not JSON either (RFC 8259), so they are
+    rejected too. Decoding still accepts the ``NaN``, ``Infinity`` and
+    ``-Infinity`` tokens that Python's ``json`` module writes by default.
     Python ``None`` is stored as SQL NULL; ``JSON.NULL`` stores the JSON
     ``null`` value, which reads back as ``None``.
     """
@@ -429,10 +433,10 @@ class JsonCodec(Codec):
     def encode(self, value: Any, column: str) -> bytes:
         if value is sa.JSON.NULL:
             return b"null"
-        _reject_non_string_keys(value, column)
+        _check_json_value(value, column)
         failure: str | None = None
         try:
-            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
             failure = type(exc).__name__
         if failure is not None:
@@ -445,10 +449,34 @@ class JsonCodec(Codec):
         return json.loads(data.decode("utf-8"))
 
 
-def _reject_non_string_keys(value: Any, column: str) -> None:
+def _check_json_value(value: Any, column: str) -> None:
+    """Reject what ``json.dumps`` would turn into invalid JSON or loop on.
+
+    Raises :class:`ValueTypeError` for non-string object keys, for NaN and
+    the infinities, and for a container that contains itself. The messages
+    name the column and the problem, never the value.
+    """
     stack = [value]
+    # Each container is walked once. Meeting one again means either a shared
+    # sub-structure, which is valid, or a cycle. The slower path check
+    # distinguishes the two, once per value.
+    seen: set[int] = set()
+    cycles_checked = False
     while stack:
         item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueTypeError(
+                f"invalid value for encrypted column {column}: JSON has no NaN or "
+                "Infinity; store such numbers as strings or null"
+            )
+        if not isinstance(item, (dict, list, tuple)):
+            continue
+        if id(item) in seen:
+            if not cycles_checked:
+                _raise_if_cyclic(value, column)
+                cycles_checked = True
+            continue
+        seen.add(id(item))
         if isinstance(item, dict):
             for key, child in item.items():
                 if not isinstance(key, str):
@@ -457,8 +485,36 @@ def _reject_non_string_keys(value: Any, column: str) -> None:
                         f"must be str, got {type(key).__name__}"
                     )
                 stack.append(child)
-        elif isinstance(item, (list, tuple)):
+        else:
             stack.extend(item)
+
+
+def _raise_if_cyclic(value: Any, column: str) -> None:
+    """Raise :class:`ValueTypeError` if a container in ``value`` contains itself."""
+    path: set[int] = set()
+    # Depth-first walk with explicit enter and exit steps, so that ``path``
+    # contains the containers from the root to the current one.
+    stack: list[tuple[Any, bool]] = [(value, True)]
+    done: set[int] = set()
+    while stack:
+        item, entering = stack.pop()
+        if not entering:
+            path.discard(id(item))
+            done.add(id(item))
+            continue
+        if not isinstance(item, (dict, list, tuple)):
+            continue
+        if id(item) in path:
+            raise ValueTypeError(
+                f"invalid value for encrypted column {column}: the JSON value contains "
+                "itself (a reference cycle)"
+            )
+        if id(item) in done:
+            continue
+        path.add(id(item))
+        stack.append((item, False))
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, True) for child in children)
 
 
 class EnumCodec(Codec):

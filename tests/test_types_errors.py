@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
+import math
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -80,6 +81,12 @@ def _stored(engine: sa.Engine, table: str, column: str, row_id: int) -> bytes:
     return bytes(value)
 
 
+def _cyclic_list() -> list[Any]:
+    cyclic: list[Any] = [1]
+    cyclic.append(cyclic)
+    return cyclic
+
+
 WRONG_TYPES = {
     "bytes into String": ("name", b"Test Person", "expected str, got bytes"),
     "str into Integer": ("age", "42", "expected int, got str"),
@@ -89,6 +96,10 @@ WRONG_TYPES = {
     "str into Uuid": ("ref", "not-a-uuid", "expected UUID, got str"),
     "int keys into JSON": ("profile", {1: "a"}, "keys must be str"),
     "set into JSON": ("profile", {"a": {1, 2}}, "not serializable as JSON"),
+    "NaN into JSON": ("profile", float("nan"), "JSON has no NaN or Infinity"),
+    "Infinity nested in JSON": ("profile", {"a": [1, float("inf")]}, "JSON has no NaN"),
+    "-Infinity nested in JSON": ("profile", [{"b": float("-inf")}], "JSON has no NaN"),
+    "cyclic JSON": ("profile", _cyclic_list(), "contains itself"),
     "huge int into Float": ("score", 10**400, "too large for a float"),
     "int into String": ("name", 12345, "expected str, got int"),
     "lone surrogate": ("name", "bad \ud800 text", "surrogate"),
@@ -109,6 +120,35 @@ def test_wrong_python_type_names_column(
     assert caught.value.__context__ is None
     secrets = [value] if isinstance(value, (str, bytes)) and len(value) >= 4 else []
     assert_no_secret(exception_texts(caught.value), *secrets)
+
+
+def test_json_shared_lists_are_not_a_cycle(db: sa.Engine) -> None:
+    shared = [1, 2]
+    with Session(db) as session:
+        session.add(Patient(id=1, tenant_id="t-acme", profile={"a": shared, "b": [shared]}))
+        session.commit()
+    with Session(db) as session:
+        stored = session.get(Patient, 1)
+        assert stored is not None
+        assert stored.profile == {"a": [1, 2], "b": [[1, 2]]}
+
+
+def test_json_nan_stored_earlier_still_reads(db: sa.Engine, keyring: InMemoryKeyring) -> None:
+    """Python's json module writes NaN and Infinity tokens unless
+    allow_nan=False is passed. Values sealed that way before the codec
+    rejected them stay readable."""
+    profile_type = Patient.__table__.c.profile.type
+    assert isinstance(profile_type, Encrypted)
+    key = keyring.active_key("t-acme", se.KeyPurpose.RANDOMIZED)
+    encoded = b'{"a":NaN,"b":[Infinity,-Infinity]}'
+    envelope = profile_type._seal_encoded(encoded, key, "patients.profile")
+    _raw(db, "INSERT INTO patients (id, tenant_id, profile) VALUES (1, 't-acme', :v)", v=envelope)
+    with Session(db) as session:
+        stored = session.get(Patient, 1)
+        assert stored is not None
+        profile = stored.profile
+    assert math.isnan(profile["a"])
+    assert profile["b"] == [math.inf, -math.inf]
 
 
 def test_unexpected_failure_while_sealing_is_not_wrapped(

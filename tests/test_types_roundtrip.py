@@ -44,7 +44,11 @@ ROUND_TRIP = settings(
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 JSON_SCALARS = (
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
 )
 JSON_VALUES = st.recursive(
     JSON_SCALARS,
