@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import click
@@ -14,7 +14,8 @@ from ._cli_context import (
     render_table,
     settings_of,
 )
-from .errors import ConfigurationError
+from .errors import KeyDestroyedError, KeyNotFoundError, KeyStateError
+from .keyring import Keyring, KeyState
 from .keys import KeyPurpose
 from .kms import kms_from_uri
 from .rotation import retire_key_version
@@ -78,6 +79,51 @@ def keys_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
         click.echo("no keys")
 
 
+def _keys_by_tenant(keyring: Keyring, tenants: Iterable[str]) -> dict[str, list[Any]]:
+    requested = set(tenants)
+    found: dict[str, list[Any]] = {tenant: [] for tenant in requested}
+    for info in keyring.list_keys():
+        if info.tenant_id in requested:
+            found[info.tenant_id].append(info)
+    return found
+
+
+def _no_keys(keyring: Keyring, tenant: str) -> KeyNotFoundError:
+    return KeyNotFoundError(
+        f"tenant {tenant!r} has no keys in keyring table {keyring.table.fullname}: check the "
+        "tenant id ('sqlalchemy-encrypted keys list' shows every tenant); a tenant's first "
+        "keys are created by its first write"
+    )
+
+
+def _check_rotatable(
+    keyring: Keyring, tenants: Sequence[str], purpose: str | None, activate_now: bool
+) -> None:
+    """Raise before any key is created if one of the tenants cannot be rotated.
+
+    A mistyped tenant id would otherwise get brand-new keys, and a failure
+    halfway through a list would leave the earlier tenants rotated.
+    """
+    purposes = {KeyPurpose(purpose)} if purpose else set(KeyPurpose)
+    for tenant, infos in _keys_by_tenant(keyring, tenants).items():
+        if not infos:
+            raise _no_keys(keyring, tenant)
+        if any(info.state is KeyState.DESTROYED for info in infos):
+            raise KeyDestroyedError(
+                f"the keys of tenant {tenant!r} were destroyed (crypto-shredded): it cannot "
+                "be rotated"
+            )
+        pending = [
+            info for info in infos if info.state is KeyState.PENDING and info.purpose in purposes
+        ]
+        if pending and not activate_now:
+            raise KeyStateError(
+                f"tenant {tenant!r} already has pending {pending[0].purpose.value} key version "
+                f"{pending[0].version}: run 'sqlalchemy-encrypted keys promote' once it is older "
+                "than --active-key-ttl, or rotate with --activate-now; no key was created"
+            )
+
+
 @keys.command("rotate")
 @click.argument("tenants", nargs=-1)
 @click.option("--all-tenants", is_flag=True, help="Rotate every tenant that has keys.")
@@ -107,6 +153,8 @@ def keys_rotate(
         tenants = tuple(
             sorted({i.tenant_id for i in keyring.list_keys() if i.state.value != "destroyed"})
         )
+    tenants = tuple(dict.fromkeys(tenants))
+    _check_rotatable(keyring, tenants, purpose, activate_now)
     created = []
     for tenant in tenants:
         created.extend(
@@ -124,8 +172,9 @@ def keys_rotate(
         )
     if created and not activate_now:
         click.echo(
-            f"new versions become active {settings.active_key_ttl:g} s after creation, once "
-            "every process has seen them; then run 'sqlalchemy-encrypted reencrypt'"
+            f"new versions become active once they are {settings.active_key_ttl:g} s old, at "
+            "the next write of the tenant or with 'sqlalchemy-encrypted keys promote'; run "
+            f"'sqlalchemy-encrypted reencrypt' {settings.active_key_ttl:g} s after that"
         )
 
 
@@ -182,11 +231,30 @@ def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | No
         KeyPurpose(purpose) if purpose else None,
     )
     if not retired:
-        raise ConfigurationError(
-            f"tenant {tenant!r} has no decrypt-only key version {version} to retire"
-        )
+        _explain_nothing_retired(keyring, tenant, version, purpose)
+        return
     for info in retired:
         click.echo(f"tenant {tenant!r}: {info.purpose.value} key version {info.version} retired")
+
+
+def _explain_nothing_retired(
+    keyring: Keyring, tenant: str, version: int, purpose: str | None
+) -> None:
+    """Report a retire that changed nothing. An already retired version is
+    success, so the command can be run again; any other state raises."""
+    purposes = {KeyPurpose(purpose)} if purpose else set(KeyPurpose)
+    infos = [
+        info
+        for info in keyring.list_keys(tenant)
+        if info.version == version and info.purpose in purposes
+    ]
+    if infos and all(info.state is KeyState.RETIRED for info in infos):
+        click.echo(f"tenant {tenant!r}: key version {version} is already retired")
+        return
+    states = ", ".join(f"{info.purpose.value}: {info.state.value}" for info in infos)
+    raise KeyStateError(
+        f"tenant {tenant!r} has no decrypt-only key version {version} to retire ({states})"
+    )
 
 
 @keys.command("shred")
@@ -197,6 +265,14 @@ def keys_shred(ctx: click.Context, tenant: str, yes: bool) -> None:
     """Destroy every key of TENANT: its values become unreadable for good."""
     settings = settings_of(ctx)
     keyring = settings.keyring()
+    infos = keyring.list_keys(tenant)
+    if not infos:
+        # Nothing would be destroyed: most likely a mistyped tenant id, whose
+        # real tenant would stay readable while the command reported success.
+        raise _no_keys(keyring, tenant)
+    if all(info.state is KeyState.DESTROYED for info in infos):
+        click.echo(f"tenant {tenant!r}: every key was already destroyed")
+        return
     if not yes:
         click.echo(
             f"This destroys every key of tenant {tenant!r}. Its encrypted values can never "

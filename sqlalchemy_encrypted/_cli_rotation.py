@@ -14,6 +14,7 @@ from ._cli_context import (
     render_table,
     settings_of,
 )
+from .keyring import Keyring, KeyState
 from .rotation import (
     Census,
     CheckpointStore,
@@ -190,6 +191,28 @@ def _print_result(result: ReencryptionResult) -> None:
         click.echo("census: no value is left under an old key version")
 
 
+def _print_pending_note(keyring: Keyring, tenants: tuple[str, ...]) -> None:
+    """Print a note naming the tenants with pending versions, because their
+    values count as stale, and move, only once those versions are active."""
+    pending = sorted(
+        {
+            info.tenant_id
+            for info in keyring.list_keys()
+            if info.state is KeyState.PENDING and (not tenants or info.tenant_id in tenants)
+        }
+    )
+    if not pending:
+        return
+    listed = ", ".join(repr(tenant) for tenant in pending[:5])
+    if len(pending) > 5:
+        listed += f" and {len(pending) - 5} more"
+    click.echo(
+        f"note: tenant(s) {listed} have pending key versions; their values move only once "
+        "those versions are active ('sqlalchemy-encrypted keys promote'), so run this "
+        "command again after that"
+    )
+
+
 def _stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 
@@ -312,5 +335,7 @@ def reencrypt(
         _print_plan(result)
     else:
         _print_result(result)
+    if not as_json:
+        _print_pending_note(settings.keyring(), tenants)
     if not result.ok:
         ctx.exit(int(ExitCode.INCOMPLETE))
