@@ -200,7 +200,14 @@ class CliContext:
                 raise ConfigurationError(
                     "no database URL: pass --url or set SQLALCHEMY_ENCRYPTED_URL"
                 )
-            self._engine = sa.create_engine(self.url)
+            try:
+                self._engine = sa.create_engine(self.url)
+            except sa.exc.ArgumentError as exc:  # also an unknown dialect or driver name
+                raise ConfigurationError(f"invalid --url: {exc}") from None
+            except ImportError as exc:
+                raise ConfigurationError(
+                    f"--url names a database driver that is not installed: {exc}"
+                ) from None
         return self._engine
 
     def database_name(self) -> str:

@@ -30,13 +30,15 @@ __all__ = ["cli", "main"]
 
 
 def _configure_logging(ctx: click.Context, verbose: bool) -> None:
-    """Send the library's log records to stderr (INFO with --verbose) while
-    the command runs."""
+    """Send the library's log records to stderr while the command runs: INFO
+    and above with --verbose, else only CRITICAL ones."""
     logger = logging.getLogger("sqlalchemy_encrypted")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     previous_level = logger.level
-    handler.setLevel(logging.INFO if verbose else logging.ERROR)
+    # Without --verbose the command prints each error itself, as one line, so
+    # a library record of the same error would only repeat it.
+    handler.setLevel(logging.INFO if verbose else logging.CRITICAL)
     logger.addHandler(handler)
     if verbose:
         logger.setLevel(logging.INFO)

@@ -394,6 +394,9 @@ def test_database_error_hides_statement(tmp_path: Path) -> None:
         "SQLALCHEMY_ENCRYPTED_URL": f"sqlite:///{tmp_path}/empty.db",
         "SQLALCHEMY_ENCRYPTED_MODELS": MODELS,
     }
+    # The keyring table exists, the application's tables do not.
+    init = CliRunner().invoke(cli, ["--kms", f"local://{tmp_path}/master.key", "init"], env=env)
+    assert init.exit_code == 0, init.output
     result = CliRunner().invoke(cli, ["status"], env=env)
 
     assert result.exit_code == 1

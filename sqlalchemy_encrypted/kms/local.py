@@ -98,11 +98,18 @@ def _check_permissions(path: Path) -> None:
 
 def _read_key_file(path: Path) -> tuple[dict[str, bytes], str]:
     try:
+        if path.is_dir():
+            raise ConfigurationError(f"key file {path} is a directory, not a local KMS key file")
         _check_permissions(path)
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigurationError(
-            f"key file {path} does not exist: create one with LocalKms.create()"
+            f"key file {path} does not exist: create one with LocalKms.create() or "
+            "'sqlalchemy-encrypted init'"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            f"key file {path} is not a local KMS key file (not UTF-8 text)"
         ) from None
     except OSError as exc:
         raise ConfigurationError(f"could not read key file {path}: {exc.strerror}") from None
@@ -147,6 +154,8 @@ def _write_key_file(path: Path, keks: dict[str, bytes], primary: str, *, replace
         raise ConfigurationError(
             f"key file {target} already exists; refusing to overwrite a key file"
         ) from None
+    except OSError as exc:
+        raise ConfigurationError(f"could not create key file {target}: {exc.strerror}") from None
     try:
         if os.name == "posix":
             os.fchmod(fd, 0o600)

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from ..errors import KeyDestroyedError, KeyNotFoundError
 from ..keyring.schema import keyring_table
+from ..keyring.store import KeyStore
 from ..keys import KeyProvider, KeyPurpose
 
 __all__ = ["KeyCatalog", "KeyLister", "KeyRecord", "KeyStateName", "KeyringMetadata"]
@@ -86,7 +87,11 @@ class KeyringMetadata:
         if tenant_id is not None:
             query = query.where(c.tenant_id == tenant_id)
         with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
+            try:
+                rows = conn.execute(query).all()
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+                KeyStore(self.engine, self.table)._raise_if_table_missing()
+                raise
         return [
             _ListedKey(
                 row.key_id, row.tenant_id, KeyPurpose(row.purpose), row.key_version, row.state
