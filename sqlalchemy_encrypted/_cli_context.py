@@ -189,6 +189,7 @@ class CliContext:
     keyring_table: str
     active_key_ttl: float
     verbose: bool
+    previous_kms_uris: tuple[str, ...] = ()
     _engine: sa.Engine | None = field(default=None, repr=False)
     _kms: KmsProvider | None = field(default=None, repr=False)
     _keyring: Keyring | None = field(default=None, repr=False)
@@ -241,6 +242,7 @@ class CliContext:
             self._keyring = Keyring(
                 self.engine(),
                 self.kms(),
+                previous_kms=[kms_from_uri(uri) for uri in self.previous_kms_uris],
                 table_name=self.keyring_table,
                 active_key_ttl=self.active_key_ttl,
                 set_default=True,

@@ -64,6 +64,15 @@ def _configure_logging(ctx: click.Context, verbose: bool) -> None:
     "[env SQLALCHEMY_ENCRYPTED_KMS].",
 )
 @click.option(
+    "--previous-kms",
+    "previous_kms_uris",
+    multiple=True,
+    envvar="SQLALCHEMY_ENCRYPTED_PREVIOUS_KMS",
+    help="KMS that only unwraps DEKs its KEK wrapped earlier, as the application's "
+    "Keyring(previous_kms=...); repeatable [env SQLALCHEMY_ENCRYPTED_PREVIOUS_KMS, "
+    "space-separated].",
+)
+@click.option(
     "--models",
     multiple=True,
     envvar="SQLALCHEMY_ENCRYPTED_MODELS",
@@ -91,6 +100,7 @@ def cli(
     ctx: click.Context,
     url: str | None,
     kms_uri: str | None,
+    previous_kms_uris: tuple[str, ...],
     models: tuple[str, ...],
     keyring_table: str,
     active_key_ttl: float,
@@ -100,6 +110,7 @@ def cli(
     settings = CliContext(
         url=url,
         kms_uri=kms_uri,
+        previous_kms_uris=tuple(uri for value in previous_kms_uris for uri in value.split()),
         models=tuple(spec for value in models for spec in value.split()),
         keyring_table=keyring_table,
         active_key_ttl=active_key_ttl,

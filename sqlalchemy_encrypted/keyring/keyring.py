@@ -179,7 +179,7 @@ class Keyring:
         raise KmsKeyNotFoundError(
             f"{row.kms_provider} KEK {row.kek_id}, which wrapped the DEK of {row.describe()}, "
             "was not found in any configured KMS provider: pass a provider that has it to "
-            "Keyring(previous_kms=...)"
+            "Keyring(previous_kms=...), or --previous-kms on the command line"
         )
 
     def _kms_failed(self, operation: str, exc: KmsError, **fields: object) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from ..errors import KeyNotFoundError, KeyStateError, KmsError
+from ..errors import ConfigurationError, KeyNotFoundError, KeyStateError, KmsError
 from ..keys import KeyPurpose
 from ..kms.base import KmsProvider, WrapContext
 from .audit import audit_event, row_fields
@@ -55,6 +55,7 @@ def _rotate_one(keyring: Keyring, tenant: str, purpose: KeyPurpose, activate_now
     mine = [row for row in rows if row.purpose is purpose]
     if not mine:
         return keyring._create_first_key(tenant, purpose).info()
+    _refuse_foreign_keks(keyring, tenant, purpose, mine)
     pending = [row for row in mine if row.state is KeyState.PENDING]
     if pending:
         if activate_now:
@@ -85,6 +86,36 @@ def _rotate_one(keyring: Keyring, tenant: str, purpose: KeyPurpose, activate_now
     if activate_now and active is not None:
         audit_event("key.demoted", **row_fields(active), state=KeyState.DECRYPT_ONLY.value)
     return row.info()
+
+
+def _refuse_foreign_keks(
+    keyring: Keyring, tenant: str, purpose: KeyPurpose, rows: Sequence[KeyRow]
+) -> None:
+    """Raise if no provider of the keyring has a KEK that wrapped these rows.
+
+    Such a keyring is configured for another environment, for example with
+    another key file. A version it created would be wrapped by a KEK that
+    the processes reading the tenant's values do not have.
+
+    NOTE: ``AwsKms.can_unwrap`` accepts every key ARN, so an AWS KMS key of
+    another account or environment passes this check.
+    """
+    wrapped = [row for row in rows if row.wrapped_dek is not None]
+    providers = keyring.providers
+    if not wrapped or any(
+        provider.can_unwrap(row.kms_provider, row.kek_id)
+        for row in wrapped
+        for provider in providers
+    ):
+        return
+    keks = ", ".join(sorted({row.kek_id for row in wrapped}))
+    raise ConfigurationError(
+        f"cannot rotate the {purpose.value} keys of tenant {tenant!r}: they are wrapped by "
+        f"KEK {keks}, which none of this keyring's KMS providers has, so the KMS "
+        "configuration may belong to another environment; configure the KMS the application "
+        "uses (previous_kms=, or --previous-kms on the command line, adds a KEK that only "
+        "unwraps)"
+    )
 
 
 def _concurrent(tenant: str, purpose: KeyPurpose) -> str:

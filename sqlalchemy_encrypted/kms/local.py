@@ -372,7 +372,9 @@ class LocalKms(KmsProvider):
             else f"{self._source} has no KEK named {name!r}"
         )
         return (
-            f"local KEK {kek_id} that wrapped the DEK of {context.describe()} is missing: {detail}"
+            f"local KEK {kek_id} that wrapped the DEK of {context.describe()} is missing: "
+            f"{detail}; pass the KMS that holds it as previous_kms= (--previous-kms on the "
+            "command line)"
         )
 
     def describe_kek(self, kek_id: str | None = None) -> KekInfo:
