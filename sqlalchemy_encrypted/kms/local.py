@@ -22,6 +22,7 @@ import binascii
 import contextlib
 import hmac
 import json
+import logging
 import os
 import re
 import stat
@@ -38,6 +39,8 @@ from .base import GeneratedDataKey, KekInfo, KmsProvider, WrapContext, looks_lik
 __all__ = ["DEFAULT_ENV_VARIABLE", "LocalKms"]
 
 DEFAULT_ENV_VARIABLE = "SQLALCHEMY_ENCRYPTED_MASTER_KEY"
+
+logger = logging.getLogger("sqlalchemy_encrypted.kms")
 
 _FILE_FORMAT = "sqlalchemy-encrypted local KMS key file"
 _FILE_VERSION = 1
@@ -346,6 +349,11 @@ class LocalKms(KmsProvider):
 
     def unwrap(self, wrapped: bytes, context: WrapContext, kek_id: str) -> bytes:
         aead = self._by_id.get(kek_id)
+        if aead is None and self._path is not None:
+            # Another process may have added the KEK to the file with add_kek()
+            # and rewrapped the keyring since this provider read it.
+            self._load_added_keks(self._path)
+            aead = self._by_id.get(kek_id)
         if aead is None:
             raise KmsKeyNotFoundError(self._missing_kek_message(kek_id, context))
         if len(wrapped) < 1 + _NONCE_SIZE + 16 or wrapped[:1] != _BLOB_VERSION:
@@ -362,6 +370,25 @@ class LocalKms(KmsProvider):
                 f"could not unwrap the DEK of {context.describe()} with local KEK {kek_id}: "
                 "the wrapped DEK does not match this KEK and context"
             ) from None
+
+    def _load_added_keks(self, path: Path) -> None:
+        """Read the key file again and keep the KEKs it gained; the primary KEK
+        and the KEKs already loaded stay as they are."""
+        try:
+            keks, _ = _read_key_file(path)
+        except ConfigurationError as exc:
+            # The caller then raises KmsKeyNotFoundError for the KEK it needed.
+            logger.warning("could not read the local KMS key file again: %s", exc)
+            return
+        by_id = dict(self._by_id)
+        by_name = dict(self._by_name)
+        for name, key in keks.items():
+            kek_id = f"local:{name}:{_fingerprint(key)}"
+            if kek_id not in by_id:
+                by_id[kek_id] = AESGCM(key)
+                by_name.setdefault(name, kek_id)
+        self._by_id = by_id
+        self._by_name = by_name
 
     def _missing_kek_message(self, kek_id: str, context: WrapContext) -> str:
         name = kek_id.split(":")[1] if kek_id.count(":") == 2 else kek_id
