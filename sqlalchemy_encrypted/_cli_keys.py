@@ -262,7 +262,7 @@ def _explain_nothing_retired(
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (for automation).")
 @click.pass_context
 def keys_shred(ctx: click.Context, tenant: str, yes: bool) -> None:
-    """Destroy every key of TENANT: its values become unreadable for good."""
+    """Destroy every key of TENANT: its values can no longer be decrypted."""
     settings = settings_of(ctx)
     keyring = settings.keyring()
     infos = keyring.list_keys(tenant)
@@ -275,8 +275,9 @@ def keys_shred(ctx: click.Context, tenant: str, yes: bool) -> None:
         return
     if not yes:
         click.echo(
-            f"This destroys every key of tenant {tenant!r}. Its encrypted values can never "
-            "be decrypted again, and backups of the data do not help.",
+            f"This destroys every key of tenant {tenant!r}. Its encrypted values can no "
+            "longer be decrypted, and backups of the data tables do not help. Backups of "
+            "the keyring table still hold its wrapped keys until they expire.",
             err=True,
         )
         typed = click.prompt("Type the tenant id to confirm", default="", show_default=False)
