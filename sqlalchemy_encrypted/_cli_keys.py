@@ -96,16 +96,27 @@ def _no_keys(keyring: Keyring, tenant: str) -> KeyNotFoundError:
     )
 
 
-def _check_rotatable(
-    keyring: Keyring, tenants: Sequence[str], purpose: str | None, activate_now: bool
-) -> None:
-    """Raise before any key is created if one of the tenants cannot be rotated.
+def _plan_rotation(
+    keyring: Keyring,
+    tenants: Sequence[str],
+    purpose: str | None,
+    activate_now: bool,
+    skip_pending: bool,
+) -> tuple[list[tuple[str, KeyPurpose]], list[Any]]:
+    """Return the (tenant, purpose) pairs to rotate and the pending keys skipped.
 
-    A mistyped tenant id would otherwise get brand-new keys, and a failure
-    halfway through a list would leave the earlier tenants rotated.
+    Raises before any key is created if one of the tenants cannot be
+    rotated: a mistyped tenant id would otherwise get brand-new keys, and a
+    failure halfway through a list would leave the earlier tenants rotated.
+    A pending version is an error unless ``skip_pending`` is set, which
+    lets ``--all-tenants`` finish a run that was interrupted.
     """
-    purposes = {KeyPurpose(purpose)} if purpose else set(KeyPurpose)
-    for tenant, infos in _keys_by_tenant(keyring, tenants).items():
+    purposes = [KeyPurpose(purpose)] if purpose else list(KeyPurpose)
+    by_tenant = _keys_by_tenant(keyring, tenants)
+    planned: list[tuple[str, KeyPurpose]] = []
+    skipped: list[Any] = []
+    for tenant in tenants:
+        infos = by_tenant[tenant]
         if not infos:
             raise _no_keys(keyring, tenant)
         if any(info.state is KeyState.DESTROYED for info in infos):
@@ -113,20 +124,33 @@ def _check_rotatable(
                 f"the keys of tenant {tenant!r} were destroyed (crypto-shredded): it cannot "
                 "be rotated"
             )
-        pending = [
-            info for info in infos if info.state is KeyState.PENDING and info.purpose in purposes
-        ]
-        if pending and not activate_now:
-            raise KeyStateError(
-                f"tenant {tenant!r} already has pending {pending[0].purpose.value} key version "
-                f"{pending[0].version}: run 'sqlalchemy-encrypted keys promote' once it is older "
-                "than --active-key-ttl, or rotate with --activate-now; no key was created"
-            )
+        for key_purpose in purposes:
+            pending = [
+                info
+                for info in infos
+                if info.state is KeyState.PENDING and info.purpose is key_purpose
+            ]
+            if not pending or activate_now:
+                planned.append((tenant, key_purpose))
+            elif skip_pending:
+                skipped.append(pending[-1])
+            else:
+                raise KeyStateError(
+                    f"tenant {tenant!r} already has pending {key_purpose.value} key version "
+                    f"{pending[-1].version}: run 'sqlalchemy-encrypted keys promote' once it is "
+                    "older than --active-key-ttl, or rotate with --activate-now; no key was "
+                    "created"
+                )
+    return planned, skipped
 
 
 @keys.command("rotate")
 @click.argument("tenants", nargs=-1)
-@click.option("--all-tenants", is_flag=True, help="Rotate every tenant that has keys.")
+@click.option(
+    "--all-tenants",
+    is_flag=True,
+    help="Rotate every tenant that has keys, skipping versions already pending.",
+)
 @click.option("--purpose", type=_PURPOSES, help="Rotate one purpose only (default: both).")
 @click.option(
     "--activate-now",
@@ -154,14 +178,18 @@ def keys_rotate(
             sorted({i.tenant_id for i in keyring.list_keys() if i.state.value != "destroyed"})
         )
     tenants = tuple(dict.fromkeys(tenants))
-    _check_rotatable(keyring, tenants, purpose, activate_now)
-    created = []
-    for tenant in tenants:
-        created.extend(
-            keyring.rotate(
-                tenant, KeyPurpose(purpose) if purpose else None, activate_now=activate_now
-            )
+    planned, skipped = _plan_rotation(
+        keyring, tenants, purpose, activate_now, skip_pending=all_tenants
+    )
+    for info in skipped:
+        click.echo(
+            f"tenant {info.tenant_id!r}: {info.purpose.value} key version {info.version} is "
+            "already pending; skipped",
+            err=True,
         )
+    created = []
+    for tenant, key_purpose in planned:
+        created.extend(keyring.rotate(tenant, key_purpose, activate_now=activate_now))
     if as_json:
         print_json([_key_dict(info) for info in created])
         return

@@ -3,7 +3,8 @@
 A mistyped id must change nothing and say so: ``keys rotate`` used to give
 the unknown tenant brand-new keys, and ``keys shred`` reported success
 while the real tenant stayed readable. A repeated retire or shred is a
-no-op that succeeds, and a failing tenant in a list rotates none of them.
+no-op that succeeds, a failing tenant in a list rotates none of them, and
+``keys rotate --all-tenants`` run again after an interruption finishes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from sqlalchemy_encrypted import KeyPurpose
 
 from .ops_cli_support import CliApp, make_cli_app
 
@@ -109,3 +112,22 @@ def test_retire_destroyed_version_is_a_key_error(app: CliApp) -> None:
     assert result.exit_code == 1
     assert "no decrypt-only key version 1" in result.output
     assert "randomized: destroyed" in result.output
+
+
+def test_rotate_all_tenants_after_interruption(app: CliApp) -> None:
+    """A run of ``--all-tenants`` stopped after one tenant's randomized key
+    finishes when run again, skipping the version already pending."""
+    app.keyring().rotate("t-acme", KeyPurpose.RANDOMIZED)
+
+    result = app.run("keys", "rotate", "--all-tenants")
+
+    assert result.exit_code == 0, result.output
+    assert "tenant 't-acme': randomized key version 2 is already pending; skipped" in result.stderr
+    assert app.states("t-acme") == {
+        ("randomized", 1): "active",
+        ("randomized", 2): "pending",
+        ("deterministic", 1): "active",
+        ("deterministic", 2): "pending",
+    }
+    assert app.states("t-globex")[("randomized", 2)] == "pending"
+    assert app.states("t-globex")[("deterministic", 2)] == "pending"
