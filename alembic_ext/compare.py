@@ -6,7 +6,10 @@ imported, so ``env.py`` needs nothing but the import:
 * The database reflects an encrypted column as its storage type (BYTEA,
   BLOB, VARBINARY, or text for ``storage="base64"``), and that counts as
   equal to the model's encrypted type, so a model that matches the
-  database produces no change.
+  database produces no change. On SQLite a conversion may write the
+  envelopes back into the column and leave its declared type as it was
+  (see :mod:`alembic_ext.swap_sqlite`). Such a column also counts as equal
+  when it contains envelopes and nothing else.
 * A plaintext column (any non-binary type) whose model now declares an
   encrypted type is a conversion, not a type change. It is written as
   ``op.encrypt_column(...)``, with ``op.decrypt_column(...)`` in the
@@ -35,6 +38,7 @@ from alembic.autogenerate.api import AutogenContext
 from alembic.operations import ops as alembic_ops
 from alembic.runtime.migration import MigrationContext
 from alembic.util import DispatchPriority, PriorityDispatchResult
+from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeEngine
 
 from sqlalchemy_encrypted.keyring import keyring_table
@@ -44,6 +48,7 @@ from sqlalchemy_encrypted.types import EncryptedType
 
 from .ops import EncryptColumnOp
 from .render import render_item
+from .swap_sqlite import holds_only_envelopes
 
 __all__ = ["compare_type"]
 
@@ -74,6 +79,28 @@ def _matches_storage(inspected: TypeEngine[Any], declared: EncryptedType[Any]) -
     return _is_binary(inspected)
 
 
+def _converted_in_place(
+    conn: Connection | None,
+    table: sa.Table | None,
+    column: str,
+    declared: EncryptedType[Any],
+) -> bool:
+    """Return True for a SQLite column whose envelopes were written back under
+    its original declared type."""
+    if conn is None or table is None or conn.dialect.name != "sqlite":
+        return False
+    if declared.storage == "base64":
+        return False
+    if not holds_only_envelopes(conn, table.name, table.schema, column):
+        return False
+    logger.info(
+        "%s.%s contains only envelopes under its plaintext declared type: no change",
+        table.fullname,
+        column,
+    )
+    return True
+
+
 def compare_type(
     context: MigrationContext,
     inspected_column: sa.Column[Any],
@@ -94,6 +121,10 @@ def compare_type(
     matches = _matches_storage(inspected_type, metadata_type)
     if matches is None:
         return None
+    if not matches and _converted_in_place(
+        context.bind, getattr(inspected_column, "table", None), inspected_column.name, metadata_type
+    ):
+        return False
     return not matches
 
 
@@ -117,6 +148,10 @@ def _compare_encrypted_column(
     matches = _matches_storage(conn_type, metadata_type)
     if matches is None:
         return PriorityDispatchResult.CONTINUE
+    if not matches:
+        matches = _converted_in_place(
+            autogen_context.connection, conn_col.table, column_name, metadata_type
+        )
     alter_column_op.existing_type = conn_type
     if not matches:
         alter_column_op.modify_type = metadata_type

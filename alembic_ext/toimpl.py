@@ -15,7 +15,7 @@ from sqlalchemy_encrypted.keyring import keyring_table
 from sqlalchemy_encrypted.rotation import ReencryptionResult
 from sqlalchemy_encrypted.types import EncryptedType
 
-from . import ddl, rotation
+from . import ddl, rotation, swap
 from .conversion import ColumnConversion, Counts, Target
 from .directions import Decrypting, Encrypting, Strategy
 from .ops import (
@@ -254,7 +254,7 @@ def _final_phase(
 
     counts = conversion.verify()
     _check_census(conn, plan, counts)
-    ddl.swap_columns(conn, plan.info, plan.source, plan.shadow, plan.strategy.target_type)
+    swap.swap_columns(conn, plan.info, plan.source, plan.shadow)
     if filled is None:
         return _report(plan, counts, resumed=counts.resumed, rewritten=0, swapped=True)
     return _report(plan, counts, resumed=filled.resumed, rewritten=counts.written, swapped=True)

@@ -188,9 +188,7 @@ def test_server_default_is_dropped_with_warning(
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
-def test_sqlite_not_null_with_unnamed_unique_is_rejected(
-    engine: sa.Engine, keyring: InMemoryKeyring
-) -> None:
+def test_sqlite_not_null_keeps_unnamed_unique(engine: sa.Engine, keyring: InMemoryKeyring) -> None:
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "CREATE TABLE codes (id INTEGER PRIMARY KEY, code VARCHAR(20) NOT NULL, "
@@ -199,19 +197,20 @@ def test_sqlite_not_null_with_unnamed_unique_is_rejected(
         conn.exec_driver_sql("INSERT INTO codes VALUES (1, 'a', 'x'), (2, 'b', 'y')")
 
     with engine.connect() as conn:
-        with pytest.raises(MigrationError, match="would lose an unnamed constraint"):
-            _operations(conn).encrypt_column(
-                "codes", "code", type_=Encrypted(sa.String(20)), tenant_id="t"
-            )
-        conn.rollback()
+        report = _operations(conn).encrypt_column(
+            "codes", "code", type_=Encrypted(sa.String(20)), tenant_id="t"
+        )
+        conn.commit()
 
-    # The source column is intact, the sealed values wait in the shadow column.
-    assert _columns(engine, "codes") == ["id", "code", "label", "code__encrypting"]
+    assert report.converted == 2
+    assert _columns(engine, "codes") == ["id", "code", "label"]
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT code FROM codes ORDER BY id").scalars().all() == [
-            "a",
-            "b",
-        ]
+        stored = conn.exec_driver_sql("SELECT code FROM codes ORDER BY id").scalars().all()
+        assert all(isinstance(value, bytes) for value in stored)
+        with pytest.raises(sa.exc.IntegrityError, match="NOT NULL"):
+            conn.exec_driver_sql("INSERT INTO codes VALUES (3, NULL, 'z')")
+        with pytest.raises(sa.exc.IntegrityError, match="UNIQUE"):
+            conn.exec_driver_sql("INSERT INTO codes VALUES (3, x'00', 'x')")
 
 
 def test_in_memory_sqlite_runs_in_one_transaction(keyring: InMemoryKeyring) -> None:

@@ -1,4 +1,4 @@
-"""Column conversions on tables whose constraints SQLite cannot keep."""
+"""Column conversions on tables whose constraints SQLite cannot drop a column from."""
 
 from __future__ import annotations
 
@@ -42,21 +42,63 @@ def _encrypt_login(engine: sa.Engine) -> None:
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("constraint", TABLE_CONSTRAINTS.values(), ids=TABLE_CONSTRAINTS.keys())
-def test_sqlite_unique_constraint_stops_before_writing(
+def test_sqlite_unique_constraint_is_kept(
     engine: sa.Engine, keyring: InMemoryKeyring, constraint: str
 ) -> None:
-    """SQLite refuses to drop a column that a table-level UNIQUE constraint
-    uses, so the conversion stops before its first write and explains how to
-    proceed, instead of failing at the swap after every row was sealed."""
+    """SQLite refuses to drop a column that a UNIQUE constraint uses, so the
+    envelopes are written back into the column, under the same constraint."""
     _create_accounts(engine, constraint)
+
+    _encrypt_login(engine)
+
+    assert [c["name"] for c in sa.inspect(engine).get_columns("accounts")] == [
+        "id",
+        "tenant_id",
+        "login",
+    ]
+    with engine.connect() as conn:
+        logins = conn.exec_driver_sql("SELECT login FROM accounts ORDER BY id").scalars().all()
+        assert all(isinstance(login, bytes) for login in logins)
+        with pytest.raises(sa.exc.IntegrityError, match="UNIQUE"):
+            conn.execute(
+                sa.text("INSERT INTO accounts VALUES (3, 't-acme', :login)"), {"login": logins[0]}
+            )
+
+
+FOREIGN_KEYS = {
+    "column is a foreign key": (
+        "CREATE TABLE logins (login VARCHAR(40) PRIMARY KEY)",
+        "FOREIGN KEY (login) REFERENCES logins (login)",
+        "FOREIGN KEY (login) to logins",
+    ),
+    "column is referenced": (
+        "CREATE TABLE sessions (id INTEGER PRIMARY KEY, "
+        "login VARCHAR(40) REFERENCES accounts (login))",
+        "UNIQUE (login)",
+        "FOREIGN KEY (login) of table sessions",
+    ),
+}
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("setup", FOREIGN_KEYS.values(), ids=FOREIGN_KEYS.keys())
+def test_sqlite_foreign_key_stops_before_writing(
+    engine: sa.Engine, keyring: InMemoryKeyring, setup: tuple[str, str, str]
+) -> None:
+    """A foreign key compares stored values, which the conversion changes, so
+    the conversion stops before its first write and names the key."""
+    other_table, constraint, named = setup
+    _create_accounts(engine, constraint)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(other_table)
 
     with pytest.raises(MigrationError) as caught:
         _encrypt_login(engine)
 
     message = str(caught.value)
     assert "accounts.login" in message
-    assert "UNIQUE" in message
-    assert "unique index" in message
+    assert named in message
+    assert "Nothing was written" in message
     assert [c["name"] for c in sa.inspect(engine).get_columns("accounts")] == [
         "id",
         "tenant_id",
@@ -69,7 +111,7 @@ def test_sqlite_unique_constraint_stops_before_writing(
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
 def test_sqlite_unique_index_is_kept(engine: sa.Engine, keyring: InMemoryKeyring) -> None:
-    """The advice in the error works: a unique index instead of the constraint."""
+    """A unique index is dropped and recreated around the column swap."""
     _create_accounts(engine, None)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE UNIQUE INDEX uq_accounts_login ON accounts (tenant_id, login)")
