@@ -51,7 +51,7 @@ from .keys import (
 from .row_tenant import TENANT_COLUMN_INFO_KEY
 from .schema_check import UndersizedColumn, find_undersized_columns
 from .tenancy import current_tenant, set_default_tenant, tenant_scope
-from .types import DeterministicEncrypted, Encrypted, EncryptedType
+from .types import DeterministicEncrypted, Encrypted, EncryptedType, type_for_header
 
 __version__ = "0.1.0"
 
@@ -100,4 +100,5 @@ __all__ = [
     "set_default_key_provider",
     "set_default_tenant",
     "tenant_scope",
+    "type_for_header",
 ]

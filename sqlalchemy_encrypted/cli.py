@@ -21,6 +21,7 @@ from ._cli_context import (
     ExitCode,
     settings_of,
 )
+from ._cli_decrypt import decrypt
 from ._cli_inspect import inspect
 from ._cli_keys import keys
 from ._cli_rotation import reencrypt, status
@@ -29,9 +30,10 @@ from .rotation import CheckpointStore
 __all__ = ["cli", "main"]
 
 
-def _configure_logging(ctx: click.Context, verbose: bool) -> None:
-    """Send the library's log records to stderr while the command runs: INFO
-    and above with --verbose, else only CRITICAL ones."""
+def _configure_logging(ctx: click.Context, verbose: bool, audit_log: str | None) -> None:
+    """Send the library's log records to stderr while the command runs (INFO
+    and above with --verbose, else only CRITICAL ones), and audit records to
+    the --audit-log file."""
     logger = logging.getLogger("sqlalchemy_encrypted")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -43,9 +45,29 @@ def _configure_logging(ctx: click.Context, verbose: bool) -> None:
     if verbose:
         logger.setLevel(logging.INFO)
 
+    audit_logger = logging.getLogger("sqlalchemy_encrypted.audit")
+    previous_audit_level = audit_logger.level
+    audit_handler: logging.Handler | None = None
+    if audit_log:
+        try:
+            audit_handler = logging.FileHandler(audit_log, mode="a", encoding="utf-8")
+        except OSError as exc:
+            raise click.BadParameter(
+                f"cannot open {audit_log}: {exc.strerror}", param_hint="'--audit-log'"
+            ) from None
+        audit_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
+        audit_logger.addHandler(audit_handler)
+        audit_logger.setLevel(logging.INFO)
+
     def restore() -> None:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+        if audit_handler is not None:
+            audit_logger.removeHandler(audit_handler)
+            audit_handler.close()
+            audit_logger.setLevel(previous_audit_level)
 
     ctx.call_on_close(restore)
 
@@ -94,6 +116,13 @@ def _configure_logging(ctx: click.Context, verbose: bool) -> None:
     envvar="SQLALCHEMY_ENCRYPTED_ACTIVE_KEY_TTL",
     help="Seconds a rotated key stays pending; use the application's setting.",
 )
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False),
+    envvar="SQLALCHEMY_ENCRYPTED_AUDIT_LOG",
+    help="Append audit records (key lifecycle events, decrypted values; ids only) to this "
+    "file [env SQLALCHEMY_ENCRYPTED_AUDIT_LOG].",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Log progress and print tracebacks.")
 @click.pass_context
 def cli(
@@ -104,6 +133,7 @@ def cli(
     models: tuple[str, ...],
     keyring_table: str,
     active_key_ttl: float,
+    audit_log: str | None,
     verbose: bool,
 ) -> None:
     """Manage the keys and encrypted columns of sqlalchemy-encrypted."""
@@ -118,7 +148,7 @@ def cli(
     )
     ctx.obj = settings
     ctx.call_on_close(settings.close)
-    _configure_logging(ctx, verbose)
+    _configure_logging(ctx, verbose, audit_log)
 
 
 # -- init ---------------------------------------------------------------------
@@ -156,6 +186,7 @@ cli.add_command(keys)
 cli.add_command(status)
 cli.add_command(reencrypt)
 cli.add_command(inspect)
+cli.add_command(decrypt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from sqlalchemy.types import TypeEngine
 
 from .errors import ConfigurationError, PlaintextTooLongError, ValueTypeError
 
-__all__ = ["Codec", "ValueTag", "codec_for"]
+__all__ = ["Codec", "EnumNameCodec", "ValueTag", "codec_for", "reader_inner_type"]
 
 
 class ValueTag(enum.IntEnum):
@@ -572,6 +572,47 @@ class EnumCodec(Codec):
 
     def cardinality(self) -> int | None:
         return len(self.names)
+
+
+class EnumNameCodec(EnumCodec):
+    """Decodes an Enum value to its stored member name, without the Enum type.
+
+    For tools that read values without the application's models: any member
+    name decodes, as a str, and nothing can be encoded.
+    """
+
+    def __init__(self) -> None:
+        self.enum_class = None
+        self.members_by_string = {}
+        self.names = frozenset()
+
+    def decode(self, data: bytes) -> str:
+        return data.decode("utf-8")
+
+
+# The inner type whose codec decodes each value type tag to its natural
+# Python type. Enum needs EnumNameCodec in addition, because the members of
+# the application's Enum type are unknown.
+_READER_INNER_TYPES: dict[ValueTag, type[TypeEngine[Any]]] = {
+    ValueTag.STR: sa.Text,
+    ValueTag.BYTES: sa.LargeBinary,
+    ValueTag.INT: sa.BigInteger,
+    ValueTag.DECIMAL: sa.Numeric,
+    ValueTag.FLOAT: sa.Float,
+    ValueTag.BOOL: sa.Boolean,
+    ValueTag.DATE: sa.Date,
+    ValueTag.DATETIME: sa.DateTime,
+    ValueTag.TIME: sa.Time,
+    ValueTag.TIMEDELTA: sa.Interval,
+    ValueTag.UUID: sa.Uuid,
+    ValueTag.JSON: sa.JSON,
+    ValueTag.ENUM: sa.Enum,
+}
+
+
+def reader_inner_type(tag: ValueTag) -> TypeEngine[Any]:
+    """Return an inner type that decodes values of ``tag``; see :func:`type_for_header`."""
+    return _READER_INNER_TYPES[tag]()
 
 
 # Deterministic columns need a bounded stored width; integers get the range

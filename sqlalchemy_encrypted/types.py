@@ -28,7 +28,7 @@ from ._aead import InvalidTag
 from ._comparison import ColumnComparison
 from ._search import SearchToken, TokenSearch, TokenSet
 from ._storage import StorageMode
-from .codecs import Codec, StrCodec, codec_for
+from .codecs import Codec, EnumNameCodec, StrCodec, ValueTag, codec_for, reader_inner_type
 from .envelope import (
     GCM_NONCE_SIZE,
     GCM_TAG_SIZE,
@@ -57,7 +57,13 @@ from .errors import (
 from .keys import DataKey, KeyProvider, KeyPurpose, get_default_key_provider
 from .tenancy import TenantBound, current_tenant, scoped_tenant
 
-__all__ = ["DeterministicEncrypted", "Encrypted", "EncryptedType", "StorageMode"]
+__all__ = [
+    "DeterministicEncrypted",
+    "Encrypted",
+    "EncryptedType",
+    "StorageMode",
+    "type_for_header",
+]
 
 logger = logging.getLogger("sqlalchemy_encrypted")
 
@@ -845,3 +851,45 @@ class DeterministicEncrypted(EncryptedType[_T]):
 def _is_tracked_bind(value: Any) -> bool:
     """Return True for the placeholder that ``lambda_stmt`` passes for a closure variable."""
     return type(value).__name__ == "PyWrapper"
+
+
+def type_for_header(
+    header: EnvelopeHeader,
+    context: str,
+    *,
+    storage: StorageMode = "binary",
+    keyring: KeyProvider | None = None,
+) -> EncryptedType[Any]:
+    """Build a column type that decrypts values with ``header``'s algorithm
+    and value type, bound to the column identity ``context``.
+
+    For tools that read stored values without the application's models, such
+    as ``sqlalchemy-encrypted decrypt``. ``Encrypted`` or
+    ``DeterministicEncrypted`` follows from the algorithm. Values decode to
+    the natural Python type of their value type tag: str, bytes, int,
+    Decimal, float, bool, date, datetime, time, timedelta, UUID, a JSON
+    value, or the member name (a str) of an Enum. The type skips the checks that
+    guard writes to a declared column (length bounds, low cardinality), so
+    use it to read values, not to write them.
+
+    Raises :class:`StorageFormatError` for a value type tag this release does
+    not know.
+    """
+    if not isinstance(context, str) or not context:
+        raise ConfigurationError("context must be a non-empty str naming the column")
+    try:
+        tag = ValueTag(header.value_tag)
+    except ValueError:
+        raise StorageFormatError(
+            f"encrypted column {context}: unknown value type tag {header.value_tag}"
+        ) from None
+    column_class: type[EncryptedType[Any]] = (
+        DeterministicEncrypted if header.algorithm is Algorithm.AES_256_SIV else Encrypted
+    )
+    reader = column_class(reader_inner_type(tag), storage=storage, keyring=keyring)
+    # Set after construction: passing context= would run the configuration
+    # checks, which reject the unbounded inner types used here for reading.
+    reader.context = context
+    if tag is ValueTag.ENUM:
+        reader._codec = EnumNameCodec()
+    return reader
