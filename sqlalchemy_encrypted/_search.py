@@ -12,7 +12,8 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.elements import BinaryExpression
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnElement
+from sqlalchemy.sql.sqltypes import BOOLEANTYPE
 
 from .keys import DataKey, KeyPurpose
 from .tenancy import current_tenant
@@ -98,6 +99,13 @@ class TokenSearch(BinaryExpression[bool]):
             negate=binary.negate,
             modifiers=binary.modifiers,
         )
+
+    @classmethod
+    def build(
+        cls, left: ColumnElement[Any], right: BindParameter[Any], operator: Any, negate: Any
+    ) -> TokenSearch:
+        """Return ``left operator right`` with its negation ``negate``."""
+        return cls(BinaryExpression(left, right, operator, type_=BOOLEANTYPE, negate=negate))
 
     def _negate(self) -> Any:
         # The stock negation returns a plain BinaryExpression, which the ORM

@@ -382,7 +382,18 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             value = value.value
         unexpected: str | None = None
         try:
-            envelope = self.seal(value, tenant_id, key)
+            # seal() and _seal_encoded() inlined, because this runs per value.
+            identity = self._identity_for_write()
+            plaintext = self._encode(value, identity)
+            if key is None:
+                tenant = tenant_id if tenant_id is not None else current_tenant(identity)
+                provider = self.keyring if self.keyring is not None else self.key_provider
+                key = provider.active_key(tenant, self.purpose)
+            prefix = self._prefix_cache.get((key.key_id.int, identity))
+            header, aad = prefix if prefix is not None else self._prefix(key, identity)
+            if self.algorithm is _SIV:
+                plaintext = _TAG_BYTES[self._codec.tag] + plaintext
+            envelope = header + key.cipher.seal(plaintext, aad)
         except (EncryptionError, SQLAlchemyError):
             raise
         except Exception as exc:
@@ -839,13 +850,18 @@ class DeterministicEncrypted(EncryptedType[_T]):
         for value in values:
             if value is not None:
                 self.encode_plaintext(value)
-        parameter = sa.bindparam(
+        op, negated_op = (
+            (operators.not_in_op, operators.in_op)
+            if negate
+            else (operators.in_op, operators.not_in_op)
+        )
+        # Built directly rather than through the stock IN comparison, which
+        # gives the same expression through several coercion steps.
+        parameter = BindParameter(
             None, value=TokenSet(self, values), type_=self, expanding=True, unique=True
         )
-        op = operators.not_in_op if negate else operators.in_op
-        binary = _base_operate(comparator, op, parameter)
-        assert isinstance(binary, BinaryExpression)
-        return TokenSearch(binary)
+        parameter.expand_op = op  # type: ignore[assignment]
+        return TokenSearch.build(comparator.expr, parameter, op, negated_op)
 
 
 def _is_tracked_bind(value: Any) -> bool:

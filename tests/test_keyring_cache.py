@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sqlalchemy_encrypted import KeyPurpose, tenant_scope
+from sqlalchemy_encrypted import KeyDestroyedError, KeyPurpose, TenantContextError, tenant_scope
 from sqlalchemy_encrypted.keyring import Keyring, TtlCache
 from sqlalchemy_encrypted.kms import LocalKms
 
@@ -229,3 +229,71 @@ def test_cache_ttl_zero_unwraps_every_time(
     for _ in range(3):
         keyring.key_by_id(key.key_id)
     assert counting.calls["unwrap"] == 3
+
+
+def test_active_key_expires_with_dek_ttl(
+    engine: sa.Engine, keyring_factory: type[Keyring], local_kms: LocalKms
+) -> None:
+    counting = CountingKms(local_kms)
+    keyring_factory(engine, counting).provision("t-acme")
+    clock = FakeClock()
+    reader = keyring_factory(engine, counting, cache_ttl=10.0, active_key_ttl=60.0, clock=clock)
+    counting.calls.clear()
+
+    first = reader.active_key("t-acme", KeyPurpose.RANDOMIZED)
+    assert reader.active_key("t-acme", KeyPurpose.RANDOMIZED) is first
+    assert reader.key_by_id(first.key_id) is first
+    assert counting.calls["unwrap"] == 1
+
+    # The active row is still cached, but the DEK's shorter TTL has run out.
+    clock.advance(11)
+    reader.active_key("t-acme", KeyPurpose.RANDOMIZED)
+    assert counting.calls["unwrap"] == 2
+    clock.advance(11)
+    reader.key_by_id(first.key_id)
+    assert counting.calls["unwrap"] == 3
+
+
+def test_hot_keys_follow_invalidation(
+    engine: sa.Engine, keyring_factory: type[Keyring], local_kms: LocalKms
+) -> None:
+    keyring = keyring_factory(engine, local_kms)
+    key = keyring.active_key("t-acme", KeyPurpose.RANDOMIZED)
+    assert keyring.key_by_id(key.key_id, expected_tenant="t-acme") is key
+    with pytest.raises(TenantContextError):
+        keyring.key_by_id(key.key_id, expected_tenant="t-globex")
+
+    keyring.rotate("t-acme", KeyPurpose.RANDOMIZED, activate_now=True)
+    rotated = keyring.active_key("t-acme", KeyPurpose.RANDOMIZED)
+    assert rotated.key_id != key.key_id
+    assert rotated.version == 2
+
+    keyring.shred("t-acme")
+    with pytest.raises(KeyDestroyedError):
+        keyring.active_key("t-acme", KeyPurpose.RANDOMIZED)
+    with pytest.raises(KeyDestroyedError):
+        keyring.key_by_id(key.key_id)
+
+
+def test_hot_keys_follow_eviction(
+    engine: sa.Engine, keyring_factory: type[Keyring], local_kms: LocalKms
+) -> None:
+    counting = CountingKms(local_kms)
+    writer = keyring_factory(engine, counting)
+    others = [
+        writer.active_key(tenant, KeyPurpose.RANDOMIZED).key_id
+        for tenant in ("t-globex", "t-initech")
+    ]
+    writer.provision("t-acme")
+    reader = keyring_factory(engine, counting, cache_size=2)
+    counting.calls.clear()
+
+    reader.active_key("t-acme", KeyPurpose.RANDOMIZED)
+    for key_id in others:
+        reader.key_by_id(key_id)
+    assert counting.calls["unwrap"] == 3
+    # The acme DEK was evicted from the DEK cache, so it is unwrapped again
+    # instead of being served from a copy that outlived the cache entry.
+    reader.active_key("t-acme", KeyPurpose.RANDOMIZED)
+    assert counting.calls["unwrap"] == 4
+    assert reader.cache.stats.size <= 2

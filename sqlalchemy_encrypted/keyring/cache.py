@@ -87,6 +87,10 @@ class TtlCache(Generic[K, V]):
         # Bumped by every invalidation, so a load that started before an
         # invalidation does not store a value the invalidation meant to drop.
         self._generation = 0
+        # Bumped whenever an entry leaves before its TTL (invalidation,
+        # clear, eviction), so copies of entries kept outside the cache can
+        # tell that they may be stale. Read without the lock.
+        self.removals = 0
         self._hits = 0
         self._misses = 0
         self._kms_calls = 0
@@ -111,6 +115,18 @@ class TtlCache(Generic[K, V]):
                 size=len(self._entries),
                 evictions=self._evictions,
             )
+
+    def expires_at(self, key: K) -> float | None:
+        """Return the clock time at which ``key``'s entry expires, or None if
+        it is not cached."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.expires_at
+
+    def record_hit(self) -> None:
+        """Count a hit served from a copy of an entry kept outside the cache."""
+        with self._lock:
+            self._hits += 1
 
     def record_kms_call(self) -> None:
         with self._lock:
@@ -147,6 +163,7 @@ class TtlCache(Generic[K, V]):
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
             self._evictions += 1
+            self.removals += 1
 
     def get_or_load(self, key: K, loader: Callable[[], V]) -> V:
         """Return the cached value, or run ``loader`` once for all waiting threads."""
@@ -192,12 +209,14 @@ class TtlCache(Generic[K, V]):
     def invalidate(self, key: K) -> None:
         with self._lock:
             self._generation += 1
+            self.removals += 1
             self._entries.pop(key, None)
 
     def invalidate_where(self, predicate: Callable[[K, V], bool]) -> int:
         """Drop every entry for which ``predicate(key, value)`` is true; return the count."""
         with self._lock:
             self._generation += 1
+            self.removals += 1
             doomed = [key for key, entry in self._entries.items() if predicate(key, entry.value)]
             for key in doomed:
                 del self._entries[key]
@@ -206,4 +225,5 @@ class TtlCache(Generic[K, V]):
     def clear(self) -> None:
         with self._lock:
             self._generation += 1
+            self.removals += 1
             self._entries.clear()

@@ -126,6 +126,14 @@ class Keyring:
         self._decryptable: TtlCache[tuple[str, KeyPurpose], tuple[KeyRow, ...]] = TtlCache(
             cache_size, active_key_ttl, clock, name="decryptable key lookups"
         )
+        # Copies of the hottest lookups, read without locks: (tenant,
+        # purpose) -> active DEK and key id -> DEK. Each copy expires with the
+        # earliest of the cache entries it came from, and is ignored once any
+        # of those caches has removed an entry early (invalidation by rotate,
+        # retire or shred, or an eviction), so it never outlives them.
+        self._clock = clock
+        self._hot_active: dict[tuple[str, str], tuple[float, int, int, DataKey]] = {}
+        self._hot_by_id: dict[int, tuple[float, int, DataKey]] = {}
         if set_default:
             set_default_key_provider(self)
 
@@ -251,12 +259,37 @@ class Keyring:
         loser uses the winner's key. Raises :class:`KeyDestroyedError` for a
         shredded tenant.
         """
+        if type(tenant_id) is str:
+            hot = self._hot_active.get((tenant_id, purpose))
+            if (
+                hot is not None
+                and self._clock() < hot[0]
+                and hot[1] == self.cache.removals
+                and hot[2] == self._active.removals
+            ):
+                self.cache.record_hit()
+                return hot[3]
         tenant = _check_tenant(tenant_id)
         purpose = KeyPurpose(purpose)
+        # Read before the lookups: an invalidation during them makes the copy stale.
+        dek_removals = self.cache.removals
+        active_removals = self._active.removals
         row = self._active.get_or_load(
             (tenant, purpose), lambda: self._find_or_create_active(tenant, purpose)
         )
-        return self._data_key(row)
+        key = self._data_key(row)
+        row_expiry = self._active.expires_at((tenant, purpose))
+        key_expiry = self.cache.expires_at(row.key_id)
+        if row_expiry is not None and key_expiry is not None:
+            if len(self._hot_active) >= self.cache.max_entries:
+                self._hot_active.clear()
+            self._hot_active[(tenant, purpose)] = (
+                min(row_expiry, key_expiry),
+                dek_removals,
+                active_removals,
+                key,
+            )
+        return key
 
     def key_by_id(self, key_id: uuid.UUID, expected_tenant: str | None = None) -> DataKey:
         """Return the DEK with ``key_id``.
@@ -264,9 +297,18 @@ class Keyring:
         With ``expected_tenant``, a key of another tenant raises
         :class:`TenantContextError` before any KMS call.
         """
+        hot = self._hot_by_id.get(key_id.int)
+        if hot is not None and self._clock() < hot[0] and hot[1] == self.cache.removals:
+            key = hot[2]
+            if expected_tenant is not None and key.tenant_id != expected_tenant:
+                self._check_expected_tenant(key_id, key.tenant_id, expected_tenant)
+            self.cache.record_hit()
+            return key
+        dek_removals = self.cache.removals
         cached = self.cache.get(key_id)
         if cached is not None:
             self._check_expected_tenant(key_id, cached.tenant_id, expected_tenant)
+            self._remember_by_id(cached, dek_removals)
             return cached
         row = self._store.get(key_id)
         if row is None:
@@ -284,7 +326,17 @@ class Keyring:
             raise KeyNotFoundError(
                 f"the DEK of {row.describe()} is retired and no longer decrypts values"
             )
-        return self._data_key(row)
+        key = self._data_key(row)
+        self._remember_by_id(key, dek_removals)
+        return key
+
+    def _remember_by_id(self, key: DataKey, dek_removals: int) -> None:
+        expiry = self.cache.expires_at(key.key_id)
+        if expiry is None:
+            return
+        if len(self._hot_by_id) >= self.cache.max_entries:
+            self._hot_by_id.clear()
+        self._hot_by_id[key.key_id.int] = (expiry, dek_removals, key)
 
     def decryptable_keys(self, tenant_id: str, purpose: KeyPurpose) -> Sequence[DataKey]:
         """Return the tenant's active, pending and decrypt-only DEKs, active first."""
