@@ -53,14 +53,18 @@ class TokenSet(Sequence[SearchToken]):
     def __repr__(self) -> str:
         return f"<{len(self._values)} search value(s) for {self._type.column_identity}>"
 
-    def _tokens(self) -> list[SearchToken]:
+    def _keys(self) -> Sequence[DataKey]:
         column_type = self._type
         tenant_id = current_tenant(column_type.column_identity)
-        keys = column_type.key_provider.decryptable_keys(tenant_id, KeyPurpose.DETERMINISTIC)
+        return column_type.key_provider.decryptable_keys(tenant_id, KeyPurpose.DETERMINISTIC)
+
+    def _tokens(self) -> list[SearchToken]:
+        keys = self._keys()
         return [SearchToken(value, key) for value in self._values for key in keys]
 
     def __len__(self) -> int:
-        return len(self._tokens())
+        # No tokens are built to count them.
+        return len(self._values) * len(self._keys())
 
     @overload
     def __getitem__(self, index: int) -> SearchToken: ...

@@ -387,7 +387,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             plaintext = self._encode(value, identity)
             if key is None:
                 tenant = tenant_id if tenant_id is not None else current_tenant(identity)
-                provider = self.keyring if self.keyring is not None else self.key_provider
+                provider = self.keyring if self.keyring is not None else get_default_key_provider()
                 key = provider.active_key(tenant, self.purpose)
             prefix = self._prefix_cache.get((key.key_id.int, identity))
             header, aad = prefix if prefix is not None else self._prefix(key, identity)
@@ -464,9 +464,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         """Look up the DEK named by ``header``, turning the provider's errors
         into decryption errors that name the column."""
         scope = scoped_tenant()
+        provider = self.keyring if self.keyring is not None else get_default_key_provider()
         failure: Exception | None = None
         try:
-            return self.key_provider.key_by_id(header.key_id, expected_tenant=scope)
+            return provider.key_by_id(header.key_id, expected_tenant=scope)
         except (KeyNotFoundError, TenantContextError) as exc:
             failure = exc
         except EncryptionError as exc:
@@ -495,7 +496,8 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             )
         # The AAD starts with the stored header; it equals the cached header
         # unless the key provider returned a key with another id.
-        prefix_header, aad = self._prefix(key, identity)
+        prefix = self._prefix_cache.get((key.key_id.int, identity))
+        prefix_header, aad = prefix if prefix is not None else self._prefix(key, identity)
         header_bytes = data[:HEADER_SIZE]
         if prefix_header != header_bytes:
             aad = header_bytes + aad[HEADER_SIZE:]
