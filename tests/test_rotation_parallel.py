@@ -11,14 +11,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from sqlalchemy_encrypted.keyring import Keyring
+from sqlalchemy_encrypted.kms import LocalKms
 from sqlalchemy_encrypted.rotation import (
     CheckpointStore,
     ReencryptionJob,
     ReencryptionResult,
     census,
 )
-from sqlalchemy_encrypted.keyring import Keyring
-from sqlalchemy_encrypted.kms import LocalKms
 
 from .rotation_support import Base, Person, fill_persons
 
