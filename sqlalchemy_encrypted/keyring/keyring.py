@@ -54,11 +54,26 @@ def _check_tenant(tenant_id: object) -> str:
     return tenant_id
 
 
+def _engine_error(engine: object) -> str:
+    if isinstance(getattr(engine, "sync_engine", None), sa.Engine):
+        # AsyncEngine and AsyncConnection: the keyring's code is synchronous.
+        return (
+            f"Keyring needs a sync Engine, not an {type(engine).__name__}: pass "
+            "async_engine.sync_engine, or a separate engine from sqlalchemy.create_engine() "
+            "on the same database. On a DEK cache miss, the keyring query and the KMS call "
+            "then run in the event loop thread; see 'Async applications' in "
+            "docs/getting-started.md"
+        )
+    return f"Keyring needs a sqlalchemy Engine for its keyring table, not {type(engine).__name__}"
+
+
 class Keyring:
     """Per-tenant DEKs in a keyring table, wrapped by KEKs of a KMS provider.
 
     :param engine: the database holding the keyring table; it may differ
-        from the database holding the encrypted data.
+        from the database holding the encrypted data. It must be a sync
+        ``Engine``; with ``create_async_engine``, pass its ``sync_engine`` or
+        a separate sync engine.
     :param kms: the provider whose KEK wraps new DEKs.
     :param previous_kms: further providers used only to unwrap DEKs whose
         rows name their KEKs, for example the local KMS after moving new
@@ -93,7 +108,7 @@ class Keyring:
         wall_clock: Callable[[], datetime.datetime] = utcnow,
     ) -> None:
         if not isinstance(engine, sa.Engine):
-            raise ConfigurationError("Keyring needs a sqlalchemy Engine for its keyring table")
+            raise ConfigurationError(_engine_error(engine))
         for provider in (kms, *previous_kms):
             if not isinstance(provider, KmsProvider):
                 raise ConfigurationError(
