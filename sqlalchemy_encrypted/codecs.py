@@ -315,12 +315,14 @@ class DateCodec(Codec):
         return 10
 
 
-class DateTimeCodec(Codec):
+class _ClockCodec(Codec):
     """ISO 8601 with microseconds and UTC offset, then ``[zone]`` for a ZoneInfo
-    and ``;fold=1`` for the second of two ambiguous wall-clock times."""
+    and ``;fold=1`` for the second of two ambiguous wall-clock times.
 
-    tag = ValueTag.DATETIME
-    python_types = (dt.datetime,)
+    Shared by datetime and time values, which differ only in their parser.
+    """
+
+    _parse: ClassVar[Any]
 
     def encode(self, value: Any, column: str) -> bytes:
         self.check(value, column)
@@ -329,40 +331,30 @@ class DateTimeCodec(Codec):
             text += ";fold=1"
         return text.encode("ascii")
 
-    def decode(self, data: bytes) -> dt.datetime:
+    def decode(self, data: bytes) -> Any:
         text, _, fold = data.decode("ascii").partition(";fold=")
         stamp, zone = _split_zone(text)
-        value = dt.datetime.fromisoformat(stamp)
+        value = type(self)._parse(stamp)
         if zone is not None:
             value = value.replace(tzinfo=zone)
         if fold:
             value = value.replace(fold=int(fold))
         return value
+
+
+class DateTimeCodec(_ClockCodec):
+    tag = ValueTag.DATETIME
+    python_types = (dt.datetime,)
+    _parse = dt.datetime.fromisoformat
 
     def max_encoded_length(self) -> int | None:
         return 100
 
 
-class TimeCodec(Codec):
+class TimeCodec(_ClockCodec):
     tag = ValueTag.TIME
     python_types = (dt.time,)
-
-    def encode(self, value: Any, column: str) -> bytes:
-        self.check(value, column)
-        text = str(value.isoformat(timespec="microseconds")) + _encode_zone(value)
-        if value.fold:
-            text += ";fold=1"
-        return text.encode("ascii")
-
-    def decode(self, data: bytes) -> dt.time:
-        text, _, fold = data.decode("ascii").partition(";fold=")
-        stamp, zone = _split_zone(text)
-        value = dt.time.fromisoformat(stamp)
-        if zone is not None:
-            value = value.replace(tzinfo=zone)
-        if fold:
-            value = value.replace(fold=int(fold))
-        return value
+    _parse = dt.time.fromisoformat
 
     def max_encoded_length(self) -> int | None:
         return 80

@@ -27,7 +27,7 @@ __all__ = [
 
 
 class KeyPurpose(enum.StrEnum):
-    """What a DEK is for; each purpose has its own algorithm and keys."""
+    """The use of a DEK. Each purpose has its own algorithm and its own keys."""
 
     RANDOMIZED = "randomized"
     DETERMINISTIC = "deterministic"

@@ -59,7 +59,8 @@ class InMemoryKeyring:
         with self._lock:
             if tenant_id in self._shredded:
                 raise KeyDestroyedError(
-                    f"the keys of tenant {tenant_id!r} were destroyed; writes are refused"
+                    f"the keys of tenant {tenant_id!r} were destroyed, "
+                    "so writes for it are rejected"
                 )
             versions = self._versions.get((tenant_id, purpose))
             if not versions:

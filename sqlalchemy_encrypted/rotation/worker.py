@@ -6,7 +6,7 @@ Each batch is one short transaction:
    names a stale key, in primary key order (keyset pagination, so memory
    stays bounded and no OFFSET scan grows). On PostgreSQL the rows are
    locked with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never take
-   the same row and never wait for each other;
+   the same row and skip rows another worker holds instead of waiting;
 2. decrypt each stale value with the column type and seal it again under the
    active DEK of the tenant that sealed it;
 3. write back with compare-and-swap, ``UPDATE ... WHERE pk = :pk AND
