@@ -45,7 +45,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     ERROR = 1  # any other failure: database unreachable, key not found, ...
     USAGE = 2  # invalid command line (click's own status)
-    CONFIGURATION = 3  # missing or invalid --url, --kms or --models
+    CONFIGURATION = 3  # missing or invalid --url, --keyring-url, --kms or --models
     KMS = 4  # the KMS failed or refused
     KEY_IN_USE = 5  # keys retire: stored values still use the key version
     INCOMPLETE = 6  # reencrypt: rows failed or values remain under an old version
@@ -57,7 +57,7 @@ Exit status:
   0  success
   1  error (database unreachable, key not found, ...)
   2  invalid command line
-  3  configuration error (--url, --kms, --models)
+  3  configuration error (--url, --keyring-url, --kms, --models)
   4  KMS error
   5  key version still in use (keys retire)
   6  re-encryption incomplete: rows failed or stale values remain
@@ -190,29 +190,42 @@ class CliContext:
     active_key_ttl: float
     verbose: bool
     previous_kms_uris: tuple[str, ...] = ()
+    keyring_url: str | None = None
     _engine: sa.Engine | None = field(default=None, repr=False)
+    _keyring_engine: sa.Engine | None = field(default=None, repr=False)
     _kms: KmsProvider | None = field(default=None, repr=False)
     _keyring: Keyring | None = field(default=None, repr=False)
     _tables: list[sa.Table] | None = field(default=None, repr=False)
 
     def engine(self) -> sa.Engine:
+        """Return the engine of the application's data (``--url``)."""
         if self._engine is None:
             if not self.url:
                 raise ConfigurationError(
                     "no database URL: pass --url or set SQLALCHEMY_ENCRYPTED_URL"
                 )
-            try:
-                self._engine = sa.create_engine(self.url)
-            except sa.exc.ArgumentError as exc:  # also an unknown dialect or driver name
-                raise ConfigurationError(f"invalid --url: {exc}") from None
-            except ImportError as exc:
-                raise ConfigurationError(
-                    f"--url names a database driver that is not installed: {exc}"
-                ) from None
+            self._engine = _create_engine(self.url, "--url")
         return self._engine
 
+    @property
+    def separate_keyring(self) -> bool:
+        """True when ``--keyring-url`` names another database than ``--url``."""
+        return bool(self.keyring_url) and self.keyring_url != self.url
+
+    def keyring_engine(self) -> sa.Engine:
+        """Return the engine of the keyring table: ``--keyring-url``, else ``--url``."""
+        if not self.separate_keyring:
+            return self.engine()
+        if self._keyring_engine is None:
+            assert self.keyring_url
+            self._keyring_engine = _create_engine(self.keyring_url, "--keyring-url")
+        return self._keyring_engine
+
     def database_name(self) -> str:
-        return self.engine().url.render_as_string(hide_password=True)
+        return _display_url(self.engine())
+
+    def keyring_database_name(self) -> str:
+        return _display_url(self.keyring_engine())
 
     def kms(self) -> KmsProvider:
         if self._kms is None:
@@ -240,7 +253,7 @@ class CliContext:
     def keyring(self) -> Keyring:
         if self._keyring is None:
             self._keyring = Keyring(
-                self.engine(),
+                self.keyring_engine(),
                 self.kms(),
                 previous_kms=[kms_from_uri(uri) for uri in self.previous_kms_uris],
                 table_name=self.keyring_table,
@@ -262,6 +275,23 @@ class CliContext:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
+        if self._keyring_engine is not None:
+            self._keyring_engine.dispose()
+
+
+def _create_engine(url: str, option: str) -> sa.Engine:
+    try:
+        return sa.create_engine(url)
+    except sa.exc.ArgumentError as exc:  # also an unknown dialect or driver name
+        raise ConfigurationError(f"invalid {option}: {exc}") from None
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"{option} names a database driver that is not installed: {exc}"
+        ) from None
+
+
+def _display_url(engine: sa.Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
 
 
 # -- output -------------------------------------------------------------------

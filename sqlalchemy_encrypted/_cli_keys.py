@@ -14,7 +14,8 @@ from ._cli_context import (
     render_table,
     settings_of,
 )
-from .errors import KeyDestroyedError, KeyNotFoundError, KeyStateError
+from ._cli_tenants import no_keys_error, require_keys
+from .errors import KeyDestroyedError, KeyPendingError, KeyStateError
 from .keyring import Keyring, KeyState
 from .keys import KeyPurpose
 from .kms import kms_from_uri
@@ -66,9 +67,15 @@ def _print_keys(infos: Sequence[Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def keys_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
-    """List key metadata; no key is unwrapped."""
+    """List key metadata; no key is unwrapped.
+
+    A --tenant without keys is an error.
+    """
+    keyring = settings_of(ctx).keyring()
+    if tenant is not None:
+        require_keys(keyring, keyring.table.fullname, tenant)
     infos = sorted(
-        settings_of(ctx).keyring().list_keys(tenant),
+        keyring.list_keys(tenant),
         key=lambda info: (info.tenant_id, info.purpose.value, info.version),
     )
     if as_json:
@@ -88,11 +95,16 @@ def _keys_by_tenant(keyring: Keyring, tenants: Iterable[str]) -> dict[str, list[
     return found
 
 
-def _no_keys(keyring: Keyring, tenant: str) -> KeyNotFoundError:
-    return KeyNotFoundError(
-        f"tenant {tenant!r} has no keys in keyring table {keyring.table.fullname}: check the "
-        "tenant id ('sqlalchemy-encrypted keys list' shows every tenant); a tenant's first "
-        "keys are created by its first write"
+def _pending_error(tenant: str, purpose: str, version: int) -> KeyPendingError:
+    """Return the error for a rotation that finds a pending version, naming
+    the commands that resolve it."""
+    return KeyPendingError(
+        f"tenant {tenant!r} already has pending {purpose} key version {version}: run "
+        "'sqlalchemy-encrypted keys promote' once it is older than --active-key-ttl, or "
+        "rotate with --activate-now; no key was created",
+        tenant_id=tenant,
+        purpose=purpose,
+        version=version,
     )
 
 
@@ -118,7 +130,7 @@ def _plan_rotation(
     for tenant in tenants:
         infos = by_tenant[tenant]
         if not infos:
-            raise _no_keys(keyring, tenant)
+            raise no_keys_error(keyring.table.fullname, tenant)
         if any(info.state is KeyState.DESTROYED for info in infos):
             raise KeyDestroyedError(
                 f"the keys of tenant {tenant!r} were destroyed (crypto-shredded): it cannot "
@@ -135,12 +147,7 @@ def _plan_rotation(
             elif skip_pending:
                 skipped.append(pending[-1])
             else:
-                raise KeyStateError(
-                    f"tenant {tenant!r} already has pending {key_purpose.value} key version "
-                    f"{pending[-1].version}: run 'sqlalchemy-encrypted keys promote' once it is "
-                    "older than --active-key-ttl, or rotate with --activate-now; no key was "
-                    "created"
-                )
+                raise _pending_error(tenant, key_purpose.value, pending[-1].version)
     return planned, skipped
 
 
@@ -168,7 +175,12 @@ def keys_rotate(
     activate_now: bool,
     as_json: bool,
 ) -> None:
-    """Create a new key version for each TENANT."""
+    """Create a new key version for each TENANT.
+
+    Every TENANT must already have keys: this command never creates a
+    tenant's first keys, which its first write creates, so a mistyped tenant
+    id is an error.
+    """
     settings = settings_of(ctx)
     keyring = settings.keyring()
     if all_tenants == bool(tenants):
@@ -189,7 +201,12 @@ def keys_rotate(
         )
     created = []
     for tenant, key_purpose in planned:
-        created.extend(keyring.rotate(tenant, key_purpose, activate_now=activate_now))
+        try:
+            created.extend(keyring.rotate(tenant, key_purpose, activate_now=activate_now))
+        except KeyPendingError as exc:
+            # Another process rotated the tenant after the plan was checked. The
+            # keyring's message names Python arguments; name the options instead.
+            raise _pending_error(exc.tenant_id, exc.purpose, exc.version) from None
     if as_json:
         print_json([_key_dict(info) for info in created])
         return
@@ -210,8 +227,14 @@ def keys_rotate(
 @click.option("--tenant", help="Only this tenant's keys.")
 @click.pass_context
 def keys_promote(ctx: click.Context, tenant: str | None) -> None:
-    """Activate pending key versions older than --active-key-ttl."""
-    promoted = settings_of(ctx).keyring().promote_pending(tenant)
+    """Activate pending key versions older than --active-key-ttl.
+
+    A --tenant without keys is an error.
+    """
+    keyring = settings_of(ctx).keyring()
+    if tenant is not None:
+        require_keys(keyring, keyring.table.fullname, tenant)
+    promoted = keyring.promote_pending(tenant)
     for info in promoted:
         click.echo(
             f"tenant {info.tenant_id!r}: {info.purpose.value} key version {info.version} is active"
@@ -229,8 +252,13 @@ def keys_promote(ctx: click.Context, tenant: str | None) -> None:
 )
 @click.pass_context
 def keys_rewrap(ctx: click.Context, tenant: str | None, to_kms: str | None) -> None:
-    """Wrap every DEK again under a KEK; no data row changes."""
+    """Wrap every DEK again under a KEK; no data row changes.
+
+    A --tenant without keys is an error.
+    """
     keyring = settings_of(ctx).keyring()
+    if tenant is not None:
+        require_keys(keyring, keyring.table.fullname, tenant)
     target = kms_from_uri(to_kms) if to_kms else None
     count = keyring.rewrap(target, tenant_id=tenant)
     kek = target.kek_id if target is not None else keyring.kms.kek_id
@@ -246,10 +274,12 @@ def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | No
     """Retire key VERSION of TENANT once the census finds no value under it.
 
     Needs --models: every table that may hold the tenant's values must be in
-    the census.
+    the census. A TENANT without keys, or whose keys were destroyed by
+    'keys shred', is an error.
     """
     settings = settings_of(ctx)
     keyring = settings.keyring()
+    _check_retirable(keyring, tenant)
     retired = retire_key_version(
         settings.engine(),
         settings.tables(),
@@ -263,6 +293,23 @@ def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | No
         return
     for info in retired:
         click.echo(f"tenant {tenant!r}: {info.purpose.value} key version {info.version} retired")
+
+
+def _check_retirable(keyring: Keyring, tenant: str) -> None:
+    """Raise for a tenant without keys or a shredded one.
+
+    This runs before the census, because the census counts a shredded
+    tenant's values as still using the version, and the resulting error would
+    advise re-encrypting values that can no longer be decrypted.
+    """
+    infos = keyring.list_keys(tenant)
+    if not infos:
+        raise no_keys_error(keyring.table.fullname, tenant)
+    if any(info.state is KeyState.DESTROYED for info in infos):
+        raise KeyDestroyedError(
+            f"the keys of tenant {tenant!r} were destroyed (crypto-shredded): no key version "
+            "is left to retire, and its stored values can no longer be decrypted"
+        )
 
 
 def _explain_nothing_retired(
@@ -297,7 +344,7 @@ def keys_shred(ctx: click.Context, tenant: str, yes: bool) -> None:
     if not infos:
         # Nothing would be destroyed: most likely a mistyped tenant id, whose
         # real tenant would stay readable while the command reported success.
-        raise _no_keys(keyring, tenant)
+        raise no_keys_error(keyring.table.fullname, tenant)
     if all(info.state is KeyState.DESTROYED for info in infos):
         click.echo(f"tenant {tenant!r}: every key was already destroyed")
         return

@@ -14,6 +14,7 @@ from ._cli_context import (
     render_table,
     settings_of,
 )
+from ._cli_tenants import check_tenants_known
 from .keyring import Keyring, KeyState
 from .rotation import (
     Census,
@@ -45,6 +46,17 @@ def _census_rows(result: Census) -> list[tuple[Any, ...]]:
     return rows
 
 
+def _totals(result: Census) -> dict[str, int]:
+    return {
+        "columns": len(result.columns),
+        "encrypted": sum(column.encrypted for column in result.columns),
+        "nulls": sum(column.nulls for column in result.columns),
+        "not_encrypted": sum(column.not_encrypted for column in result.columns),
+        "tenant_mismatches": sum(column.tenant_mismatches for column in result.columns),
+        "stale": result.stale_total,
+    }
+
+
 def _print_census(result: Census) -> None:
     rows = _census_rows(result)
     if rows:
@@ -62,6 +74,13 @@ def _print_census(result: Census) -> None:
             extra.append(f"{column.tenant_mismatches} under another tenant's key")
         if extra:
             click.echo(f"{column.label}: {', '.join(extra)}")
+    totals = _totals(result)
+    summary = f"total: {totals['encrypted']} encrypted value(s) in {totals['columns']} column(s)"
+    if totals["nulls"]:
+        summary += f", {totals['nulls']} NULL"
+    if totals["not_encrypted"]:
+        summary += f", {totals['not_encrypted']} not encrypted"
+    click.echo(summary)
     stale = result.stale()
     if stale:
         total = sum(stale.values())
@@ -80,9 +99,15 @@ def _checkpoints(settings: CliContext) -> list[Any]:
         return store.list(conn)
 
 
+def _selected_columns(result: Census) -> Census:
+    """Return the census without the columns that contain no value of the selected tenants."""
+    return Census([column for column in result.columns if column.total or column.tenant_mismatches])
+
+
 @click.command()
 @click.option("--tenant", "tenants", multiple=True, help="Only this tenant; repeatable.")
 @click.option("--table", "tables", multiple=True, help="Only this table; repeatable.")
+@click.option("--column", "columns", multiple=True, help="Only this table.column; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option(
     "--fail-on-stale",
@@ -94,29 +119,41 @@ def status(
     ctx: click.Context,
     tenants: tuple[str, ...],
     tables: tuple[str, ...],
+    columns: tuple[str, ...],
     as_json: bool,
     fail_on_stale: bool,
 ) -> None:
     """Show the census: values per column, tenant and key version.
 
     Reads stored headers only; nothing is decrypted and, without --kms, no
-    KMS is contacted.
+    KMS is contacted. With --tenant, only the columns holding values of the
+    selected tenants are shown, and a tenant that has no keys and no rows
+    is an error.
     """
     settings = settings_of(ctx)
     engine = settings.engine()
     source: Any = (
-        settings.keyring() if settings.kms_uri else KeyringMetadata(engine, settings.keyring_table)
+        settings.keyring()
+        if settings.kms_uri
+        else KeyringMetadata(settings.keyring_engine(), settings.keyring_table)
     )
     result = census(
         engine,
         settings.tables(),
         tables=tables or None,
+        columns=columns or None,
         tenants=tenants or None,
         keys=source,
     )
+    if tenants:
+        tenants = tuple(dict.fromkeys(tenants))
+        check_tenants_known(source, settings.keyring_table, tenants, lambda: result)
+        result = _selected_columns(result)
     jobs = _checkpoints(settings)
     if as_json:
         data = result.to_dict()
+        data["tenants"] = list(tenants) or None
+        data["totals"] = _totals(result)
         data["stale"] = result.stale()
         data["jobs"] = [checkpoint.to_dict() for checkpoint in jobs]
         print_json(data)
@@ -300,11 +337,14 @@ def reencrypt(
     """Move values under old key versions to their tenant's active version.
 
     Resumes from its checkpoint after an interruption. Succeeds only when a
-    census after the run finds no value left under an old version.
+    census after the run finds no value left under an old version. A
+    --tenant that has no keys and no rows is an error, and nothing is
+    re-encrypted.
     """
     settings = settings_of(ctx)
     engine = settings.engine()
-    settings.keyring()
+    keyring = settings.keyring()
+    tenants = tuple(dict.fromkeys(tenants))
     job = ReencryptionJob(
         engine,
         settings.tables(),
@@ -319,6 +359,10 @@ def reencrypt(
         job_name=job_name,
         max_passes=max_passes,
     )
+    if tenants:
+        check_tenants_known(
+            keyring, keyring.table.fullname, tenants, job.plan, "nothing was re-encrypted"
+        )
     bar = None
     if not dry_run and not as_json and _stderr_is_terminal():
         planned = sum(job.plan().stale(job.tenants, job.versions).values())
@@ -336,6 +380,6 @@ def reencrypt(
     else:
         _print_result(result)
     if not as_json:
-        _print_pending_note(settings.keyring(), tenants)
+        _print_pending_note(keyring, tenants)
     if not result.ok:
         ctx.exit(int(ExitCode.INCOMPLETE))

@@ -1,8 +1,9 @@
 """The ``sqlalchemy-encrypted`` command line (also ``python -m sqlalchemy_encrypted``).
 
-Global options name the database (``--url``), the KMS (``--kms``) and the
-application's models (``--models``); each also comes from an environment
-variable. Errors print as one line unless ``--verbose`` is given, and the
+Global options name the database (``--url``), the database of the keyring
+table when it is another one (``--keyring-url``), the KMS (``--kms``) and
+the application's models (``--models``); each also comes from an
+environment variable. Errors print as one line unless ``--verbose`` is given, and the
 exit status names the kind of failure (see ``sqlalchemy-encrypted --help``).
 """
 
@@ -76,7 +77,14 @@ def _configure_logging(ctx: click.Context, verbose: bool, audit_log: str | None)
 @click.option(
     "--url",
     envvar="SQLALCHEMY_ENCRYPTED_URL",
-    help="SQLAlchemy URL of the database [env SQLALCHEMY_ENCRYPTED_URL].",
+    help="SQLAlchemy URL of the application's database, which also holds the keyring "
+    "table unless --keyring-url is given [env SQLALCHEMY_ENCRYPTED_URL].",
+)
+@click.option(
+    "--keyring-url",
+    envvar="SQLALCHEMY_ENCRYPTED_KEYRING_URL",
+    help="SQLAlchemy URL of the database holding the keyring table, when it is not the "
+    "--url database [env SQLALCHEMY_ENCRYPTED_KEYRING_URL; default: --url].",
 )
 @click.option(
     "--kms",
@@ -128,6 +136,7 @@ def _configure_logging(ctx: click.Context, verbose: bool, audit_log: str | None)
 def cli(
     ctx: click.Context,
     url: str | None,
+    keyring_url: str | None,
     kms_uri: str | None,
     previous_kms_uris: tuple[str, ...],
     models: tuple[str, ...],
@@ -139,6 +148,7 @@ def cli(
     """Manage the keys and encrypted columns of sqlalchemy-encrypted."""
     settings = CliContext(
         url=url,
+        keyring_url=keyring_url or None,
         kms_uri=kms_uri,
         previous_kms_uris=tuple(uri for value in previous_kms_uris for uri in value.split()),
         models=tuple(spec for value in models for spec in value.split()),
@@ -164,7 +174,11 @@ def cli(
 @click.pass_context
 def init(ctx: click.Context, create_key: bool) -> None:
     """Create the keyring table, the re-encryption checkpoint table and, for a
-    local KMS, the master key file."""
+    local KMS, the master key file.
+
+    The keyring table goes to the --keyring-url database when one is given,
+    the checkpoint table always to the --url database.
+    """
     settings = settings_of(ctx)
     if create_key:
         created = settings.create_local_key()
@@ -176,6 +190,12 @@ def init(ctx: click.Context, create_key: bool) -> None:
     keyring = settings.keyring()
     keyring.create_table()
     CheckpointStore().create(settings.engine())
+    if settings.separate_keyring:
+        click.echo(
+            f"keyring table {keyring.table.fullname} is ready in {settings.keyring_database_name()}"
+        )
+        click.echo(f"the re-encryption checkpoint table is ready in {settings.database_name()}")
+        return
     click.echo(
         f"keyring table {keyring.table.fullname} and the re-encryption checkpoint table are "
         f"ready in {settings.database_name()}"

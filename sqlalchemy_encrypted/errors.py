@@ -26,6 +26,7 @@ __all__ = [
     "KeyDestroyedError",
     "KeyInUseError",
     "KeyNotFoundError",
+    "KeyPendingError",
     "KeyStateError",
     "KeyringIntegrityError",
     "KmsAccessDeniedError",
@@ -105,6 +106,21 @@ class KeyDestroyedError(KeyNotFoundError):
 
 class KeyStateError(EncryptionError):
     """A key lifecycle operation is not valid in the key's current state."""
+
+
+class KeyPendingError(KeyStateError):
+    """A rotation found a pending version of the same tenant and purpose.
+
+    ``tenant_id``, ``purpose`` (the :class:`~sqlalchemy_encrypted.KeyPurpose`
+    value, such as ``"randomized"``) and ``version`` name that pending
+    version, so a caller can word its own message.
+    """
+
+    def __init__(self, message: str, *, tenant_id: str, purpose: str, version: int) -> None:
+        super().__init__(message)
+        self.tenant_id = tenant_id
+        self.purpose = purpose
+        self.version = version
 
 
 class StoredKeyNotFoundError(KeyNotFoundError, DecryptionError):

@@ -15,6 +15,7 @@ import sqlalchemy_encrypted as se
 from sqlalchemy_encrypted import (
     KeyDestroyedError,
     KeyNotFoundError,
+    KeyPendingError,
     KeyPurpose,
     KeyStateError,
     tenant_scope,
@@ -102,6 +103,22 @@ def test_rotate_pending_then_promoted(engine: sa.Engine, keyring_factory: type[K
         1: KeyState.DECRYPT_ONLY,
         2: KeyState.ACTIVE,
     }
+
+
+def test_rotate_pending_error_names_api(engine: sa.Engine, keyring_factory: type[Keyring]) -> None:
+    keyring = keyring_factory(active_key_ttl=60.0)
+    keyring.provision("t-acme")
+    keyring.rotate("t-acme", KeyPurpose.DETERMINISTIC)
+
+    with pytest.raises(KeyPendingError) as caught:
+        keyring.rotate("t-acme", KeyPurpose.DETERMINISTIC)
+
+    assert isinstance(caught.value, KeyStateError)
+    assert caught.value.tenant_id == "t-acme"
+    assert caught.value.purpose == "deterministic"
+    assert caught.value.version == 2
+    assert "promote_pending" in str(caught.value)
+    assert "activate_now=True" in str(caught.value)
 
 
 def test_promote_pending_explicit(engine: sa.Engine, keyring_factory: type[Keyring]) -> None:

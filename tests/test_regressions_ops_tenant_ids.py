@@ -110,8 +110,8 @@ def test_retire_destroyed_version_is_a_key_error(app: CliApp) -> None:
 
     # Status 3 means a missing or invalid --url, --kms or --models.
     assert result.exit_code == 1
-    assert "no decrypt-only key version 1" in result.output
-    assert "randomized: destroyed" in result.output
+    assert "tenant 't-initech' were destroyed (crypto-shredded)" in result.output
+    assert "no key version is left to retire" in result.output
 
 
 def test_rotate_all_tenants_after_interruption(app: CliApp) -> None:

@@ -157,6 +157,39 @@ def test_census_of_one_tenant(schema: sa.Engine, keyring: InMemoryKeyring) -> No
     assert sum(e.count for e in result if e.column == "name") == 3
 
 
+def test_census_of_one_tenant_counts_its_rows(schema: sa.Engine, keyring: InMemoryKeyring) -> None:
+    """With a tenant filter, a NULL or plaintext value belongs to the tenant
+    in its row. A table without a tenant column counts none of them."""
+    fill_persons(schema, 4)
+    with schema.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO persons (id, tenant_id, name) VALUES "
+            "(100, 't-acme', NULL), (101, 't-globex', NULL), (102, 't-new', NULL)"
+        )
+        conn.execute(
+            sa.text("INSERT INTO persons (id, tenant_id, name) VALUES (103, 't-globex', :v)"),
+            {"v": b"legacy plaintext"},
+        )
+        conn.exec_driver_sql("INSERT INTO notes (id, blob) VALUES (1, NULL)")
+
+    acme = census(schema, Base, tables=["persons", "notes"], tenants=["t-acme"])
+    everyone = census(schema, Base, tables=["persons", "notes"])
+    new = census(schema, Base, tables=["persons"], tenants=["t-new", "t-nope"])
+
+    name = acme.column("persons.name")
+    assert name.encrypted == 2
+    assert name.nulls == 1
+    assert name.not_encrypted == 0
+    assert acme.column("notes.blob").nulls == 0
+    assert acme.tenants() == {"t-acme"}
+    assert everyone.column("persons.name").nulls == 3
+    assert everyone.column("persons.name").not_encrypted == 1
+    assert everyone.column("notes.blob").nulls == 1
+    assert everyone.tenants() == {"t-acme", "t-globex", "t-new"}
+    assert new.column("persons.name").nulls == 1
+    assert new.tenants() == {"t-new"}
+
+
 def test_census_to_dict_is_json_ready(schema: sa.Engine, keyring: InMemoryKeyring) -> None:
     fill_persons(schema, 2)
     data = census(schema, Base, tables=["persons"]).to_dict()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from sqlalchemy_encrypted import KeyInUseError, KeyNotFoundError, KeyPurpose
+from sqlalchemy_encrypted import KeyDestroyedError, KeyInUseError, KeyNotFoundError, KeyPurpose
+from sqlalchemy_encrypted.keyring import Keyring
 from sqlalchemy_encrypted.rotation import (
     census,
     check_key_unused,
@@ -93,3 +94,23 @@ def test_other_tenant_does_not_block(rotated: sa.Engine) -> None:
     check_key_unused(rotated, Base, "t-acme", 1)
     with pytest.raises(KeyInUseError, match=r"persons\.name: 3"):
         check_key_unused(rotated, Base, "t-globex", 1)
+
+
+def test_retire_shredded_tenant_is_destroyed(
+    engine: sa.Engine, keyring_factory: type[Keyring]
+) -> None:
+    """Values under a shredded tenant's keys cannot be re-encrypted, so the
+    error must not advise it."""
+    keyring = keyring_factory()
+    Base.metadata.create_all(engine)
+    fill_persons(engine, 4)
+    keyring.shred("t-globex")
+
+    with pytest.raises(KeyDestroyedError) as caught:
+        retire_key_version(engine, Base, keyring, "t-globex", 1)
+
+    message = str(caught.value)
+    assert "tenant 't-globex'" in message
+    assert "destroyed (crypto-shredded)" in message
+    assert "4 stored value(s)" in message
+    assert "re-encrypt" not in message

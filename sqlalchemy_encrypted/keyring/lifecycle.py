@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from ..errors import ConfigurationError, KeyNotFoundError, KeyStateError, KmsError
+from ..errors import (
+    ConfigurationError,
+    KeyNotFoundError,
+    KeyPendingError,
+    KeyStateError,
+    KmsError,
+)
 from ..keys import KeyPurpose
 from ..kms.base import KmsProvider, WrapContext
 from .audit import audit_event, row_fields
@@ -62,10 +68,13 @@ def _rotate_one(keyring: Keyring, tenant: str, purpose: KeyPurpose, activate_now
             promoted = _promote(keyring, pending[-1])
             if promoted is not None:
                 return promoted.info()
-        raise KeyStateError(
+        raise KeyPendingError(
             f"tenant {tenant!r} already has pending {purpose.value} key version "
             f"{pending[-1].version}: it becomes active after active_key_ttl "
-            "(promote_pending), or rotate with activate_now=True to activate it now"
+            "(promote_pending), or rotate with activate_now=True to activate it now",
+            tenant_id=tenant,
+            purpose=purpose.value,
+            version=pending[-1].version,
         )
     context = WrapContext(uuid.uuid4(), tenant, purpose, max(row.version for row in mine) + 1)
     generated = keyring._generate(context)

@@ -76,7 +76,14 @@ class ColumnCensus:
 
     ``not_encrypted`` counts non-NULL values that are not envelopes (legacy
     plaintext). ``tenant_mismatches`` counts rows whose tenant column differs
-    from the tenant of the key that sealed the value.
+    from the tenant of the key that sealed the value. ``row_tenants`` is the
+    set of tenant column values of the rows counted, empty for a table
+    without a tenant column.
+
+    With a tenant filter, an envelope belongs to the tenant of its key, and
+    a NULL or a non-envelope value to the tenant in its row's tenant column.
+    A table without a tenant column then counts no NULL or non-envelope
+    value, because no column names the tenant of such a row.
     """
 
     column: EncryptedColumn
@@ -84,6 +91,7 @@ class ColumnCensus:
     nulls: int = 0
     not_encrypted: int = 0
     tenant_mismatches: int = 0
+    row_tenants: set[str] = field(default_factory=set)
     # Stored header -> (tenant, key version, stale) for every header found.
     headers: dict[HeaderPrefix, CensusEntry] = field(default_factory=dict, repr=False)
 
@@ -169,6 +177,15 @@ class Census:
     @property
     def stale_total(self) -> int:
         return sum(self.stale().values())
+
+    def tenants(self) -> set[str]:
+        """Return the tenants found: those of the keys that sealed the values
+        counted, and those in the tenant columns of the rows counted."""
+        found: set[str] = set()
+        for column in self.columns:
+            found |= column.row_tenants
+            found |= {entry.tenant_id for entry in column.entries if entry.tenant_id is not None}
+        return found
 
     def references(
         self, tenant_id: str, version: int, purpose: KeyPurpose | None = None
@@ -296,13 +313,22 @@ def census_column(
     prefixes: dict[HeaderPrefix, tuple[uuid.UUID, int]] = {}
     for row in conn.execute(query):
         count = int(row.n)
-        if row.kind == _NULL:
-            result.nulls += count
-            continue
+        row_tenant = row.row_tenant if tenant_name is not None else None
+        row_selected = tenants is None or row_tenant in tenants
         header = decode_prefix(row.prefix, is_base64) if row.kind == _ENVELOPE else None
         if header is None:
-            result.not_encrypted += count
+            # A NULL or legacy plaintext has no key: only its row names a tenant.
+            if not row_selected:
+                continue
+            if row_tenant is not None:
+                result.row_tenants.add(row_tenant)
+            if row.kind == _NULL:
+                result.nulls += count
+            else:
+                result.not_encrypted += count
             continue
+        if row_tenant is not None and row_selected:
+            result.row_tenants.add(row_tenant)
         record = catalog.lookup(header.key_id)
         if tenants is not None and record.tenant_id not in tenants:
             continue

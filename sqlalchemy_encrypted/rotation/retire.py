@@ -8,8 +8,9 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection, Engine
 
-from ..errors import KeyInUseError
+from ..errors import KeyDestroyedError, KeyInUseError
 from ..keys import KeyPurpose
+from .catalog import KeyStateName
 from .census import Census, census
 from .columns import EncryptedColumn, Target
 
@@ -35,12 +36,20 @@ def check_key_unused(
     ``target`` is still sealed under the tenant's key ``version``.
 
     The error names every ``table.column`` with its count, and carries them
-    in ``references``. Returns the census when no value uses the key.
+    in ``references``. Raises :class:`KeyDestroyedError` instead when the
+    values are under a destroyed key (a shredded tenant), because they can
+    no longer be re-encrypted. Returns the census when no value uses the key.
     Columns outside ``target`` are not searched: pass the metadata of every
     table that may hold the tenant's values.
     """
     result = census(bind, target, tables=tables, tenants=[tenant_id])
     references = result.references(tenant_id, version, purpose)
+    if references and _sealed_under_destroyed_key(result, tenant_id, version):
+        raise KeyDestroyedError(
+            f"cannot retire key version {version} of tenant {tenant_id!r}: its keys were "
+            "destroyed (crypto-shredded), so nothing is left to retire and its "
+            f"{sum(references.values())} stored value(s) can no longer be decrypted"
+        )
     if references:
         listed = ", ".join(f"{label}: {count}" for label, count in sorted(references.items()))
         purpose_text = f"{purpose.value} " if purpose is not None else ""
@@ -51,6 +60,15 @@ def check_key_unused(
             references=references,
         )
     return result
+
+
+def _sealed_under_destroyed_key(result: Census, tenant_id: str, version: int) -> bool:
+    return any(
+        entry.tenant_id == tenant_id
+        and entry.key_version == version
+        and entry.key_state == KeyStateName.DESTROYED
+        for entry in result
+    )
 
 
 def retire_key_version(
