@@ -44,8 +44,11 @@ from .errors import (
 )
 from .keys import (
     DataKey,
+    KeyLease,
     KeyProvider,
     KeyPurpose,
+    LeaseGeneration,
+    LeasingKeyProvider,
     get_default_key_provider,
     set_default_key_provider,
 )
@@ -70,6 +73,7 @@ __all__ = [
     "EnvelopeHeader",
     "KeyDestroyedError",
     "KeyInUseError",
+    "KeyLease",
     "KeyNotFoundError",
     "KeyPendingError",
     "KeyProvider",
@@ -83,6 +87,8 @@ __all__ = [
     "KmsKeyNotFoundError",
     "KmsThrottlingError",
     "KmsUnavailableError",
+    "LeaseGeneration",
+    "LeasingKeyProvider",
     "MigrationError",
     "MixedValuesError",
     "PlaintextTooLongError",

@@ -9,8 +9,11 @@ provider is :class:`sqlalchemy_encrypted.keyring.Keyring`; tests may use
 from __future__ import annotations
 
 import enum
+import itertools
+import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from ._aead import AeadCipher
@@ -19,8 +22,11 @@ from .errors import ConfigurationError
 
 __all__ = [
     "DataKey",
+    "KeyLease",
     "KeyProvider",
     "KeyPurpose",
+    "LeaseGeneration",
+    "LeasingKeyProvider",
     "get_default_key_provider",
     "set_default_key_provider",
 ]
@@ -89,6 +95,90 @@ class KeyProvider(Protocol):
     def decryptable_keys(self, tenant_id: str, purpose: KeyPurpose) -> Sequence[DataKey]:
         """Return every DEK of the tenant that may still decrypt values,
         active first, without creating any."""
+        ...
+
+
+class LeaseGeneration:
+    """A counter that a key provider bumps whenever a lease it handed out may
+    have become stale: on a rotation, retirement, shred or cache eviction.
+
+    Reading :attr:`value` needs no lock. :meth:`bump` takes one, so two
+    concurrent bumps never collapse into one increment.
+    """
+
+    __slots__ = ("_counter", "_lock", "value")
+
+    def __init__(self) -> None:
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def bump(self) -> None:
+        with self._lock:
+            self.value = next(self._counter)
+
+    def __repr__(self) -> str:
+        return f"<LeaseGeneration {self.value}>"
+
+
+class KeyLease:
+    """A DEK lookup result that stays valid without asking the provider again.
+
+    A lease is current while the provider's clock reads less than
+    ``expires_at`` and ``generation`` still has the value it had before the
+    lookup. Column types keep one lease per tenant for writing and one per
+    stored key id for reading, so they call the provider once per lease
+    rather than once per value. A provider that must be asked on every use
+    (for example one whose cache is off) returns leases with ``expires_at``
+    of ``-inf``.
+
+    A lease says nothing about tenant scopes: a reader checks
+    ``key.tenant_id`` against its scope on every use.
+    """
+
+    __slots__ = ("clock", "expires_at", "generation", "key", "stamp")
+
+    def __init__(
+        self,
+        key: DataKey,
+        expires_at: float,
+        generation: LeaseGeneration,
+        stamp: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.key = key
+        self.expires_at = expires_at
+        self.generation = generation
+        self.stamp = stamp
+        self.clock = clock
+
+    def is_current(self) -> bool:
+        """Return True while the lease may be used in place of a new lookup."""
+        return self.generation.value == self.stamp and self.clock() < self.expires_at
+
+    def __repr__(self) -> str:
+        return f"<KeyLease of {self.key!r}>"
+
+    def __reduce__(self) -> str:
+        raise TypeError("KeyLease holds key material and cannot be pickled")
+
+
+@runtime_checkable
+class LeasingKeyProvider(KeyProvider, Protocol):
+    """A key provider that also hands out :class:`KeyLease` objects.
+
+    Column types use leases when the provider has these two methods and fall
+    back to :meth:`KeyProvider.active_key` and :meth:`KeyProvider.key_by_id`
+    per value otherwise. Both methods raise exactly what their per-value
+    counterparts raise.
+    """
+
+    def active_key_lease(self, tenant_id: str, purpose: KeyPurpose) -> KeyLease:
+        """Return a lease on :meth:`active_key` for ``tenant_id`` and ``purpose``."""
+        ...
+
+    def key_lease(self, key_id: uuid.UUID, expected_tenant: str | None = None) -> KeyLease:
+        """Return a lease on :meth:`key_by_id` for ``key_id``."""
         ...
 
 

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 
 from ._aead import KEY_SIZES, AeadCipher
 from .errors import KeyDestroyedError, KeyNotFoundError, TenantContextError
-from .keys import DataKey, KeyPurpose
+from .keys import DataKey, KeyLease, KeyPurpose, LeaseGeneration
 
 __all__ = ["InMemoryKeyring"]
+
+
+# Leases of this keyring expire only through its generation counter.
+_FOREVER = float("inf")
 
 
 @dataclass
@@ -32,6 +36,12 @@ class InMemoryKeyring:
     Supports the same lifecycle as the real keyring in simplified form:
     rotation (the previous version becomes decrypt-only), retirement and
     shredding of a tenant.
+
+    Its leases last until the next rotation, retirement or shred, so column
+    types call :meth:`active_key` and :meth:`key_by_id` once per tenant and
+    key, not per value. A subclass that injects failures into those two
+    methods per call must also override :meth:`active_key_lease` and
+    :meth:`key_lease` to return expired leases.
     """
 
     def __init__(self) -> None:
@@ -39,6 +49,8 @@ class InMemoryKeyring:
         self._by_id: dict[uuid.UUID, _Entry] = {}
         self._versions: dict[tuple[str, KeyPurpose], list[_Entry]] = {}
         self._shredded: set[str] = set()
+        # Bumped by rotate, retire and shred; leases never expire otherwise.
+        self._generation = LeaseGeneration()
 
     def __repr__(self) -> str:
         return f"<InMemoryKeyring with {len(self._by_id)} key(s)>"
@@ -69,6 +81,15 @@ class InMemoryKeyring:
                 if entry.state == "active":
                     return entry.key
             raise KeyNotFoundError(f"tenant {tenant_id!r} has no active {purpose.value} key")
+
+    def active_key_lease(self, tenant_id: str, purpose: KeyPurpose) -> KeyLease:
+        stamp = self._generation.value
+        return KeyLease(self.active_key(tenant_id, purpose), _FOREVER, self._generation, stamp)
+
+    def key_lease(self, key_id: uuid.UUID, expected_tenant: str | None = None) -> KeyLease:
+        stamp = self._generation.value
+        key = self.key_by_id(key_id, expected_tenant)
+        return KeyLease(key, _FOREVER, self._generation, stamp)
 
     def key_by_id(self, key_id: uuid.UUID, expected_tenant: str | None = None) -> DataKey:
         with self._lock:
@@ -105,6 +126,7 @@ class InMemoryKeyring:
                     if entry.state == "active":
                         entry.state = "decrypt_only"
                 self._create(tenant_id, each, len(versions) + 1)
+            self._generation.bump()
 
     def retire(self, tenant_id: str, version: int, purpose: KeyPurpose | None = None) -> None:
         """Stop using one key version for decryption too."""
@@ -114,6 +136,7 @@ class InMemoryKeyring:
                 for entry in self._versions.get((tenant_id, each), []):
                     if entry.key.version == version and entry.state == "decrypt_only":
                         entry.state = "retired"
+            self._generation.bump()
 
     def shred(self, tenant_id: str) -> None:
         """Destroy every key of the tenant, making its values unreadable."""
@@ -123,3 +146,4 @@ class InMemoryKeyring:
                 if tenant == tenant_id:
                     for entry in versions:
                         entry.state = "destroyed"
+            self._generation.bump()

@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -24,8 +24,10 @@ from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnEleme
 from sqlalchemy.sql.type_api import TypeEngine
 
 from . import _storage
+from . import keys as _keys
 from ._aead import InvalidTag
 from ._comparison import ColumnComparison
+from ._plans import ReadPlan, WritePlan, remember
 from ._search import SearchToken, TokenSearch, TokenSet
 from ._storage import StorageMode
 from .codecs import Codec, EnumNameCodec, StrCodec, ValueTag, codec_for, reader_inner_type
@@ -54,8 +56,15 @@ from .errors import (
     TenantMismatchError,
     UnsupportedOperationError,
 )
-from .keys import DataKey, KeyProvider, KeyPurpose, get_default_key_provider
-from .tenancy import TenantBound, current_tenant, scoped_tenant
+from .keys import (
+    DataKey,
+    KeyLease,
+    KeyProvider,
+    KeyPurpose,
+    LeaseGeneration,
+    get_default_key_provider,
+)
+from .tenancy import TenantBound, _scope, current_tenant, scoped_tenant
 
 __all__ = [
     "DeterministicEncrypted",
@@ -85,6 +94,27 @@ _TAG_BYTES = tuple(bytes((tag,)) for tag in range(256))
 # seal() and decrypt() test for SIV once per value, and reading an Enum
 # member through its class is slower than reading a module global.
 _SIV = Algorithm.AES_256_SIV
+
+# Where the ciphertext of a GCM envelope starts, after header and nonce.
+_GCM_BODY = HEADER_SIZE + GCM_NONCE_SIZE
+
+# The generation of leases made for providers that hand out none; it is
+# never bumped, and such leases are expired from the start.
+_ONE_SHOT_GENERATION = LeaseGeneration()
+
+
+def _one_shot_lease(key: DataKey) -> KeyLease:
+    """Wrap a key from a provider without leases in a lease that is never reused."""
+    return KeyLease(key, float("-inf"), _ONE_SHOT_GENERATION, _ONE_SHOT_GENERATION.value)
+
+
+class _Opened(NamedTuple):
+    """What opening one envelope yields, for decrypt() and reseal()."""
+
+    provider: KeyProvider
+    lease: KeyLease
+    aad: bytes
+    plaintext: bytes
 
 
 class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
@@ -160,6 +190,12 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         self._prefix_lock = threading.Lock()
         # Headers that passed _check_header, keyed by their 24 bytes.
         self._checked_headers: dict[bytes, EnvelopeHeader] = {}
+        # Key lookups kept while their leases last: per tenant for writing,
+        # per stored header for reading.
+        self._write_plans: dict[str, WritePlan] = {}
+        self._read_plans: dict[bytes, ReadPlan] = {}
+        self._tag_byte = _TAG_BYTES[self._codec.tag]
+        self._decoder = self._codec.decoder()
         self._dialect_impls: weakref.WeakKeyDictionary[Dialect, TypeEngine[Any]] = (
             weakref.WeakKeyDictionary()
         )
@@ -338,11 +374,14 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         plaintext = self._codec.encode(value, identity)
         limit = self._max_plaintext_length
         if limit is not None and len(plaintext) > limit:
-            raise PlaintextTooLongError(
-                f"value for encrypted column {identity} encodes to {len(plaintext)} bytes, "
-                f"more than the column's maximum of {limit} bytes"
-            )
+            raise self._too_long(identity, len(plaintext))
         return plaintext
+
+    def _too_long(self, identity: str, size: int) -> PlaintextTooLongError:
+        return PlaintextTooLongError(
+            f"value for encrypted column {identity} encodes to {size} bytes, "
+            f"more than the column's maximum of {self._max_plaintext_length} bytes"
+        )
 
     def seal(self, value: Any, tenant_id: str | None = None, key: DataKey | None = None) -> bytes:
         """Encrypt one Python value into an envelope for this column.
@@ -367,33 +406,69 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             plaintext = _TAG_BYTES[self._codec.tag] + plaintext
         return header + key.cipher.seal(plaintext, aad)
 
+    def _write_plan(self, provider: KeyProvider, tenant: str, identity: str) -> WritePlan:
+        """Look up the active DEK of ``tenant`` and build the plan that seals
+        this column's values under it, keeping the plan while its lease lasts."""
+        lease_method = getattr(provider, "active_key_lease", None)
+        if lease_method is None:
+            lease = _one_shot_lease(provider.active_key(tenant, self.purpose))
+        else:
+            lease = lease_method(tenant, self.purpose)
+        header, aad = self._prefix(lease.key, identity)
+        plan = WritePlan(provider, lease, identity, header, aad)
+        remember(self._write_plans, tenant, plan)
+        return plan
+
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
             return None
         tenant_id: str | None = None
         key: DataKey | None = None
-        if isinstance(value, TenantBound):
+        # Exact type tests: both wrappers are internal, final classes, and
+        # this runs per value.
+        if type(value) is TenantBound:
             tenant_id = value.tenant_id
             value = value.value
             if value is None:
                 return None
-        elif isinstance(value, SearchToken):
+        elif type(value) is SearchToken:
             key = value.key
             value = value.value
         unexpected: str | None = None
         try:
-            # seal() and _seal_encoded() inlined, because this runs per value.
-            identity = self._identity_for_write()
-            plaintext = self._encode(value, identity)
+            # seal() inlined, because this runs per value.
+            identity = self.context if self.context is not None else self._column_name
+            if identity is None:
+                identity = self._identity_for_write()
+            # _encode(), inlined.
+            plaintext = self._codec.encode(value, identity)
+            limit = self._max_plaintext_length
+            if limit is not None and len(plaintext) > limit:
+                raise self._too_long(identity, len(plaintext))
             if key is None:
-                tenant = tenant_id if tenant_id is not None else current_tenant(identity)
-                provider = self.keyring if self.keyring is not None else get_default_key_provider()
-                key = provider.active_key(tenant, self.purpose)
-            prefix = self._prefix_cache.get((key.key_id.int, identity))
-            header, aad = prefix if prefix is not None else self._prefix(key, identity)
+                tenant = tenant_id if tenant_id is not None else _scope.get()
+                if tenant is None:
+                    tenant = current_tenant(identity)
+                provider = self.keyring
+                if provider is None:
+                    provider = _keys._default_provider or get_default_key_provider()
+                plan = self._write_plans.get(tenant)
+                # WritePlan.is_current(), inlined.
+                if (
+                    plan is None
+                    or plan.provider is not provider
+                    or plan.identity != identity
+                    or plan.generation.value != plan.stamp
+                    or not plan.clock() < plan.expires_at
+                ):
+                    plan = self._write_plan(provider, tenant, identity)
+                header, aad, cipher = plan.header, plan.aad, plan.cipher
+            else:
+                header, aad = self._prefix(key, identity)
+                cipher = key.cipher
             if self.algorithm is _SIV:
                 plaintext = _TAG_BYTES[self._codec.tag] + plaintext
-            envelope = header + key.cipher.seal(plaintext, aad)
+            envelope = header + cipher.seal(plaintext, aad)
         except (EncryptionError, SQLAlchemyError):
             raise
         except Exception as exc:
@@ -460,14 +535,19 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         except StorageFormatError as exc:
             return _storage.explain_format_error(data, exc, identity)
 
-    def _key_for(self, header: EnvelopeHeader, identity: str) -> DataKey:
+    def _lease_for(self, header: EnvelopeHeader, identity: str) -> tuple[KeyProvider, KeyLease]:
         """Look up the DEK named by ``header``, turning the provider's errors
         into decryption errors that name the column."""
         scope = scoped_tenant()
         provider = self.keyring if self.keyring is not None else get_default_key_provider()
         failure: Exception | None = None
         try:
-            return provider.key_by_id(header.key_id, expected_tenant=scope)
+            lease_method = getattr(provider, "key_lease", None)
+            if lease_method is None:
+                return provider, _one_shot_lease(
+                    provider.key_by_id(header.key_id, expected_tenant=scope)
+                )
+            return provider, lease_method(header.key_id, expected_tenant=scope)
         except (KeyNotFoundError, TenantContextError) as exc:
             failure = exc
         except EncryptionError as exc:
@@ -486,23 +566,23 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             raise StoredKeyDestroyedError(f"could not decrypt {where}: {failure}")
         raise StoredKeyNotFoundError(f"could not decrypt {where}: {failure}")
 
-    def _open(self, data: bytes, header: EnvelopeHeader, identity: str) -> tuple[DataKey, bytes]:
-        """Authenticate the envelope ``data`` and return its key and the
-        codec-encoded plaintext."""
-        key = self._key_for(header, identity)
+    def _open(self, data: bytes, header: EnvelopeHeader, identity: str) -> _Opened:
+        """Authenticate the envelope ``data`` and return its key, the AAD
+        that authenticated it and the codec-encoded plaintext."""
+        provider, lease = self._lease_for(header, identity)
+        key = lease.key
         if key.purpose is not self.purpose or key.version != header.key_version:
             raise DecryptionError(
                 f"could not decrypt {_describe(identity, key, header)}: authentication failed"
             )
         # The AAD starts with the stored header; it equals the cached header
         # unless the key provider returned a key with another id.
-        prefix = self._prefix_cache.get((key.key_id.int, identity))
-        prefix_header, aad = prefix if prefix is not None else self._prefix(key, identity)
+        prefix_header, aad = self._prefix(key, identity)
         header_bytes = data[:HEADER_SIZE]
         if prefix_header != header_bytes:
             aad = header_bytes + aad[HEADER_SIZE:]
         try:
-            plaintext = key.cipher.open(data[HEADER_SIZE:], aad)
+            plaintext = key.cipher.open_at(data, HEADER_SIZE, aad)
         except InvalidTag:
             plaintext = None
         if plaintext is None:
@@ -515,7 +595,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                     f"could not decrypt {_describe(identity, key, header)}: invalid value type tag"
                 )
             plaintext = plaintext[1:]
-        return key, plaintext
+        return _Opened(provider, lease, aad, plaintext)
 
     def decrypt(self, stored: Any) -> Any:
         """Decrypt one stored value of this column back into its Python value.
@@ -527,6 +607,48 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         """
         if stored is None:
             return None
+        if type(stored) is bytes:
+            # The fast path: a value whose header this column opened before,
+            # while the lease on its DEK is current. ReadPlan.is_current(), the
+            # tenant check of _lease_for() and the body of _open(), inlined.
+            # Any failure falls through to the full path, which raises the
+            # precise error.
+            plan = self._read_plans.get(stored[:HEADER_SIZE])
+            if (
+                plan is not None
+                and plan.generation.value == plan.stamp
+                and plan.clock() < plan.expires_at
+                and plan.provider is (self.keyring or _keys._default_provider)
+                and plan.identity == (self.context or self._column_name)
+                and len(stored) >= plan.min_size
+            ):
+                scope = _scope.get()
+                if scope is None or scope == plan.tenant_id:
+                    plaintext: bytes | None
+                    try:
+                        if plan.gcm:
+                            plaintext = plan.decrypt(
+                                stored[HEADER_SIZE:_GCM_BODY], stored[_GCM_BODY:], plan.aad
+                            )
+                        else:
+                            plaintext = plan.decrypt(stored[HEADER_SIZE:], plan.aad_list)
+                            if plaintext[:1] == self._tag_byte:
+                                plaintext = plaintext[1:]
+                            else:
+                                plaintext = None
+                    except InvalidTag:
+                        plaintext = None
+                    if plaintext is not None:
+                        try:
+                            return self._decoder(plaintext)
+                        except Exception:
+                            # The full path decodes again and raises the error.
+                            plaintext = None
+        return self._decrypt_fully(stored)
+
+    def _decrypt_fully(self, stored: Any) -> Any:
+        """Decrypt ``stored`` with every check, remembering a read plan for
+        its header once it opened."""
         identity = self.context if self.context is not None else self._column_name
         if identity is None:
             identity = self.column_identity
@@ -548,16 +670,26 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             if isinstance(checked, StorageFormatError):
                 return self._read_plaintext(stored, identity, checked)
             header = checked
-        key, plaintext = self._open(data, header, identity)
+        opened = self._open(data, header, identity)
         decode_failure: str | None = None
         try:
-            return self._codec.decode(plaintext)
+            value = self._codec.decode(opened.plaintext)
         except Exception as exc:
             # A decoding error can hold the plaintext (UnicodeDecodeError.object,
             # JSONDecodeError.doc), so only its type name is kept.
             decode_failure = type(exc).__name__
+        else:
+            plan = ReadPlan(
+                opened.provider,
+                opened.lease,
+                identity,
+                opened.aad,
+                MIN_ENVELOPE_SIZE[self.algorithm],
+            )
+            remember(self._read_plans, data[:HEADER_SIZE], plan)
+            return value
         raise DecryptionError(
-            f"could not decode {_describe(identity, key, header)}: "
+            f"could not decode {_describe(identity, opened.lease.key, header)}: "
             f"{decode_failure} in the value codec"
         )
 
@@ -575,7 +707,8 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         identity = self._identity_for_write()
         data = _storage.coerce_stored(stored, self.storage, identity)
         header = self._check_header(data, identity)
-        old_key, plaintext = self._open(data, header, identity)
+        opened = self._open(data, header, identity)
+        old_key, plaintext = opened.lease.key, opened.plaintext
         if key.tenant_id != old_key.tenant_id or key.purpose is not self.purpose:
             raise TenantContextError(
                 f"encrypted column {identity}: cannot re-encrypt a value of tenant "
@@ -910,4 +1043,5 @@ def type_for_header(
     reader.context = context
     if tag is ValueTag.ENUM:
         reader._codec = EnumNameCodec()
+        reader._decoder = reader._codec.decoder()
     return reader

@@ -21,7 +21,7 @@ from sqlalchemy_encrypted import (
     set_default_key_provider,
 )
 from sqlalchemy_encrypted.keyring import Keyring
-from sqlalchemy_encrypted.keys import DataKey
+from sqlalchemy_encrypted.keys import DataKey, KeyLease, LeaseGeneration
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
 from .alembic_env import AlembicEnv
@@ -56,6 +56,17 @@ class FlakyKeyring(InMemoryKeyring):
     def key_by_id(self, key_id: Any, expected_tenant: str | None = None) -> DataKey:
         self._maybe_fail()
         return super().key_by_id(key_id, expected_tenant)
+
+    # Expired leases make the columns ask for every value, so that the
+    # failure lands in the middle of a conversion.
+    def active_key_lease(self, tenant_id: str, purpose: KeyPurpose) -> KeyLease:
+        return KeyLease(self.active_key(tenant_id, purpose), _EXPIRED, LeaseGeneration(), 0)
+
+    def key_lease(self, key_id: Any, expected_tenant: str | None = None) -> KeyLease:
+        return KeyLease(self.key_by_id(key_id, expected_tenant), _EXPIRED, LeaseGeneration(), 0)
+
+
+_EXPIRED = float("-inf")
 
 
 @pytest.fixture

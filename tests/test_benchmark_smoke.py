@@ -77,6 +77,7 @@ def test_benchmark_keeps_kms_out_of_hot_path(tmp_path: Path) -> None:
 
     stats = sqlite["kms_calls"]["lib_kms"]
     # One generate-data-key call per DEK (randomized and deterministic) of
-    # the single tenant; every other value is served by the DEK cache.
+    # the single tenant; every other value is served by the DEK cache,
+    # through the columns' leases, so few lookups even reach the keyring.
     assert stats["kms_calls"] == 2
-    assert stats["hits"] > 100
+    assert stats["hits"] + stats["misses"] < 100

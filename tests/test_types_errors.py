@@ -163,7 +163,7 @@ def test_unexpected_failure_while_sealing_is_not_wrapped(
     with Session(db) as session:
         session.add(Patient(id=1, tenant_id="t-acme", name=SECRET))
         monkeypatch.setattr(
-            type(column_type), "_encode", lambda self, value, identity: broken_encode(value)
+            type(column_type._codec), "encode", lambda self, value, column: broken_encode(value)
         )
         with pytest.raises(EncryptionError) as caught:
             session.flush()

@@ -19,6 +19,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from ..keys import LeaseGeneration
+
 __all__ = ["CacheStats", "TtlCache"]
 
 K = TypeVar("K", bound=Hashable)
@@ -30,7 +32,9 @@ class CacheStats:
     """Counters of one cache since it was created.
 
     ``kms_calls`` counts the KMS calls the keyring made to fill the cache
-    (unwraps, and data key generation for new DEKs).
+    (unwraps, and data key generation for new DEKs). ``hits`` counts the
+    lookups that reached the keyring, not the values sealed or opened:
+    column types keep a lease on each key and ask again only when it ends.
     """
 
     hits: int
@@ -72,6 +76,7 @@ class TtlCache(Generic[K, V]):
         ttl: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         name: str = "cache",
+        removals: LeaseGeneration | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
@@ -88,9 +93,9 @@ class TtlCache(Generic[K, V]):
         # invalidation does not store a value the invalidation meant to drop.
         self._generation = 0
         # Bumped whenever an entry leaves before its TTL (invalidation,
-        # clear, eviction), so copies of entries kept outside the cache can
-        # tell that they may be stale. Read without the lock.
-        self.removals = 0
+        # clear, eviction), so that leases on entries, kept outside the
+        # cache, can tell that they may be stale. Several caches may share it.
+        self.removals = removals if removals is not None else LeaseGeneration()
         self._hits = 0
         self._misses = 0
         self._kms_calls = 0
@@ -163,7 +168,7 @@ class TtlCache(Generic[K, V]):
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
             self._evictions += 1
-            self.removals += 1
+            self.removals.bump()
 
     def get_or_load(self, key: K, loader: Callable[[], V]) -> V:
         """Return the cached value, or run ``loader`` once for all waiting threads."""
@@ -209,14 +214,14 @@ class TtlCache(Generic[K, V]):
     def invalidate(self, key: K) -> None:
         with self._lock:
             self._generation += 1
-            self.removals += 1
+            self.removals.bump()
             self._entries.pop(key, None)
 
     def invalidate_where(self, predicate: Callable[[K, V], bool]) -> int:
         """Drop every entry for which ``predicate(key, value)`` is true; return the count."""
         with self._lock:
             self._generation += 1
-            self.removals += 1
+            self.removals.bump()
             doomed = [key for key, entry in self._entries.items() if predicate(key, entry.value)]
             for key in doomed:
                 del self._entries[key]
@@ -225,5 +230,5 @@ class TtlCache(Generic[K, V]):
     def clear(self) -> None:
         with self._lock:
             self._generation += 1
-            self.removals += 1
+            self.removals.bump()
             self._entries.clear()

@@ -29,7 +29,7 @@ from ..errors import (
     KmsKeyNotFoundError,
     TenantContextError,
 )
-from ..keys import DataKey, KeyPurpose, set_default_key_provider
+from ..keys import DataKey, KeyLease, KeyPurpose, LeaseGeneration, set_default_key_provider
 from ..kms.base import GeneratedDataKey, KmsProvider, WrapContext
 from . import lifecycle
 from .audit import audit_event, row_fields
@@ -44,6 +44,9 @@ logger = logging.getLogger("sqlalchemy_encrypted.keyring")
 
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _DECRYPTABLE_STATES = (KeyState.ACTIVE, KeyState.PENDING, KeyState.DECRYPT_ONLY)
+
+# Expiry of a lease that must not be reused, because the caching it depends on is off.
+_EXPIRED = float("-inf")
 
 
 def _check_tenant(tenant_id: object) -> str:
@@ -132,23 +135,27 @@ class Keyring:
         self._providers_lock = threading.Lock()
         self._kms = kms
         self._providers: list[KmsProvider] = [kms, *previous_kms]
+        # Bumped by both caches below whenever an entry leaves early, so
+        # that every lease this keyring handed out goes stale.
+        self._lease_generation = LeaseGeneration()
         self.cache: TtlCache[uuid.UUID, DataKey] = TtlCache(
-            cache_size, cache_ttl, clock, name="DEK cache"
+            cache_size, cache_ttl, clock, name="DEK cache", removals=self._lease_generation
         )
         self._active: TtlCache[tuple[str, KeyPurpose], KeyRow] = TtlCache(
-            cache_size, active_key_ttl, clock, name="active key lookups"
+            cache_size,
+            active_key_ttl,
+            clock,
+            name="active key lookups",
+            removals=self._lease_generation,
         )
         self._decryptable: TtlCache[tuple[str, KeyPurpose], tuple[KeyRow, ...]] = TtlCache(
             cache_size, active_key_ttl, clock, name="decryptable key lookups"
         )
-        # Copies of the hottest lookups, read without locks: (tenant,
-        # purpose) -> active DEK and key id -> DEK. Each copy expires with the
-        # earliest of the cache entries it came from, and is ignored once any
-        # of those caches has removed an entry early (invalidation by rotate,
-        # retire or shred, or an eviction), so it never outlives them.
+        # The current leases, read without locks: (tenant, purpose) -> lease
+        # on the active DEK, and key id (as an int) -> lease on that DEK.
         self._clock = clock
-        self._hot_active: dict[tuple[str, str], tuple[float, int, int, DataKey]] = {}
-        self._hot_by_id: dict[int, tuple[float, int, DataKey]] = {}
+        self._active_leases: dict[tuple[str, str], KeyLease] = {}
+        self._id_leases: dict[int, KeyLease] = {}
         if set_default:
             set_default_key_provider(self)
 
@@ -274,37 +281,45 @@ class Keyring:
         loser uses the winner's key. Raises :class:`KeyDestroyedError` for a
         shredded tenant.
         """
+        return self.active_key_lease(tenant_id, purpose).key
+
+    def active_key_lease(self, tenant_id: str, purpose: KeyPurpose) -> KeyLease:
+        """Return a lease on :meth:`active_key`.
+
+        The lease expires with the earlier of the cached "which key is
+        active" lookup (``active_key_ttl``) and the cached DEK
+        (``cache_ttl``). It goes stale as soon as either cache drops an
+        entry early: on a rotation, retirement or shred in this process, or
+        on an eviction.
+        """
         if type(tenant_id) is str:
-            hot = self._hot_active.get((tenant_id, purpose))
+            lease = self._active_leases.get((tenant_id, purpose))
             if (
-                hot is not None
-                and self._clock() < hot[0]
-                and hot[1] == self.cache.removals
-                and hot[2] == self._active.removals
+                lease is not None
+                and lease.generation.value == lease.stamp
+                and self._clock() < lease.expires_at
             ):
                 self.cache.record_hit()
-                return hot[3]
+                return lease
         tenant = _check_tenant(tenant_id)
         purpose = KeyPurpose(purpose)
-        # Read before the lookups: an invalidation during them makes the copy stale.
-        dek_removals = self.cache.removals
-        active_removals = self._active.removals
+        # Read before the lookups: an invalidation during them makes the lease stale.
+        stamp = self._lease_generation.value
         row = self._active.get_or_load(
             (tenant, purpose), lambda: self._find_or_create_active(tenant, purpose)
         )
         key = self._data_key(row)
         row_expiry = self._active.expires_at((tenant, purpose))
         key_expiry = self.cache.expires_at(row.key_id)
+        expires_at = _EXPIRED
         if row_expiry is not None and key_expiry is not None:
-            if len(self._hot_active) >= self.cache.max_entries:
-                self._hot_active.clear()
-            self._hot_active[(tenant, purpose)] = (
-                min(row_expiry, key_expiry),
-                dek_removals,
-                active_removals,
-                key,
-            )
-        return key
+            expires_at = min(row_expiry, key_expiry)
+        lease = KeyLease(key, expires_at, self._lease_generation, stamp, self._clock)
+        if expires_at != _EXPIRED:
+            if len(self._active_leases) >= self.cache.max_entries:
+                self._active_leases.clear()
+            self._active_leases[(tenant, purpose)] = lease
+        return lease
 
     def key_by_id(self, key_id: uuid.UUID, expected_tenant: str | None = None) -> DataKey:
         """Return the DEK with ``key_id``.
@@ -312,19 +327,29 @@ class Keyring:
         With ``expected_tenant``, a key of another tenant raises
         :class:`TenantContextError` before any KMS call.
         """
-        hot = self._hot_by_id.get(key_id.int)
-        if hot is not None and self._clock() < hot[0] and hot[1] == self.cache.removals:
-            key = hot[2]
-            if expected_tenant is not None and key.tenant_id != expected_tenant:
-                self._check_expected_tenant(key_id, key.tenant_id, expected_tenant)
+        return self.key_lease(key_id, expected_tenant).key
+
+    def key_lease(self, key_id: uuid.UUID, expected_tenant: str | None = None) -> KeyLease:
+        """Return a lease on :meth:`key_by_id`, expiring with the cached DEK.
+
+        The tenant check against ``expected_tenant`` runs on every call,
+        also when the lease comes from this keyring's own copy.
+        """
+        lease = self._id_leases.get(key_id.int)
+        if (
+            lease is not None
+            and lease.generation.value == lease.stamp
+            and self._clock() < lease.expires_at
+        ):
+            if expected_tenant is not None and lease.key.tenant_id != expected_tenant:
+                self._check_expected_tenant(key_id, lease.key.tenant_id, expected_tenant)
             self.cache.record_hit()
-            return key
-        dek_removals = self.cache.removals
+            return lease
+        stamp = self._lease_generation.value
         cached = self.cache.get(key_id)
         if cached is not None:
             self._check_expected_tenant(key_id, cached.tenant_id, expected_tenant)
-            self._remember_by_id(cached, dek_removals)
-            return cached
+            return self._lease_by_id(cached, stamp)
         row = self._store.get(key_id)
         if row is None:
             raise KeyNotFoundError(
@@ -341,17 +366,18 @@ class Keyring:
             raise KeyNotFoundError(
                 f"the DEK of {row.describe()} is retired and no longer decrypts values"
             )
-        key = self._data_key(row)
-        self._remember_by_id(key, dek_removals)
-        return key
+        return self._lease_by_id(self._data_key(row), stamp)
 
-    def _remember_by_id(self, key: DataKey, dek_removals: int) -> None:
+    def _lease_by_id(self, key: DataKey, stamp: int) -> KeyLease:
         expiry = self.cache.expires_at(key.key_id)
-        if expiry is None:
-            return
-        if len(self._hot_by_id) >= self.cache.max_entries:
-            self._hot_by_id.clear()
-        self._hot_by_id[key.key_id.int] = (expiry, dek_removals, key)
+        lease = KeyLease(
+            key, _EXPIRED if expiry is None else expiry, self._lease_generation, stamp, self._clock
+        )
+        if expiry is not None:
+            if len(self._id_leases) >= self.cache.max_entries:
+                self._id_leases.clear()
+            self._id_leases[key.key_id.int] = lease
+        return lease
 
     def decryptable_keys(self, tenant_id: str, purpose: KeyPurpose) -> Sequence[DataKey]:
         """Return the tenant's active, pending and decrypt-only DEKs, active first."""

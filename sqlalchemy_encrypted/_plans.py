@@ -1,0 +1,108 @@
+"""Per-column copies of key lookups, so that a column seals and opens values
+without asking its key provider for every value.
+
+A :class:`WritePlan` holds, for one tenant, the active DEK with the header
+and AAD that values sealed under it get. A :class:`ReadPlan` holds, for one
+stored 24-byte header, the DEK it names and the AAD to open values with.
+Both copy the validity of the :class:`~sqlalchemy_encrypted.keys.KeyLease`
+they were built from: a plan is used only while the lease would be current
+and the column's key provider is still the one that gave the lease. The
+column types check those conditions inline, because they run once per
+value; :meth:`is_current` is the same test in readable form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._aead import AeadCipher
+from .envelope import Algorithm
+from .keys import DataKey, KeyLease, KeyProvider, LeaseGeneration
+
+__all__ = ["PLAN_CACHE_SIZE", "ReadPlan", "WritePlan", "remember"]
+
+# Plans kept per column type; the dict is emptied when it reaches this size,
+# so an application with many tenants does not grow it without limit.
+PLAN_CACHE_SIZE = 4096
+
+
+class _Plan:
+    __slots__ = (
+        "aad",
+        "cipher",
+        "clock",
+        "expires_at",
+        "generation",
+        "identity",
+        "key",
+        "provider",
+        "stamp",
+    )
+
+    def __init__(self, provider: KeyProvider, lease: KeyLease, identity: str, aad: bytes) -> None:
+        self.provider = provider
+        self.key: DataKey = lease.key
+        self.cipher: AeadCipher = lease.key.cipher
+        self.identity = identity
+        self.aad = aad
+        self.expires_at = lease.expires_at
+        self.generation: LeaseGeneration = lease.generation
+        self.stamp = lease.stamp
+        self.clock: Callable[[], float] = lease.clock
+
+    def is_current(self, provider: KeyProvider, identity: str) -> bool:
+        return (
+            self.provider is provider
+            and self.identity == identity
+            and self.generation.value == self.stamp
+            and self.clock() < self.expires_at
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} for {self.identity} under {self.key!r}>"
+
+    def __reduce__(self) -> str:
+        raise TypeError("a plan holds key material and cannot be pickled")
+
+
+class WritePlan(_Plan):
+    """The active DEK of one tenant for one column, with its header and AAD."""
+
+    __slots__ = ("header",)
+
+    def __init__(
+        self, provider: KeyProvider, lease: KeyLease, identity: str, header: bytes, aad: bytes
+    ) -> None:
+        super().__init__(provider, lease, identity, aad)
+        self.header = header
+
+
+class ReadPlan(_Plan):
+    """The DEK and AAD that open the values with one stored header.
+
+    ``decrypt`` is the AEAD primitive's own method (see
+    :meth:`AeadCipher.raw_decrypt`). ``aad_list`` is ``[aad]``, the form
+    AES-SIV takes; it is never mutated.
+    """
+
+    __slots__ = ("aad_list", "decrypt", "gcm", "min_size", "tenant_id")
+
+    def __init__(
+        self, provider: KeyProvider, lease: KeyLease, identity: str, aad: bytes, min_size: int
+    ) -> None:
+        super().__init__(provider, lease, identity, aad)
+        self.tenant_id = lease.key.tenant_id
+        self.min_size = min_size
+        self.gcm = self.cipher.algorithm is Algorithm.AES_256_GCM
+        self.decrypt: Callable[..., bytes] = self.cipher.raw_decrypt()
+        self.aad_list = [aad]
+
+
+def remember(plans: dict[Any, Any], key: Any, plan: _Plan) -> None:
+    """Store ``plan`` unless its lease is already unusable, bounding the dict."""
+    if not plan.clock() < plan.expires_at:
+        return
+    if len(plans) >= PLAN_CACHE_SIZE:
+        plans.clear()
+    plans[key] = plan
