@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 
 from .envelope import GCM_NONCE_SIZE, Algorithm
 
-__all__ = ["KEY_SIZES", "AeadCipher", "InvalidTag", "new_cipher"]
+__all__ = ["KEY_SIZES", "AeadCipher", "InvalidTag", "new_cipher", "new_gcm_nonce"]
 
 KEY_SIZES = {Algorithm.AES_256_GCM: 32, Algorithm.AES_256_SIV: 64}
 
@@ -49,10 +49,23 @@ class AeadCipher:
         """Encrypt ``plaintext``; returns nonce|ciphertext|tag for GCM and
         SIV|ciphertext for SIV."""
         if self._gcm is not None:
-            nonce = os.urandom(GCM_NONCE_SIZE)
+            nonce = new_gcm_nonce()
             return nonce + self._gcm.encrypt(nonce, plaintext, aad)
         assert self._siv is not None
         return self._siv.encrypt(plaintext, [aad])
+
+    def raw_encrypt(self) -> Callable[..., bytes]:
+        """Return the primitive's own ``encrypt``: ``(nonce, data, aad)`` for
+        GCM, with a nonce from :func:`new_gcm_nonce`, and ``(data, [aad])``
+        for SIV.
+
+        For the column types' write path, which builds the envelope itself
+        to save a Python call per value.
+        """
+        if self._gcm is not None:
+            return self._gcm.encrypt
+        assert self._siv is not None
+        return self._siv.encrypt
 
     def raw_decrypt(self) -> Callable[..., bytes]:
         """Return the primitive's own ``decrypt``: ``(nonce, data, aad)`` for
@@ -84,6 +97,11 @@ class AeadCipher:
             return self._gcm.decrypt(envelope[offset:nonce_end], envelope[nonce_end:], aad)
         assert self._siv is not None
         return self._siv.decrypt(envelope[offset:], [aad])
+
+
+def new_gcm_nonce() -> bytes:
+    """Return a fresh random 96-bit GCM nonce from the operating system's CSPRNG."""
+    return os.urandom(GCM_NONCE_SIZE)
 
 
 def new_cipher(algorithm: Algorithm, key: bytes) -> AeadCipher:

@@ -67,15 +67,22 @@ class _Plan:
 
 
 class WritePlan(_Plan):
-    """The active DEK of one tenant for one column, with its header and AAD."""
+    """The active DEK of one tenant for one column, with its header and AAD.
 
-    __slots__ = ("header",)
+    ``encrypt`` is the AEAD primitive's own method (see
+    :meth:`AeadCipher.raw_encrypt`); ``aad_list`` is ``[aad]`` for AES-SIV.
+    """
+
+    __slots__ = ("aad_list", "encrypt", "gcm", "header")
 
     def __init__(
         self, provider: KeyProvider, lease: KeyLease, identity: str, header: bytes, aad: bytes
     ) -> None:
         super().__init__(provider, lease, identity, aad)
         self.header = header
+        self.gcm = self.cipher.algorithm is Algorithm.AES_256_GCM
+        self.encrypt: Callable[..., bytes] = self.cipher.raw_encrypt()
+        self.aad_list = [aad]
 
 
 class ReadPlan(_Plan):

@@ -25,7 +25,7 @@ from sqlalchemy.sql.type_api import TypeEngine
 
 from . import _storage
 from . import keys as _keys
-from ._aead import InvalidTag
+from ._aead import InvalidTag, new_gcm_nonce
 from ._comparison import ColumnComparison
 from ._plans import ReadPlan, WritePlan, remember
 from ._search import SearchToken, TokenSearch, TokenSet
@@ -462,13 +462,14 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                     or not plan.clock() < plan.expires_at
                 ):
                     plan = self._write_plan(provider, tenant, identity)
-                header, aad, cipher = plan.header, plan.aad, plan.cipher
+                # AeadCipher.seal(), inlined.
+                if plan.gcm:
+                    nonce = new_gcm_nonce()
+                    envelope = plan.header + nonce + plan.encrypt(nonce, plaintext, plan.aad)
+                else:
+                    envelope = plan.header + plan.encrypt(self._tag_byte + plaintext, plan.aad_list)
             else:
-                header, aad = self._prefix(key, identity)
-                cipher = key.cipher
-            if self.algorithm is _SIV:
-                plaintext = _TAG_BYTES[self._codec.tag] + plaintext
-            envelope = header + cipher.seal(plaintext, aad)
+                envelope = self._seal_encoded(plaintext, key, identity)
         except (EncryptionError, SQLAlchemyError):
             raise
         except Exception as exc:
