@@ -123,7 +123,6 @@ def _plan_rotation(
     A pending version is an error unless ``skip_pending`` is set, which
     lets ``--all-tenants`` finish a run that was interrupted.
     """
-    purposes = [KeyPurpose(purpose)] if purpose else list(KeyPurpose)
     by_tenant = _keys_by_tenant(keyring, tenants)
     planned: list[tuple[str, KeyPurpose]] = []
     skipped: list[Any] = []
@@ -136,6 +135,10 @@ def _plan_rotation(
                 f"the keys of tenant {tenant!r} were destroyed (crypto-shredded): it cannot "
                 "be rotated"
             )
+        # Without --purpose, only the purposes the tenant has keys for: a
+        # new first key of an unused purpose would be an active version 1.
+        used = {info.purpose for info in infos}
+        purposes = [KeyPurpose(purpose)] if purpose else [p for p in KeyPurpose if p in used]
         for key_purpose in purposes:
             pending = [
                 info
@@ -158,7 +161,11 @@ def _plan_rotation(
     is_flag=True,
     help="Rotate every tenant that has keys, skipping versions already pending.",
 )
-@click.option("--purpose", type=_PURPOSES, help="Rotate one purpose only (default: both).")
+@click.option(
+    "--purpose",
+    type=_PURPOSES,
+    help="Rotate this purpose only (default: every purpose the tenant has keys for).",
+)
 @click.option(
     "--activate-now",
     is_flag=True,
@@ -179,7 +186,8 @@ def keys_rotate(
 
     Every TENANT must already have keys: this command never creates a
     tenant's first keys, which its first write creates, so a mistyped tenant
-    id is an error.
+    id is an error. Without --purpose, only the purposes the tenant has keys
+    for are rotated.
     """
     settings = settings_of(ctx)
     keyring = settings.keyring()
@@ -268,11 +276,17 @@ def keys_rewrap(ctx: click.Context, tenant: str | None, to_kms: str | None) -> N
 @keys.command("retire")
 @click.argument("tenant")
 @click.argument("version", type=click.IntRange(min=1))
-@click.option("--purpose", type=_PURPOSES, help="Retire one purpose only (default: both).")
+@click.option(
+    "--purpose",
+    type=_PURPOSES,
+    help="Retire this purpose only (default: each purpose where VERSION is decrypt-only).",
+)
 @click.pass_context
 def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | None) -> None:
     """Retire key VERSION of TENANT once the census finds no value under it.
 
+    Without --purpose, VERSION is retired for each purpose where it is
+    decrypt-only, and purposes where it is active or pending are skipped.
     Needs --models: every table that may hold the tenant's values must be in
     the census. A TENANT without keys, or whose keys were destroyed by
     'keys shred', is an error.
@@ -280,19 +294,26 @@ def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | No
     settings = settings_of(ctx)
     keyring = settings.keyring()
     _check_retirable(keyring, tenant)
-    retired = retire_key_version(
-        settings.engine(),
-        settings.tables(),
-        keyring,
-        tenant,
-        version,
-        KeyPurpose(purpose) if purpose else None,
-    )
+    try:
+        retired = retire_key_version(
+            settings.engine(),
+            settings.tables(),
+            keyring,
+            tenant,
+            version,
+            KeyPurpose(purpose) if purpose else None,
+        )
+    except KeyStateError as exc:
+        hint = _rotation_hint(keyring, tenant, version)
+        if not hint:
+            raise
+        raise KeyStateError(f"{exc}. {hint}") from None
     if not retired:
         _explain_nothing_retired(keyring, tenant, version, purpose)
         return
     for info in retired:
         click.echo(f"tenant {tenant!r}: {info.purpose.value} key version {info.version} retired")
+    _report_skipped(keyring, tenant, version, {info.purpose for info in retired})
 
 
 def _check_retirable(keyring: Keyring, tenant: str) -> None:
@@ -315,21 +336,57 @@ def _check_retirable(keyring: Keyring, tenant: str) -> None:
 def _explain_nothing_retired(
     keyring: Keyring, tenant: str, version: int, purpose: str | None
 ) -> None:
-    """Report a retire that changed nothing. An already retired version is
-    success, so the command can be run again; any other state raises."""
+    """Report a retire that changed nothing.
+
+    A version already retired for some purpose is success, so the command
+    can be run again. Any other state raises :class:`KeyStateError`.
+    """
     purposes = {KeyPurpose(purpose)} if purpose else set(KeyPurpose)
     infos = [
         info
         for info in keyring.list_keys(tenant)
         if info.version == version and info.purpose in purposes
     ]
-    if infos and all(info.state is KeyState.RETIRED for info in infos):
+    if any(info.state is KeyState.RETIRED for info in infos):
         click.echo(f"tenant {tenant!r}: key version {version} is already retired")
+        _report_skipped(keyring, tenant, version, set())
         return
     states = ", ".join(f"{info.purpose.value}: {info.state.value}" for info in infos)
     raise KeyStateError(
         f"tenant {tenant!r} has no decrypt-only key version {version} to retire ({states})"
     )
+
+
+def _rotation_hint(keyring: Keyring, tenant: str, version: int) -> str:
+    """Return the commands that make VERSION decrypt-only where it is active."""
+    current = sorted(
+        info.purpose.value
+        for info in keyring.list_keys(tenant)
+        if info.version == version and info.state is KeyState.ACTIVE
+    )
+    if not current:
+        return ""
+    rotations = " and ".join(
+        f"'sqlalchemy-encrypted keys rotate {tenant} --purpose {name}'" for name in current
+    )
+    return (
+        f"From the command line: {rotations}, then 'sqlalchemy-encrypted reencrypt' once "
+        "the new version is active"
+    )
+
+
+def _report_skipped(keyring: Keyring, tenant: str, version: int, retired: set[KeyPurpose]) -> None:
+    """Print the purposes where VERSION is active or pending, so not retired."""
+    for info in keyring.list_keys(tenant):
+        if (
+            info.version == version
+            and info.purpose not in retired
+            and info.state in (KeyState.ACTIVE, KeyState.PENDING)
+        ):
+            click.echo(
+                f"tenant {tenant!r}: {info.purpose.value} key version {version} is "
+                f"{info.state.value}, so it was not retired"
+            )
 
 
 @keys.command("shred")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._aead import KEY_SIZES, AeadCipher
-from .errors import KeyDestroyedError, KeyNotFoundError, TenantContextError
+from .errors import KeyDestroyedError, KeyNotFoundError, KeyStateError, TenantContextError
 from .keys import DataKey, KeyLease, KeyPurpose, LeaseGeneration
 
 __all__ = ["InMemoryKeyring"]
@@ -117,9 +117,17 @@ class InMemoryKeyring:
         return sorted(usable, key=lambda key: -key.version)
 
     def rotate(self, tenant_id: str, purpose: KeyPurpose | None = None) -> None:
-        """Add a new active version for the tenant; the old one becomes decrypt-only."""
-        purposes = [purpose] if purpose is not None else list(KeyPurpose)
+        """Add a new active version for the tenant; the old one becomes decrypt-only.
+
+        Without ``purpose``, the purposes the tenant has keys for are
+        rotated, or both when it has none, as ``Keyring.rotate`` does.
+        """
         with self._lock:
+            if purpose is not None:
+                purposes = [purpose]
+            else:
+                used = [each for each in KeyPurpose if self._versions.get((tenant_id, each))]
+                purposes = used or list(KeyPurpose)
             for each in purposes:
                 versions = self._versions.get((tenant_id, each), [])
                 for entry in versions:
@@ -128,15 +136,42 @@ class InMemoryKeyring:
                 self._create(tenant_id, each, len(versions) + 1)
             self._generation.bump()
 
-    def retire(self, tenant_id: str, version: int, purpose: KeyPurpose | None = None) -> None:
-        """Stop using one key version for decryption too."""
+    def retire(
+        self, tenant_id: str, version: int, purpose: KeyPurpose | None = None
+    ) -> list[DataKey]:
+        """Stop decrypting with a decrypt-only version; return the retired keys.
+
+        Follows ``Keyring.retire``: without ``purpose``, a purpose where the
+        version is active is skipped. Raises :class:`KeyNotFoundError` if the
+        tenant has no such version, and :class:`KeyStateError` if it is
+        active for ``purpose``, or for every purpose that has it while none
+        is retired yet.
+        """
         purposes = [purpose] if purpose is not None else list(KeyPurpose)
         with self._lock:
-            for each in purposes:
-                for entry in self._versions.get((tenant_id, each), []):
-                    if entry.key.version == version and entry.state == "decrypt_only":
-                        entry.state = "retired"
+            entries = [
+                entry
+                for each in purposes
+                for entry in self._versions.get((tenant_id, each), [])
+                if entry.key.version == version
+            ]
+            if not entries:
+                raise KeyNotFoundError(f"tenant {tenant_id!r} has no key version {version}")
+            active = [entry for entry in entries if entry.state == "active"]
+            settled = [e for e in entries if e.state in ("decrypt_only", "retired")]
+            if active and (purpose is not None or not settled):
+                names = " and ".join(entry.key.purpose.value for entry in active)
+                raise KeyStateError(
+                    f"cannot retire key version {version} of tenant {tenant_id!r}: it is "
+                    f"the active {names} version; rotate, re-encrypt, then retire it"
+                )
+            retired = []
+            for entry in entries:
+                if entry.state == "decrypt_only":
+                    entry.state = "retired"
+                    retired.append(entry.key)
             self._generation.bump()
+        return retired
 
     def shred(self, tenant_id: str) -> None:
         """Destroy every key of the tenant, making its values unreadable."""

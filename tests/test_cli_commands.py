@@ -249,6 +249,51 @@ def test_retire_refused_while_in_use(filled: App) -> None:
     assert "deterministic key version 1 retired" in retired.output
 
 
+def test_retire_tenant_with_one_purpose(app: App) -> None:
+    """A tenant with deterministic values only: rotate without --purpose,
+    re-encrypt, then retire version 1 without --purpose."""
+    assert app.run("init").exit_code == 0
+    Base.metadata.create_all(app.engine)
+    app.keyring()
+    with app.engine.begin() as conn:
+        conn.execute(
+            sa.insert(Person.__table__),
+            [{"id": 1, "tenant_id": "t-acme", "email": "a@example.test"}],
+        )
+
+    rotated = app.run("keys", "rotate", "t-acme", "--activate-now")
+    assert rotated.exit_code == 0, rotated.output
+    assert "randomized" not in rotated.output
+    assert app.run("reencrypt").exit_code == 0
+    retired = app.run("keys", "retire", "t-acme", "1")
+
+    assert retired.exit_code == 0, retired.output
+    assert "deterministic key version 1 retired" in retired.output
+    purposes = {info.purpose for info in app.keyring().list_keys("t-acme")}
+    assert purposes == {KeyPurpose.DETERMINISTIC}
+
+
+def test_retire_skips_active_purpose(filled: App) -> None:
+    filled.run("keys", "rotate", "t-acme", "--purpose", "deterministic", "--activate-now")
+    assert filled.run("reencrypt").exit_code == 0
+
+    first = filled.run("keys", "retire", "t-acme", "1")
+    again = filled.run("keys", "retire", "t-acme", "1")
+    named = filled.run("keys", "retire", "t-acme", "1", "--purpose", "randomized")
+
+    assert first.exit_code == 0, first.output
+    assert "deterministic key version 1 retired" in first.output
+    assert "randomized key version 1 is active, so it was not retired" in first.output
+    assert again.exit_code == 0, again.output
+    assert "already retired" in again.output
+    assert "randomized key version 1 is active" in again.output
+    assert named.exit_code == 1
+    assert "randomized version 1 is active, and stored values use it" in named.output
+    assert "'sqlalchemy-encrypted keys rotate t-acme --purpose randomized'" in named.output
+    assert "rotate the tenant's keys and re-encrypt" not in named.output
+    assert len(named.output.strip().splitlines()) == 1
+
+
 def test_retire_needs_models(filled: App) -> None:
     env = dict(filled.env)
     del env["SQLALCHEMY_ENCRYPTED_MODELS"]

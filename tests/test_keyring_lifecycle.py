@@ -255,6 +255,80 @@ def test_retire_version(engine: sa.Engine, keyring_factory: type[Keyring]) -> No
         keyring.retire("t-acme", 9)
 
 
+def test_rotate_only_used_purposes(engine: sa.Engine, keyring_factory: type[Keyring]) -> None:
+    """A tenant with deterministic keys only gets no first randomized key,
+    which would be an active version 1 that retire then rejects."""
+    keyring = keyring_factory()
+    keyring.active_key("t-acme", KeyPurpose.DETERMINISTIC)
+
+    created = keyring.rotate("t-acme", activate_now=True)
+
+    assert [(k.purpose, k.version) for k in created] == [(KeyPurpose.DETERMINISTIC, 2)]
+    assert _versions(keyring, "t-acme", KeyPurpose.RANDOMIZED) == {}
+    assert _versions(keyring, "t-acme", KeyPurpose.DETERMINISTIC) == {
+        1: KeyState.DECRYPT_ONLY,
+        2: KeyState.ACTIVE,
+    }
+
+
+def test_rotate_new_tenant_creates_both(engine: sa.Engine, keyring_factory: type[Keyring]) -> None:
+    keyring = keyring_factory()
+
+    created = keyring.rotate("t-new")
+
+    assert sorted((k.purpose.value, k.version, k.state) for k in created) == [
+        ("deterministic", 1, KeyState.ACTIVE),
+        ("randomized", 1, KeyState.ACTIVE),
+    ]
+
+
+def test_rotate_named_purpose_creates_first_key(
+    engine: sa.Engine, keyring_factory: type[Keyring]
+) -> None:
+    keyring = keyring_factory()
+    keyring.active_key("t-acme", KeyPurpose.DETERMINISTIC)
+
+    created = keyring.rotate("t-acme", KeyPurpose.RANDOMIZED)
+
+    assert [(k.purpose, k.version) for k in created] == [(KeyPurpose.RANDOMIZED, 1)]
+
+
+def test_retire_skips_active_purpose(engine: sa.Engine, keyring_factory: type[Keyring]) -> None:
+    keyring = keyring_factory()
+    keyring.provision("t-acme")
+    keyring.rotate("t-acme", KeyPurpose.DETERMINISTIC, activate_now=True)
+
+    retired = keyring.retire("t-acme", 1)
+
+    assert [(k.purpose, k.version) for k in retired] == [(KeyPurpose.DETERMINISTIC, 1)]
+    assert _versions(keyring, "t-acme", KeyPurpose.RANDOMIZED) == {1: KeyState.ACTIVE}
+    # Run again: the deterministic version is already retired, so nothing
+    # fails, and the active randomized version still stays.
+    assert keyring.retire("t-acme", 1) == []
+    assert _versions(keyring, "t-acme", KeyPurpose.RANDOMIZED) == {1: KeyState.ACTIVE}
+
+
+def test_retire_active_message_not_circular(
+    engine: sa.Engine, keyring_factory: type[Keyring]
+) -> None:
+    keyring = keyring_factory()
+    keyring.provision("t-acme")
+    keyring.rotate("t-acme", KeyPurpose.DETERMINISTIC, activate_now=True)
+
+    with pytest.raises(KeyStateError) as named:
+        keyring.retire("t-acme", 1, KeyPurpose.RANDOMIZED)
+    with pytest.raises(KeyStateError) as unnamed:
+        keyring.retire("t-acme", 2)
+
+    message = str(named.value)
+    assert "key version 1 of tenant 't-acme' (randomized: active)" in message
+    assert "newer randomized version" in message
+    assert "rotate the tenant's keys" not in message
+    assert "(deterministic: active)" in str(unnamed.value)
+    with pytest.raises(KeyNotFoundError, match="no randomized key version 2"):
+        keyring.retire("t-acme", 2, KeyPurpose.RANDOMIZED)
+
+
 def test_audit_log_has_ids_only(
     engine: sa.Engine,
     keyring_factory: type[Keyring],

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
-from sqlalchemy_encrypted import KeyDestroyedError, KeyInUseError, KeyNotFoundError, KeyPurpose
+import sqlalchemy_encrypted as se
+from sqlalchemy_encrypted import (
+    KeyDestroyedError,
+    KeyInUseError,
+    KeyNotFoundError,
+    KeyPurpose,
+    KeyStateError,
+)
 from sqlalchemy_encrypted.keyring import Keyring
 from sqlalchemy_encrypted.rotation import (
     census,
@@ -15,7 +23,7 @@ from sqlalchemy_encrypted.rotation import (
 )
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
-from .rotation_support import NOTE_TYPE, Base, Invoice, Note, fill_persons
+from .rotation_support import NOTE_TYPE, Base, Invoice, Note, Person, fill_persons
 
 
 @pytest.fixture
@@ -114,3 +122,108 @@ def test_retire_shredded_tenant_is_destroyed(
     assert "destroyed (crypto-shredded)" in message
     assert "4 stored value(s)" in message
     assert "re-encrypt" not in message
+
+
+@pytest.fixture(params=["in_memory", "keyring"])
+def any_keyring(
+    request: pytest.FixtureRequest, keyring: InMemoryKeyring, keyring_factory: type[Keyring]
+) -> InMemoryKeyring | Keyring:
+    """The in-memory keyring, or a real one installed as the default provider."""
+    if request.param == "in_memory":
+        return keyring
+    real = keyring_factory(active_key_ttl=0)
+    se.set_default_key_provider(real)
+    return real
+
+
+def _rotate(keyring: InMemoryKeyring | Keyring, tenant: str, purpose: KeyPurpose) -> None:
+    if isinstance(keyring, Keyring):
+        keyring.rotate(tenant, purpose, activate_now=True)
+    else:
+        keyring.rotate(tenant, purpose)
+
+
+def _states(keyring: InMemoryKeyring | Keyring, tenant: str, purpose: KeyPurpose) -> list[int]:
+    return sorted(key.version for key in keyring.decryptable_keys(tenant, purpose))
+
+
+def test_retire_skips_purpose_still_active(
+    engine: sa.Engine, any_keyring: InMemoryKeyring | Keyring
+) -> None:
+    """Only the deterministic keys were rotated: version 1 is retired there,
+    while the randomized values stay under their active version 1."""
+    Base.metadata.create_all(engine)
+    fill_persons(engine, 4)
+    _rotate(any_keyring, "t-acme", KeyPurpose.DETERMINISTIC)
+    reencrypt(engine, Base, columns=["persons.email"])
+
+    retired = retire_key_version(engine, Base, any_keyring, "t-acme", 1)
+
+    assert [(key.purpose, key.version) for key in retired] == [(KeyPurpose.DETERMINISTIC, 1)]
+    assert _states(any_keyring, "t-acme", KeyPurpose.DETERMINISTIC) == [2]
+    assert _states(any_keyring, "t-acme", KeyPurpose.RANDOMIZED) == [1]
+    with Session(engine) as session, se.tenant_scope("t-acme"):
+        query = sa.select(Person.name).where(Person.tenant_id == "t-acme").order_by(Person.id)
+        names = session.scalars(query).all()
+    assert names == ["Person 2", "Person 4"]
+
+
+def test_retire_every_purpose_active_fails(
+    engine: sa.Engine, any_keyring: InMemoryKeyring | Keyring
+) -> None:
+    Base.metadata.create_all(engine)
+    fill_persons(engine, 4)
+
+    with pytest.raises(KeyStateError) as caught:
+        retire_key_version(engine, Base, any_keyring, "t-acme", 1)
+
+    message = str(caught.value)
+    assert "randomized version 1 is active" in message
+    assert "deterministic version 1 is active" in message
+    assert "rotate the tenant's keys and re-encrypt" not in message
+    assert _states(any_keyring, "t-acme", KeyPurpose.RANDOMIZED) == [1]
+
+
+def test_retire_other_purpose_not_decrypt_only(
+    engine: sa.Engine, any_keyring: InMemoryKeyring | Keyring
+) -> None:
+    """Randomized values use active version 1 and the deterministic purpose
+    has version 1 active too, but no values: nothing can be retired."""
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Person.__table__), [{"id": 1, "tenant_id": "t-acme", "name": "A"}])
+    any_keyring.active_key("t-acme", KeyPurpose.DETERMINISTIC)
+
+    with pytest.raises(KeyStateError) as caught:
+        retire_key_version(engine, Base, any_keyring, "t-acme", 1)
+
+    message = str(caught.value)
+    assert "randomized version 1 is active" in message
+    assert "deterministic" in message
+    assert _states(any_keyring, "t-acme", KeyPurpose.DETERMINISTIC) == [1]
+
+
+def test_retire_blocked_by_decrypt_only_values(
+    engine: sa.Engine, any_keyring: InMemoryKeyring | Keyring
+) -> None:
+    Base.metadata.create_all(engine)
+    fill_persons(engine, 4)
+    _rotate(any_keyring, "t-acme", KeyPurpose.DETERMINISTIC)
+
+    with pytest.raises(KeyInUseError) as caught:
+        retire_key_version(engine, Base, any_keyring, "t-acme", 1)
+
+    assert caught.value.references == {"persons.email": 2}
+    assert "deterministic key version 1" in str(caught.value)
+
+
+def test_in_memory_rotate_only_used_purposes(keyring: InMemoryKeyring) -> None:
+    keyring.active_key("t-acme", KeyPurpose.DETERMINISTIC)
+
+    keyring.rotate("t-acme")
+    keyring.rotate("t-new")
+
+    assert _states(keyring, "t-acme", KeyPurpose.DETERMINISTIC) == [1, 2]
+    assert _states(keyring, "t-acme", KeyPurpose.RANDOMIZED) == []
+    assert _states(keyring, "t-new", KeyPurpose.RANDOMIZED) == [1]
+    assert _states(keyring, "t-new", KeyPurpose.DETERMINISTIC) == [1]

@@ -48,11 +48,27 @@ def rotate(
 ) -> list[KeyInfo]:
     created = []
     try:
-        for each in _purposes(purpose):
+        for each in _purposes_to_rotate(keyring, tenant, purpose):
             created.append(_rotate_one(keyring, tenant, each, activate_now))
     finally:
         keyring._invalidate_tenant(tenant)
     return created
+
+
+def _purposes_to_rotate(
+    keyring: Keyring, tenant: str, purpose: KeyPurpose | None
+) -> list[KeyPurpose]:
+    """Return ``purpose``, or else the purposes the tenant has keys for.
+
+    Rotating a purpose the tenant never used would create its first key,
+    version 1, which is active at once, so a later retire of version 1
+    would reject it. A tenant with no keys at all
+    gets the first keys of both purposes.
+    """
+    if purpose is not None:
+        return [KeyPurpose(purpose)]
+    used = {row.purpose for row in keyring._store.tenant_rows(tenant)}
+    return [each for each in KeyPurpose if each in used] or list(KeyPurpose)
 
 
 def _rotate_one(keyring: Keyring, tenant: str, purpose: KeyPurpose, activate_now: bool) -> KeyInfo:
@@ -294,13 +310,17 @@ def retire(
         if row.version == version and row.purpose in wanted
     ]
     if not rows:
-        raise KeyNotFoundError(f"tenant {tenant!r} has no key version {version} to retire")
-    for row in rows:
-        if row.state in (KeyState.ACTIVE, KeyState.PENDING):
-            raise KeyStateError(
-                f"cannot retire the {row.state.value} key {row.describe()}: rotate the tenant's "
-                "keys and re-encrypt its values first"
-            )
+        purpose_text = f"{purpose.value} " if purpose is not None else ""
+        raise KeyNotFoundError(
+            f"tenant {tenant!r} has no {purpose_text}key version {version} to retire"
+        )
+    in_use = [row for row in rows if row.state in (KeyState.ACTIVE, KeyState.PENDING)]
+    if purpose is not None and in_use:
+        raise KeyStateError(_in_use_message(tenant, version, in_use))
+    # Without a purpose, a version that is active or pending for one purpose
+    # is skipped there and retired where it is decrypt-only.
+    if in_use and not any(row.state in (KeyState.DECRYPT_ONLY, KeyState.RETIRED) for row in rows):
+        raise KeyStateError(_in_use_message(tenant, version, in_use))
     retired = []
     with keyring.engine.begin() as conn:
         for row in rows:
@@ -319,6 +339,19 @@ def retire(
         audit_event("key.retired", **row_fields(row))
     keyring._invalidate_tenant(tenant)
     return [row.info() for row in retired]
+
+
+def _in_use_message(tenant: str, version: int, rows: Sequence[KeyRow]) -> str:
+    """Explain why active or pending ``rows`` of one version cannot be retired."""
+    states = ", ".join(f"{row.purpose.value}: {row.state.value}" for row in rows)
+    purposes = " and ".join(row.purpose.value for row in rows)
+    return (
+        f"cannot retire key version {version} of tenant {tenant!r} ({states}): new values "
+        "are encrypted with the active version, and a pending one becomes active, so only "
+        f"a decrypt-only version can be retired. Version {version} becomes decrypt-only "
+        f"once a newer {purposes} version is active: rotate that purpose, re-encrypt the "
+        f"tenant's values, then retire version {version}"
+    )
 
 
 def shred(keyring: Keyring, tenant: str) -> int:

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Connection, Engine
 
-from ..errors import KeyDestroyedError, KeyInUseError
+from ..errors import KeyDestroyedError, KeyInUseError, KeyNotFoundError, KeyStateError
 from ..keys import KeyPurpose
 from .catalog import KeyStateName
 from .census import Census, census
@@ -43,22 +43,8 @@ def check_key_unused(
     table that may hold the tenant's values.
     """
     result = census(bind, target, tables=tables, tenants=[tenant_id])
-    references = result.references(tenant_id, version, purpose)
-    if references and _sealed_under_destroyed_key(result, tenant_id, version):
-        raise KeyDestroyedError(
-            f"cannot retire key version {version} of tenant {tenant_id!r}: its keys were "
-            "destroyed (crypto-shredded), so nothing is left to retire and its "
-            f"{sum(references.values())} stored value(s) can no longer be decrypted"
-        )
-    if references:
-        listed = ", ".join(f"{label}: {count}" for label, count in sorted(references.items()))
-        purpose_text = f"{purpose.value} " if purpose is not None else ""
-        raise KeyInUseError(
-            f"cannot retire {purpose_text}key version {version} of tenant {tenant_id!r}: "
-            f"{sum(references.values())} value(s) still use it ({listed}); re-encrypt them "
-            "first",
-            references=references,
-        )
+    purposes = list(KeyPurpose) if purpose is None else [purpose]
+    _raise_if_referenced(result, tenant_id, version, purposes)
     return result
 
 
@@ -83,14 +69,110 @@ def retire_key_version(
 ) -> Any:
     """Retire key ``version`` of a tenant after a census shows no value uses it.
 
+    Without ``purpose``, the version is retired for each purpose where it is
+    decrypt-only. A purpose where it is still the active or pending version
+    is skipped, even if values use it there, and so is a purpose without that
+    version. Raises :class:`KeyStateError` if no purpose is left to retire,
+    or if the version is active or pending for ``purpose``.
+
     Returns what ``keyring.retire`` returns. Raises :class:`KeyInUseError`
-    with the counts per ``table.column`` otherwise, and retires nothing.
+    with the counts per ``table.column`` if values still use a version that
+    would be retired, and retires nothing.
     """
-    check_key_unused(bind, target, tenant_id, version, purpose, tables=tables)
-    retired = keyring.retire(tenant_id, version, purpose)
+    result = census(bind, target, tables=tables, tenants=[tenant_id])
+    current = _current_purposes(result, tenant_id, version)
+    wanted = list(KeyPurpose) if purpose is None else [purpose]
+    others = [each for each in wanted if each not in current]
+    if not others:
+        raise KeyStateError(
+            _all_current_message(tenant_id, version, {each: current[each] for each in wanted})
+        )
+    _raise_if_referenced(result, tenant_id, version, others)
+    if purpose is None and current:
+        # Retire the other purpose by name, so that a version which
+        # becomes decrypt-only after the census, with values still under
+        # it, is not retired.
+        retired = _retire_other_purpose(keyring, tenant_id, version, others[0], current)
+    else:
+        retired = keyring.retire(tenant_id, version, purpose)
     audit.info(
         "key version %d of tenant %r retired after a census found no value using it",
         version,
         tenant_id,
     )
     return retired
+
+
+def _current_purposes(result: Census, tenant_id: str, version: int) -> dict[KeyPurpose, str]:
+    """Return the purposes whose values under ``version`` use an active or
+    pending key, with that key's state."""
+    current: dict[KeyPurpose, str] = {}
+    for column in result.columns:
+        for entry in column.entries:
+            if (
+                entry.tenant_id == tenant_id
+                and entry.key_version == version
+                and entry.key_state in (KeyStateName.ACTIVE, KeyStateName.PENDING)
+            ):
+                current[column.column.purpose] = entry.key_state
+    return current
+
+
+def _describe_current(version: int, current: dict[KeyPurpose, str]) -> str:
+    return " and ".join(
+        f"{purpose.value} version {version} is {state}" for purpose, state in current.items()
+    )
+
+
+def _all_current_message(tenant_id: str, version: int, current: dict[KeyPurpose, str]) -> str:
+    names = " and ".join(purpose.value for purpose in current)
+    return (
+        f"cannot retire key version {version} of tenant {tenant_id!r}: "
+        f"{_describe_current(version, current)}, and stored values use it. Only a "
+        f"decrypt-only version can be retired: rotate the {names} keys, re-encrypt the "
+        f"tenant's values, then retire version {version}"
+    )
+
+
+def _raise_if_referenced(
+    result: Census, tenant_id: str, version: int, purposes: Sequence[KeyPurpose]
+) -> None:
+    references: dict[str, int] = {}
+    for purpose in purposes:
+        references.update(result.references(tenant_id, version, purpose))
+    if references and _sealed_under_destroyed_key(result, tenant_id, version):
+        raise KeyDestroyedError(
+            f"cannot retire key version {version} of tenant {tenant_id!r}: its keys were "
+            "destroyed (crypto-shredded), so nothing is left to retire and its "
+            f"{sum(references.values())} stored value(s) can no longer be decrypted"
+        )
+    if references:
+        listed = ", ".join(f"{label}: {count}" for label, count in sorted(references.items()))
+        purpose_text = f"{purposes[0].value} " if len(purposes) == 1 else ""
+        raise KeyInUseError(
+            f"cannot retire {purpose_text}key version {version} of tenant {tenant_id!r}: "
+            f"{sum(references.values())} value(s) still use it ({listed}); re-encrypt them "
+            "first",
+            references=references,
+        )
+
+
+def _retire_other_purpose(
+    keyring: _Retiring,
+    tenant_id: str,
+    version: int,
+    purpose: KeyPurpose,
+    current: dict[KeyPurpose, str],
+) -> Any:
+    """Retire ``version`` of ``purpose`` only, while the other purposes
+    (``current``) still encrypt with it."""
+    try:
+        return keyring.retire(tenant_id, version, purpose)
+    except (KeyStateError, KeyNotFoundError) as exc:
+        if isinstance(exc, KeyDestroyedError):
+            raise
+        raise KeyStateError(
+            f"cannot retire key version {version} of tenant {tenant_id!r}: "
+            f"{_describe_current(version, current)} and stored values use it. For the "
+            f"{purpose.value} purpose: {exc}"
+        ) from None
