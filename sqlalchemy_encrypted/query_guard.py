@@ -21,7 +21,9 @@ from sqlalchemy.sql.elements import (
     Case,
     Cast,
     ClauseElement,
+    ColumnClause,
     ColumnElement,
+    Label,
     Null,
     Over,
     WithinGroup,
@@ -84,14 +86,90 @@ def _check_ordering(order_by: Any, group_by: Any, statement: Any = None) -> None
                 raise _reject(column_type, "GROUP BY")
 
 
+def _is_randomized(column_type: Any) -> bool:
+    return isinstance(column_type, EncryptedType) and column_type.purpose is KeyPurpose.RANDOMIZED
+
+
+def _randomized_columns(clause: Any) -> list[ColumnClause[Any]]:
+    """Return the randomized encrypted table columns that ``clause`` reads."""
+    return [
+        element
+        for element in visitors.iterate(clause)
+        if isinstance(element, ColumnClause) and _is_randomized(element.type)
+    ]
+
+
+def _keyed_by_primary_key(column: ColumnClause[Any], selected: list[Any]) -> bool:
+    """Return True if ``selected`` includes the whole primary key of ``column``'s table.
+
+    Each row then differs from every other row of that table, so removing
+    duplicate rows gives the same result with plaintext and with ciphertext.
+    """
+    primary_key = getattr(column.table, "primary_key", None)
+    if primary_key is None or not len(primary_key):
+        return False
+    chosen = {id(element._deannotate()) for element in selected}
+    return all(id(key._deannotate()) in chosen for key in primary_key)
+
+
+def _selected_columns(select: Select[Any]) -> list[Any]:
+    """Return the selected column expressions, with labels removed."""
+    return [
+        column.element if isinstance(column, Label) else column
+        for column in select.selected_columns
+    ]
+
+
+def _check_duplicate_removal(select: Select[Any], what: str) -> None:
+    """Raise if ``select``'s rows are de-duplicated (DISTINCT, or a member
+    of UNION, INTERSECT or EXCEPT) over a randomized column.
+
+    Each randomized value has its own ciphertext, so rows with equal
+    plaintext would stay separate. Selecting the primary key of the
+    column's table makes every row unique anyway, which is allowed.
+    """
+    selected = _selected_columns(select)
+    for expression in selected:
+        for column in _randomized_columns(expression):
+            column_type = column.type
+            if not isinstance(column_type, EncryptedType):
+                continue
+            if not _keyed_by_primary_key(column, selected):
+                raise UnsupportedOperationError(
+                    f"{what} is not supported on randomized encrypted column "
+                    f"{column_type.column_identity}: equal values have different "
+                    "ciphertexts, so the database would not remove duplicates. Remove them "
+                    "in Python after loading, select the table's primary key too, or use "
+                    "DeterministicEncrypted for a column that needs it"
+                )
+
+
+def _distinct_on(select: Select[Any]) -> list[Any]:
+    """Return the DISTINCT ON expressions of ``select``, from ``distinct(*columns)``
+    or from the PostgreSQL ``distinct_on()`` extension of SQLAlchemy 2.1."""
+    clauses = list(select._distinct_on)
+    extension = getattr(select, "_pre_columns_clause", None)
+    if extension is not None:
+        for element in visitors.iterate(extension):
+            clauses.extend(getattr(element, "_distinct_on", ()))
+    return clauses
+
+
 def check_select(select: Select[Any]) -> None:
     """Raise :class:`UnsupportedOperationError` if ``select`` orders, groups,
-    casts or calls a SQL function over an encrypted column.
+    casts or calls a SQL function over an encrypted column, or removes
+    duplicates over a randomized one.
 
-    Grouping (and window partitioning) is allowed on deterministic columns,
-    whose equal values have equal stored bytes.
+    Grouping, window partitioning, DISTINCT and DISTINCT ON are allowed on
+    deterministic columns, whose equal values have equal stored bytes.
     """
     _check_ordering(select._order_by_clauses, select._group_by_clauses, select)
+    for clause in _distinct_on(select):
+        for column_type in _encrypted_columns(clause):
+            if column_type.purpose is KeyPurpose.RANDOMIZED:
+                raise _reject(column_type, "DISTINCT ON")
+    if select._distinct:
+        _check_duplicate_removal(select, "SELECT DISTINCT")
     check_expressions(select)
 
 
@@ -153,15 +231,35 @@ def _check_one_source(elements: list[Any], what: str) -> None:
         )
 
 
+def _member_selects(select: CompoundSelect[Any]) -> list[Select[Any]]:
+    """Return the SELECTs of a compound statement, nested ones included."""
+    found: list[Select[Any]] = []
+    for member in select.selects:
+        inner = getattr(member, "element", member)
+        if isinstance(inner, Select):
+            found.append(inner)
+        elif isinstance(inner, CompoundSelect):
+            found.extend(_member_selects(inner))
+    return found
+
+
 def check_compound_select(select: CompoundSelect[Any]) -> None:
     """Check the ORDER BY and GROUP BY of a UNION, INTERSECT or EXCEPT, and
     that each of its result columns comes from one encrypted column or none.
-    Its member SELECTs are checked when they compile."""
+
+    UNION, INTERSECT and EXCEPT without ALL remove duplicate rows, so, as
+    for SELECT DISTINCT, no member may select a randomized column without
+    the primary key of its table. Member SELECTs are checked on their own
+    when they compile.
+    """
     _check_ordering(select._order_by_clauses, select._group_by_clauses, select)
     keyword = str(getattr(select.keyword, "value", "UNION"))
     members = [list(member.selected_columns) for member in select.selects]
     for position in range(min(len(columns) for columns in members)):
         _check_one_source([columns[position] for columns in members], keyword)
+    if not keyword.endswith("ALL"):
+        for member in _member_selects(select):
+            _check_duplicate_removal(member, keyword)
 
 
 def _encrypted_column(columns: Any, key: Any) -> Any:

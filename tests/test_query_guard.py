@@ -3,11 +3,13 @@ window functions and hybrid expressions."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -37,16 +39,28 @@ class Member(Base):
         return (self.name or "")[:1]
 
 
-@pytest.fixture
-def members(engine: sa.Engine, keyring: InMemoryKeyring) -> Iterator[sa.Engine]:
+def _add_members(engine: sa.Engine) -> None:
     Base.metadata.create_all(engine)
     rows = [("Charlie", "x@example.test"), ("Alpha", "x@example.test"), ("Bravo", "y@example.test")]
     with Session(engine) as session:
         for number, (name, email) in enumerate(rows, start=1):
             session.add(Member(id=number, tenant_id="t-acme", name=name, email=email))
         session.commit()
+
+
+@pytest.fixture
+def members(engine: sa.Engine, keyring: InMemoryKeyring) -> Iterator[sa.Engine]:
+    _add_members(engine)
     with se.tenant_scope("t-acme"):
         yield engine
+
+
+@pytest.fixture
+def pg_members(pg_engine: sa.Engine, keyring: InMemoryKeyring) -> Iterator[sa.Engine]:
+    """The members table on PostgreSQL only, for DISTINCT ON."""
+    _add_members(pg_engine)
+    with se.tenant_scope("t-acme"):
+        yield pg_engine
 
 
 REJECTED: dict[str, tuple[Callable[[], Any], str]] = {
@@ -105,6 +119,40 @@ REJECTED: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: sa.select(Member).where(Member.email == Member.tenant_id),
         "members.email",
     ),
+    "select distinct randomized": (lambda: sa.select(Member.name).distinct(), "members.name"),
+    "select distinct label": (
+        lambda: sa.select(Member.name.label("n"), Member.email).distinct(),
+        "members.name",
+    ),
+    "select distinct subquery": (
+        lambda: sa.select(sa.select(Member.name).subquery().c.name).distinct(),
+        "members.name",
+    ),
+    "distinct function randomized": (lambda: sa.select(sa.distinct(Member.name)), "members.name"),
+    "distinct method randomized": (lambda: sa.select(Member.name.distinct()), "members.name"),
+    "count distinct randomized": (
+        lambda: sa.select(sa.func.count(Member.name.distinct())),
+        "members.name",
+    ),
+    "union randomized": (
+        lambda: sa.union(sa.select(Member.name), sa.select(Member.name)),
+        "members.name",
+    ),
+    "intersect randomized": (
+        lambda: sa.intersect(sa.select(Member.name), sa.select(Member.name)),
+        "members.name",
+    ),
+    "except randomized": (
+        lambda: sa.except_(sa.select(Member.name), sa.select(Member.name)),
+        "members.name",
+    ),
+    "union over union all": (
+        lambda: sa.union(
+            sa.union_all(sa.select(Member.name), sa.select(Member.name)).subquery().select(),
+            sa.select(Member.name),
+        ),
+        "members.name",
+    ),
 }
 
 
@@ -136,6 +184,76 @@ def test_distinct_deterministic_column(members: sa.Engine) -> None:
         counted = session.scalar(sa.select(sa.func.count(Member.email.distinct())))
     assert sorted(emails) == ["x@example.test", "y@example.test"]
     assert counted == 2
+
+
+def test_distinct_on_randomized_column(members: sa.Engine) -> None:
+    """DISTINCT ON, from ``distinct(*columns)`` and from SQLAlchemy 2.1's
+    ``postgresql.distinct_on()``, raises for a randomized column on any dialect."""
+    statements = []
+    distinct_on = getattr(postgresql, "distinct_on", None)
+    if distinct_on is not None:
+        statements.append(sa.select(Member.id, Member.name).ext(distinct_on(Member.name)))
+    with warnings.catch_warnings():
+        # Deprecated in SQLAlchemy 2.1 in favour of distinct_on().
+        warnings.simplefilter("ignore", sa.exc.SADeprecationWarning)
+        statements.append(sa.select(Member.id, Member.name).distinct(Member.name))
+
+    for statement in statements:
+        with count_statements(members) as counter, Session(members) as session:
+            with pytest.raises(UnsupportedOperationError) as caught:
+                session.execute(statement)
+        assert counter.count == 0
+        assert "DISTINCT ON" in str(caught.value)
+        assert "members.name" in str(caught.value)
+
+
+def test_distinct_on_deterministic_column(pg_members: sa.Engine) -> None:
+    # Without ORDER BY, which is rejected on encrypted columns: PostgreSQL
+    # then keeps an arbitrary row of each email.
+    statement = sa.select(Member.email, Member.id)
+    distinct_on = getattr(postgresql, "distinct_on", None)
+    if distinct_on is None:
+        statement = statement.distinct(Member.email)
+    else:
+        statement = statement.ext(distinct_on(Member.email))
+
+    with Session(pg_members) as session:
+        rows = session.execute(statement).all()
+
+    assert sorted(row.id for row in rows) in ([1, 3], [2, 3])
+    assert sorted(row.email for row in rows) == ["x@example.test", "y@example.test"]
+
+
+ALLOWED_DUPLICATE_REMOVAL: dict[str, tuple[Callable[[], Any], int]] = {
+    "distinct with primary key": (lambda: sa.select(Member.id, Member.name).distinct(), 3),
+    "distinct entity": (lambda: sa.select(Member).distinct(), 3),
+    "distinct deterministic": (lambda: sa.select(Member.email).distinct(), 2),
+    "union all randomized": (
+        lambda: sa.union_all(sa.select(Member.name), sa.select(Member.name)),
+        6,
+    ),
+    "union with primary key": (
+        lambda: sa.union(sa.select(Member.id, Member.name), sa.select(Member.id, Member.name)),
+        3,
+    ),
+    "union deterministic": (
+        lambda: sa.union(sa.select(Member.email), sa.select(Member.email)),
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "build, count", ALLOWED_DUPLICATE_REMOVAL.values(), ids=ALLOWED_DUPLICATE_REMOVAL.keys()
+)
+def test_duplicate_removal_allowed(
+    members: sa.Engine, build: Callable[[], Any], count: int
+) -> None:
+    """Rows that contain the primary key are unique anyway, UNION ALL keeps
+    duplicates, and deterministic columns compare like plaintext."""
+    with Session(members) as session:
+        rows = session.execute(build()).all()
+    assert len(rows) == count
 
 
 def test_window_partition_by_deterministic_column(members: sa.Engine) -> None:
