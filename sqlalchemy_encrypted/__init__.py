@@ -39,6 +39,7 @@ from .errors import (
     StoredKeyNotFoundError,
     TenantContextError,
     TenantMismatchError,
+    TooManyKeyVersionsError,
     UnsupportedOperationError,
     ValueTypeError,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "StoredKeyNotFoundError",
     "TenantContextError",
     "TenantMismatchError",
+    "TooManyKeyVersionsError",
     "UndersizedColumn",
     "UnsupportedOperationError",
     "ValueTypeError",

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnElement
+from sqlalchemy.sql.elements import BinaryExpression, ColumnElement
 from sqlalchemy.sql.sqltypes import BOOLEANTYPE
 
 from .keys import DataKey, KeyPurpose
@@ -106,7 +106,7 @@ class TokenSearch(BinaryExpression[bool]):
 
     @classmethod
     def build(
-        cls, left: ColumnElement[Any], right: BindParameter[Any], operator: Any, negate: Any
+        cls, left: ColumnElement[Any], right: ColumnElement[Any], operator: Any, negate: Any
     ) -> TokenSearch:
         """Return ``left operator right`` with its negation ``negate``."""
         return cls(BinaryExpression(left, right, operator, type_=BOOLEANTYPE, negate=negate))
@@ -116,7 +116,7 @@ class TokenSearch(BinaryExpression[bool]):
         # would evaluate in Python again.
         negated = super()._negate()  # type: ignore[no-untyped-call]
         if isinstance(negated, BinaryExpression):
-            return TokenSearch(negated)
+            return type(self)(negated)
         return negated
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "StoredKeyNotFoundError",
     "TenantContextError",
     "TenantMismatchError",
+    "TooManyKeyVersionsError",
     "UnsupportedOperationError",
     "ValueTypeError",
 ]
@@ -77,6 +78,15 @@ class StorageFormatError(DecryptionError):
 
 class UnsupportedOperationError(EncryptionError):
     """A SQL operation cannot work on ciphertext, such as LIKE or ORDER BY."""
+
+
+class TooManyKeyVersionsError(UnsupportedOperationError):
+    """A lookup through a bound parameter cannot cover all of a tenant's key versions.
+
+    Such a lookup binds a fixed number of search values, one per
+    decryptable key version. A tenant with more decryptable versions than
+    that must finish re-encryption and retire its old versions first.
+    """
 
 
 class PlaintextTooLongError(EncryptionError, ValueError):

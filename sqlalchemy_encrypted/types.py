@@ -26,6 +26,7 @@ from sqlalchemy.sql.type_api import TypeEngine
 from . import _storage
 from . import keys as _keys
 from ._aead import InvalidTag, new_gcm_nonce
+from ._bound_search import PackedSearchValue, expanding_token_search, packed_token_search
 from ._comparison import ColumnComparison
 from ._plans import ReadPlan, WritePlan, remember
 from ._search import SearchToken, TokenSearch, TokenSet
@@ -867,6 +868,12 @@ class DeterministicEncrypted(EncryptedType[_T]):
     how long each value is. LIKE, ranges and ordering raise
     :class:`UnsupportedOperationError`.
 
+    A comparison matches the value under every decryptable key version of
+    the tenant, also when the value is a bound parameter or a
+    ``lambda_stmt`` closure variable, whose versions are read when the
+    statement executes. Bound parameters cover at most four versions, and
+    a tenant with more raises :class:`TooManyKeyVersionsError`.
+
     :param allow_low_cardinality: accept a Boolean inner type or an Enum of
         at most 16 members. Without it such a column raises
         :class:`ConfigurationError`, because anyone who learns the value of
@@ -945,40 +952,58 @@ class DeterministicEncrypted(EncryptedType[_T]):
     ) -> ColumnElement[Any]:
         if op in (operators.eq, operators.ne):
             value = other[0]
-            if _is_tracked_bind(value) or isinstance(value, BindParameter):
-                # An explicit or lambda-tracked bound parameter carries one value
-                # that is sealed when the statement executes, so it matches
-                # values sealed under the active DEK only.
-                return _base_operate(comparator, op, self._retyped(value), **kwargs)
-            return self._token_in(comparator, [value], negate=op is operators.ne)
+            negate = op is operators.ne
+            if _is_bound(value):
+                # Sealed when the statement executes, under every decryptable
+                # key version of the tenant of that execution.
+                parameter = self._retyped(comparator, value, skip_none=False)
+                return packed_token_search(comparator.expr, [parameter], negate)
+            return self._token_in(comparator, [value], negate=negate)
         if op in (operators.in_op, operators.not_in_op):
             values = other[0]
-            if _is_sql_expression(values) or not isinstance(values, (list, tuple, set, frozenset)):
-                return _base_operate(comparator, op, self._retyped(values), **kwargs)
-            if any(_is_sql_expression(value) for value in values):
+            negate = op is operators.not_in_op
+            if _is_bound(values):
+                binary = _base_operate(comparator, op, values, **kwargs)
+                right = getattr(binary, "right", None)
+                if isinstance(right, BindParameter) and right.expanding:
+                    return expanding_token_search(comparator.expr, right, self, negate)
                 raise comparator._reject(op)
-            return self._token_in(comparator, list(values), negate=op is operators.not_in_op)
+            if _is_sql_expression(values) or not isinstance(values, (list, tuple, set, frozenset)):
+                return _base_operate(comparator, op, values, **kwargs)
+            if any(_is_column_expression(value) for value in values):
+                raise comparator._reject(op)
+            if any(_is_bound(value) for value in values):
+                parameters = [self._retyped(comparator, value, skip_none=True) for value in values]
+                return packed_token_search(comparator.expr, parameters, negate)
+            return self._token_in(comparator, list(values), negate=negate)
         if op is operators.distinct_op:
             return _base_operate(comparator, op, *other, **kwargs)
         raise comparator._reject(op)
 
-    def _retyped(self, value: Any) -> Any:
-        """Return ``value`` bound through this column's type if it is a bound
-        parameter with another type.
+    def _retyped(self, comparator: Any, value: Any, skip_none: bool) -> ColumnElement[Any]:
+        """Return ``value`` as a bound parameter that binds its search values.
 
-        SQLAlchemy keeps the type of a typed parameter, such as
-        ``literal("x")`` or ``bindparam("e", type_=String)``, so its value
-        would reach the database as plaintext and never match.
+        ``value`` is a bound parameter, a ``lambda_stmt`` closure variable or,
+        in a list that holds one of those, a plain value. The parameter's own
+        type is overridden: SQLAlchemy keeps the type of a typed parameter,
+        such as ``literal("x")`` or ``bindparam("e", type_=String)``, so its
+        value would otherwise reach the database as plaintext.
         """
-        if not isinstance(value, BindParameter) or value.type._isnull:
-            return value
-        bound_type = value.type
-        if (
-            isinstance(bound_type, EncryptedType)
-            and bound_type.column_identity == self.column_identity
-        ):
-            return value
-        return value._with_binary_element_type(self)
+        search_type = PackedSearchValue(self, skip_none=skip_none)
+        if not _is_bound(value):
+            if value is not None:
+                # Checked now, so a wrong type or length fails when the
+                # expression is built rather than when it executes.
+                self.encode_plaintext(value)
+            return BindParameter(None, value, type_=search_type, unique=True)
+        parameter = _base_operate(comparator, operators.eq, value).right
+        if not isinstance(parameter, BindParameter):
+            raise comparator._reject(operators.eq)
+        # type_coerce() rather than a retyped copy: lambda_stmt swaps every
+        # parameter of its cached expression for the closure variable's own
+        # parameter, which has the column's type, and type_coerce() applies
+        # the search type to whatever parameter it wraps when it compiles.
+        return sa.type_coerce(parameter, search_type)
 
     def _token_in(self, comparator: Any, values: list[Any], negate: bool) -> ColumnElement[Any]:
         # Check every value now, so a wrong type or length fails when the
@@ -1003,6 +1028,11 @@ class DeterministicEncrypted(EncryptedType[_T]):
 def _is_tracked_bind(value: Any) -> bool:
     """Return True for the placeholder that ``lambda_stmt`` passes for a closure variable."""
     return type(value).__name__ == "PyWrapper"
+
+
+def _is_bound(value: Any) -> bool:
+    """Return True for a bound parameter or a ``lambda_stmt`` closure variable."""
+    return isinstance(value, BindParameter) or _is_tracked_bind(value)
 
 
 def type_for_header(
