@@ -31,8 +31,9 @@ from . import _storage
 from ._cli_context import ExitCode, print_json, settings_of
 from .codecs import ValueTag
 from .envelope import EnvelopeHeader, parse_header
-from .errors import StorageFormatError
+from .errors import ConfigurationError, StorageFormatError
 from .keyring.audit import audit_event
+from .rotation.columns import declared_encrypted_type
 from .tenancy import tenant_scope
 from .types import type_for_header
 
@@ -41,11 +42,15 @@ __all__ = ["decrypt"]
 
 @dataclass(frozen=True)
 class _StoredValue:
-    """A stored value and where it came from: a row's primary key, or the command line."""
+    """A stored value and where it came from: a row's primary key, or the command line.
+
+    ``column_type`` is the database type of the column a row was read from.
+    """
 
     raw: Any
     source: str
     row: dict[str, Any] | None = None
+    column_type: str | None = None
 
 
 def _fail(message: str) -> NoReturn:
@@ -147,7 +152,67 @@ def _read_row(
             f"more than one row of table {table.name} has {described}: name columns that "
             "identify one row with --pk-column"
         )
-    return _StoredValue(found[0][0], "row", row_key)
+    return _StoredValue(found[0][0], "row", row_key, _type_name(table.c[column_name], engine))
+
+
+def _type_name(column: sa.Column[Any], engine: sa.Engine) -> str:
+    try:
+        return str(column.type.compile(dialect=engine.dialect))
+    except sa.exc.CompileError:
+        return type(column.type).__name__
+
+
+# -- checking that the column is encrypted -------------------------------------------
+
+
+def _check_declared_encrypted(
+    tables: Sequence[sa.Table], name: str, column_name: str, schema: str | None
+) -> None:
+    """Raise :class:`ConfigurationError` if the models declare the column
+    as a plain one. A table or column the models lack is not checked."""
+    for table in tables:
+        if table.name != name or (schema is not None and table.schema not in (None, schema)):
+            continue
+        column = table.c.get(column_name)
+        if column is not None and declared_encrypted_type(column) is None:
+            raise ConfigurationError(
+                f"column {name}.{column_name} is not an encrypted column: --models declares "
+                f"it as {column.type!r}; name a column declared with Encrypted or "
+                "DeterministicEncrypted, or registered with info['encrypted_type']"
+            )
+
+
+def _not_an_envelope(raw: Any) -> str | None:
+    """Describe a row value that cannot be an envelope, or return None if
+    it may be one. The description never contains the value."""
+    if isinstance(raw, str):
+        data = _storage.from_base64(raw)
+        if data is None:
+            return "text that is not base64"
+    elif isinstance(raw, (bytes, bytearray, memoryview)):
+        data = bytes(raw)
+        if not _storage.is_envelope_start(data):
+            # A base64 column created with a binary database type.
+            data = _storage.from_base64(data) or data
+    else:
+        return f"of type {type(raw).__name__}, not bytes or text"
+    if not _storage.is_envelope_start(data):
+        return "not an envelope of this library"
+    return None
+
+
+def _check_row_value(stored: _StoredValue, table: str, column: str) -> None:
+    """Raise :class:`StorageFormatError` naming the column and its database
+    type if the row's value cannot be an envelope."""
+    found = _not_an_envelope(stored.raw)
+    if found is None:
+        return
+    raise StorageFormatError(
+        f"column {table}.{column} ({stored.column_type}) does not contain an encrypted value "
+        f"in this row: the stored value is {found}. The column is not an encrypted "
+        "column, or this row holds plaintext written outside this library; check the "
+        "column name, or the migration state of the column"
+    )
 
 
 # -- decoding and decrypting -----------------------------------------------------------
@@ -329,6 +394,8 @@ def decrypt(
     _check_options(table, column, context, pk, pk_columns, hex_value, base64_value)
     settings = settings_of(ctx)
     identity = context if context is not None else f"{table}.{column}"
+    if settings.models and table and column:
+        _check_declared_encrypted(settings.tables(), table, column, schema)
     if pk:
         assert table is not None and column is not None
         stored = _read_row(settings.engine(), table, schema, column, pk_columns, pk)
@@ -345,6 +412,9 @@ def decrypt(
                 f"{table}.{column} is NULL in this row; there is nothing to decrypt", err=True
             )
         return
+    if stored.source == "row":
+        assert table is not None and column is not None
+        _check_row_value(stored, table, column)
     keyring = settings.keyring()
     data = _envelope_bytes(stored.raw, identity)
     header = _header(data, identity)

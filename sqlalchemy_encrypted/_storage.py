@@ -23,7 +23,9 @@ __all__ = [
     "coerce_stored",
     "dialect_impl",
     "explain_format_error",
+    "from_base64",
     "impl_for",
+    "is_envelope_start",
     "legacy_text",
     "stored_length",
     "to_base64",
@@ -76,7 +78,7 @@ def to_base64(envelope: bytes) -> str:
     return base64.b64encode(envelope).decode("ascii")
 
 
-def _from_base64(text: str | bytes) -> bytes | None:
+def from_base64(text: str | bytes) -> bytes | None:
     """Decode canonical base64, or return None.
 
     Non-canonical text (unused low bits set in the last character) decodes
@@ -94,7 +96,7 @@ def _from_base64(text: str | bytes) -> bytes | None:
     return decoded
 
 
-def _is_envelope_start(data: bytes) -> bool:
+def is_envelope_start(data: bytes) -> bool:
     return len(data) >= 2 and data[0] == FORMAT_VERSION and data[1] in _ALGORITHM_IDS
 
 
@@ -113,12 +115,12 @@ def coerce_stored(value: Any, storage: StorageMode, identity: str) -> bytes:
         if storage == "base64" and data:
             # A base64 column created with a binary database type returns
             # the base64 text as bytes.
-            decoded = _from_base64(data)
+            decoded = from_base64(data)
             data = decoded if decoded is not None else data
     elif isinstance(value, str):
         if storage != "base64":
             raise _text_in_binary_column(value, identity)
-        decoded = _from_base64(value)
+        decoded = from_base64(value)
         if decoded is None:
             raise StorageFormatError(
                 f"encrypted column {identity} contains a value that is not base64: it may be "
@@ -135,8 +137,8 @@ def coerce_stored(value: Any, storage: StorageMode, identity: str) -> bytes:
 
 
 def _text_in_binary_column(value: str, identity: str) -> StorageFormatError:
-    decoded = _from_base64(value)
-    if decoded is not None and _is_envelope_start(decoded):
+    decoded = from_base64(value)
+    if decoded is not None and is_envelope_start(decoded):
         return StorageFormatError(
             f"encrypted column {identity} returned str where bytes were expected, and the "
             "text is a base64 envelope: check that the database column has a binary type "
@@ -163,7 +165,7 @@ def explain_format_error(
 ) -> StorageFormatError:
     """Return a clearer error for bytes that failed the header check because
     they are plaintext rather than a damaged envelope."""
-    if not _is_envelope_start(data) and _looks_like_text(data):
+    if not is_envelope_start(data) and _looks_like_text(data):
         return StorageFormatError(
             f"encrypted column {identity} contains a value that looks like plaintext, not an "
             "envelope: the column may have been decrypted by a migration; check the "
@@ -179,8 +181,8 @@ def legacy_text(stored: Any) -> str | None:
     envelope, never as plaintext.
     """
     if isinstance(stored, str):
-        decoded = _from_base64(stored)
-        if decoded is not None and _is_envelope_start(decoded):
+        decoded = from_base64(stored)
+        if decoded is not None and is_envelope_start(decoded):
             return None
         return stored
     if not isinstance(stored, (bytes, bytearray, memoryview)):

@@ -319,6 +319,46 @@ def test_decrypt_not_found_errors(db: Database) -> None:
         assert len(result.output.strip().splitlines()) == 1, args
 
 
+def test_decrypt_plain_column_named(db: Database) -> None:
+    """A column that is not encrypted is named with its type, from the
+    stored value without --models and from the models with them."""
+    args = ("decrypt", "--table", "persons", "--column", "tenant_id", "--pk", "1")
+    models = "tests.rotation_support:Base"
+
+    plain = db.run(*args)
+    declared = db.run(*args, SQLALCHEMY_ENCRYPTED_MODELS=models)
+    integer = db.run("decrypt", "--table", "persons", "--column", "id", "--pk", "1")
+    encrypted = db.run(
+        "decrypt",
+        "--table",
+        "persons",
+        "--column",
+        "email",
+        "--pk",
+        "1",
+        SQLALCHEMY_ENCRYPTED_MODELS=models,
+    )
+
+    assert plain.exit_code == 1
+    assert "column persons.tenant_id (VARCHAR(40)) does not contain an encrypted value" in (
+        plain.output
+    )
+    assert "text that is not base64" in plain.output
+    assert "t-acme" not in plain.output
+    assert "t-globex" not in plain.output
+    assert len(plain.output.strip().splitlines()) == 1
+    assert declared.exit_code == 3
+    assert (
+        "column persons.tenant_id is not an encrypted column: --models declares it as "
+        "String(length=40)" in declared.output
+    )
+    assert integer.exit_code == 1
+    assert "column persons.id (INTEGER)" in integer.output
+    assert "of type int, not bytes or text" in integer.output
+    assert encrypted.exit_code == 0, encrypted.output
+    assert encrypted.output.strip() == "person1@example.test"
+
+
 def test_decrypt_invalid_primary_key(db: Database) -> None:
     result = db.run("decrypt", "--table", "persons", "--column", "email", "--pk", "one")
 

@@ -33,6 +33,7 @@ __all__ = [
     "ENCRYPTED_TYPE_INFO_KEY",
     "EncryptedColumn",
     "Target",
+    "declared_encrypted_type",
     "encrypted_columns",
     "resolve_columns",
 ]
@@ -61,7 +62,7 @@ class EncryptedColumn:
         if name not in table.c:
             raise ConfigurationError(f"table {table.name} has no column {name!r}")
         column = table.c[name]
-        found = column_type or _declared_type(column)
+        found = column_type or declared_encrypted_type(column)
         if found is None:
             raise ConfigurationError(
                 f"column {table.name}.{name} is not an encrypted column: declare it with "
@@ -152,7 +153,7 @@ def _storage_type(column: sa.Column[Any]) -> sa.types.TypeEngine[Any]:
     return column_type
 
 
-def _declared_type(column: sa.Column[Any]) -> EncryptedType[Any] | None:
+def declared_encrypted_type(column: sa.Column[Any]) -> EncryptedType[Any] | None:
     if isinstance(column.type, EncryptedType):
         return column.type
     declared = column.info.get(ENCRYPTED_TYPE_INFO_KEY) if column.info else None
@@ -192,7 +193,7 @@ def encrypted_columns(target: Target) -> list[EncryptedColumn]:
     found = []
     for table in _tables(target):
         for column in table.columns:
-            if _declared_type(column) is not None:
+            if declared_encrypted_type(column) is not None:
                 found.append(EncryptedColumn.of(table, column.name))
     return found
 
