@@ -8,7 +8,8 @@ Both copy the validity of the :class:`~sqlalchemy_encrypted.keys.KeyLease`
 they were built from: a plan is used only while the lease would be current
 and the column's key provider is still the one that gave the lease. The
 column types check those conditions inline, because they run once per
-value; :meth:`is_current` is the same test in readable form.
+value; :meth:`is_current` is the same test in readable form. A column drops
+all its plans when its identity, key provider or codec changes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ._aead import AeadCipher
 from .envelope import Algorithm
 from .keys import DataKey, KeyLease, KeyProvider, LeaseGeneration
 
-__all__ = ["PLAN_CACHE_SIZE", "ReadPlan", "WritePlan", "remember"]
+__all__ = ["PLAN_CACHE_SIZE", "ColumnState", "ReadPlan", "WritePlan", "remember"]
 
 # Plans kept per column type; the dict is emptied when it reaches this size,
 # so an application with many tenants does not grow it without limit.
@@ -51,10 +52,9 @@ class _Plan:
         self.stamp = lease.stamp
         self.clock: Callable[[], float] = lease.clock
 
-    def is_current(self, provider: KeyProvider, identity: str) -> bool:
+    def is_current(self, provider: KeyProvider) -> bool:
         return (
             self.provider is provider
-            and self.identity == identity
             and self.generation.value == self.stamp
             and self.clock() < self.expires_at
         )
@@ -104,6 +104,51 @@ class ReadPlan(_Plan):
         self.gcm = self.cipher.algorithm is Algorithm.AES_256_GCM
         self.decrypt: Callable[..., bytes] = self.cipher.raw_decrypt()
         self.aad_list = [aad]
+
+
+class ColumnState:
+    """What a column type's per-value functions read, in one plain object.
+
+    An attribute read on a ``TypeDecorator`` instance costs several times
+    one on a plain object (SQLAlchemy's ``TypeDecorator`` defines
+    ``__getattr__``, which keeps CPython from specializing the read), so the
+    bind and result processors read these copies instead. The column type
+    updates them whenever the setting they copy changes.
+
+    ``identity`` is the column identity, or None while the column is
+    unattached and has no ``context=``.
+    """
+
+    __slots__ = (
+        "base64",
+        "decoder",
+        "encode",
+        "identity",
+        "keyring",
+        "limit",
+        "read_plans",
+        "tag_byte",
+        "write_plans",
+    )
+
+    def __init__(self) -> None:
+        self.identity: str | None = None
+        self.keyring: KeyProvider | None = None
+        self.base64 = False
+        self.encode: Callable[[Any, str], bytes] | None = None
+        self.decoder: Callable[[bytes], Any] | None = None
+        self.limit: int | None = None
+        self.tag_byte = b""
+        self.write_plans: dict[str, WritePlan] = {}
+        self.read_plans: dict[bytes, ReadPlan] = {}
+
+    def forget_plans(self) -> None:
+        """Drop every plan, after a change of the settings plans were built from."""
+        self.write_plans = {}
+        self.read_plans = {}
+
+    def __repr__(self) -> str:
+        return f"<ColumnState of {self.identity}>"
 
 
 def remember(plans: dict[Any, Any], key: Any, plan: _Plan) -> None:

@@ -28,7 +28,7 @@ from . import keys as _keys
 from ._aead import InvalidTag, new_gcm_nonce
 from ._bound_search import PackedSearchValue, expanding_token_search, packed_token_search
 from ._comparison import ColumnComparison
-from ._plans import ReadPlan, WritePlan, remember
+from ._plans import ColumnState, ReadPlan, WritePlan, remember
 from ._search import SearchToken, TokenSearch, TokenSet
 from ._storage import StorageMode
 from .codecs import Codec, EnumNameCodec, StrCodec, ValueTag, codec_for, reader_inner_type
@@ -173,30 +173,29 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             )
         if context is not None and (not isinstance(context, str) or not context):
             raise ConfigurationError("context= must be a non-empty str naming the column")
+        self._hot = ColumnState()
         self.inner: TypeEngine[_T] = inner_type
+        self._context: str | None = None
+        self._attached_name: str | None = None
         self.context = context
         self.storage: StorageMode = storage
+        self._hot.base64 = storage == "base64"
         self.keyring = keyring
         self.allow_plaintext_reads = bool(allow_plaintext_reads)
-        self._column_name: str | None = None
         self._column: sa.Column[Any] | None = None
         # The type this one was copied from; a dialect-specific copy reads the
         # column name from it when it was made before the column was attached.
         self._origin: EncryptedType[Any] | None = None
-        self._codec: Codec = codec_for(
-            inner_type, self.column_identity, self.purpose is KeyPurpose.DETERMINISTIC
+        self._use_codec(
+            codec_for(inner_type, self.column_identity, self.purpose is KeyPurpose.DETERMINISTIC)
         )
-        self._max_plaintext_length = self._codec.max_encoded_length()
         self._prefix_cache: dict[Any, tuple[bytes, bytes]] = {}
         self._prefix_lock = threading.Lock()
         # Headers that passed _check_header, keyed by their 24 bytes.
         self._checked_headers: dict[bytes, EnvelopeHeader] = {}
-        # Key lookups kept while their leases last: per tenant for writing,
-        # per stored header for reading.
-        self._write_plans: dict[str, WritePlan] = {}
-        self._read_plans: dict[bytes, ReadPlan] = {}
-        self._tag_byte = _TAG_BYTES[self._codec.tag]
-        self._decoder = self._codec.decoder()
+        # The per-value functions; built once, they read self._hot, not self.
+        self._seal_value = self._make_sealer()
+        self._decrypt_value = self._make_decryptor()
         self._dialect_impls: weakref.WeakKeyDictionary[Dialect, TypeEngine[Any]] = (
             weakref.WeakKeyDictionary()
         )
@@ -206,6 +205,53 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             self._check_configuration()
 
     # -- identity -----------------------------------------------------------
+
+    @property
+    def context(self) -> str | None:
+        """The ``context=`` option: the column identity to bind values to, if set."""
+        return self._context
+
+    @context.setter
+    def context(self, value: str | None) -> None:
+        self._context = value
+        self._identity_changed()
+
+    @property
+    def _column_name(self) -> str | None:
+        """``table.column`` of the column this type is attached to, once attached."""
+        return self._attached_name
+
+    @_column_name.setter
+    def _column_name(self, value: str | None) -> None:
+        self._attached_name = value
+        self._identity_changed()
+
+    def _identity_changed(self) -> None:
+        # Plans carry AADs built for the old identity, so they all go; the
+        # per-value functions therefore need not compare identities.
+        hot = self._hot
+        hot.identity = self._context if self._context is not None else self._attached_name
+        hot.forget_plans()
+
+    @property
+    def keyring(self) -> KeyProvider | None:
+        """The ``keyring=`` option: this column's key provider, or None for the default."""
+        return self._hot.keyring
+
+    @keyring.setter
+    def keyring(self, value: KeyProvider | None) -> None:
+        self._hot.keyring = value
+        self._hot.forget_plans()
+
+    def _use_codec(self, codec: Codec) -> None:
+        self._codec = codec
+        self._max_plaintext_length = codec.max_encoded_length()
+        hot = self._hot
+        hot.encode = codec.encode
+        hot.decoder = codec.decoder()
+        hot.limit = self._max_plaintext_length
+        hot.tag_byte = _TAG_BYTES[codec.tag]
+        hot.forget_plans()
 
     @property
     def column_identity(self) -> str:
@@ -333,6 +379,13 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         clone._origin = self
         return clone
 
+    def __copy__(self) -> EncryptedType[_T]:
+        # A shallow copy would share the per-value state and functions.
+        return self.copy()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EncryptedType[_T]:
+        return self.copy()
+
     def __repr__(self) -> str:
         options = [
             f"{name}={value!r}"
@@ -417,74 +470,103 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             lease = lease_method(tenant, self.purpose)
         header, aad = self._prefix(lease.key, identity)
         plan = WritePlan(provider, lease, identity, header, aad)
-        remember(self._write_plans, tenant, plan)
+        remember(self._hot.write_plans, tenant, plan)
         return plan
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
-        if value is None:
-            return None
-        tenant_id: str | None = None
-        key: DataKey | None = None
-        # Exact type tests: both wrappers are internal, final classes, and
-        # this runs per value.
-        if type(value) is TenantBound:
-            tenant_id = value.tenant_id
-            value = value.value
+        return self._seal_value(value)
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any]:
+        # As TypeDecorator.bind_processor(), without its per-value call of
+        # process_bind_param() through this object.
+        seal_value = self._seal_value
+        impl_processor = self.impl_instance.bind_processor(dialect)
+        if impl_processor is None:
+            return seal_value
+
+        def process(value: Any) -> Any:
+            return impl_processor(seal_value(value))
+
+        return process
+
+    def _make_sealer(self) -> Callable[[Any], Any]:
+        """Build the function that turns one Python value into its stored value.
+
+        It reads the column's settings from ``self._hot`` and calls methods of
+        this object only off the common path; see :class:`ColumnState`.
+        """
+        hot = self._hot
+        identity_for_write = self._identity_for_write
+        write_plan = self._write_plan
+        seal_encoded = self._seal_encoded
+        too_long = self._too_long
+        column = self
+
+        def seal_value(value: Any) -> Any:
             if value is None:
                 return None
-        elif type(value) is SearchToken:
-            key = value.key
-            value = value.value
-        unexpected: str | None = None
-        try:
-            # seal() inlined, because this runs per value.
-            identity = self.context if self.context is not None else self._column_name
-            if identity is None:
-                identity = self._identity_for_write()
-            # _encode(), inlined.
-            plaintext = self._codec.encode(value, identity)
-            limit = self._max_plaintext_length
-            if limit is not None and len(plaintext) > limit:
-                raise self._too_long(identity, len(plaintext))
-            if key is None:
-                tenant = tenant_id if tenant_id is not None else _scope.get()
-                if tenant is None:
-                    tenant = current_tenant(identity)
-                provider = self.keyring
-                if provider is None:
-                    provider = _keys._default_provider or get_default_key_provider()
-                plan = self._write_plans.get(tenant)
-                # WritePlan.is_current(), inlined.
-                if (
-                    plan is None
-                    or plan.provider is not provider
-                    or plan.identity != identity
-                    or plan.generation.value != plan.stamp
-                    or not plan.clock() < plan.expires_at
-                ):
-                    plan = self._write_plan(provider, tenant, identity)
-                # AeadCipher.seal(), inlined.
-                if plan.gcm:
-                    nonce = new_gcm_nonce()
-                    envelope = plan.header + nonce + plan.encrypt(nonce, plaintext, plan.aad)
+            tenant_id: str | None = None
+            key: DataKey | None = None
+            # Exact type tests: both wrappers are internal, final classes.
+            if type(value) is TenantBound:
+                tenant_id = value.tenant_id
+                value = value.value
+                if value is None:
+                    return None
+            elif type(value) is SearchToken:
+                key = value.key
+                value = value.value
+            unexpected: str | None = None
+            try:
+                identity = hot.identity
+                if identity is None:
+                    identity = identity_for_write()
+                plaintext = hot.encode(value, identity)  # type: ignore[misc]
+                limit = hot.limit
+                if limit is not None and len(plaintext) > limit:
+                    raise too_long(identity, len(plaintext))
+                if key is None:
+                    tenant = tenant_id if tenant_id is not None else _scope.get()
+                    if tenant is None:
+                        tenant = current_tenant(identity)
+                    provider = hot.keyring or _keys._default_provider
+                    if provider is None:
+                        provider = get_default_key_provider()
+                    plan = hot.write_plans.get(tenant)
+                    # WritePlan.is_current(), inlined.
+                    if (
+                        plan is None
+                        or plan.provider is not provider
+                        or plan.generation.value != plan.stamp
+                        or not plan.clock() < plan.expires_at
+                    ):
+                        plan = write_plan(provider, tenant, identity)
+                    # AeadCipher.seal(), inlined.
+                    if plan.gcm:
+                        nonce = new_gcm_nonce()
+                        envelope = plan.header + nonce + plan.encrypt(nonce, plaintext, plan.aad)
+                    else:
+                        envelope = plan.header + plan.encrypt(
+                            hot.tag_byte + plaintext, plan.aad_list
+                        )
                 else:
-                    envelope = plan.header + plan.encrypt(self._tag_byte + plaintext, plan.aad_list)
-            else:
-                envelope = self._seal_encoded(plaintext, key, identity)
-        except (EncryptionError, SQLAlchemyError):
-            raise
-        except Exception as exc:
-            # SQLAlchemy would wrap any other error in a StatementError that
-            # quotes the parameters, and the error itself may quote the value.
-            unexpected = type(exc).__name__
-        if unexpected is not None:
-            raise EncryptionError(
-                f"could not encrypt a value for encrypted column {self.column_identity}: "
-                f"{unexpected}"
-            )
-        if self.storage == "base64":
-            return _storage.to_base64(envelope)
-        return envelope
+                    envelope = seal_encoded(plaintext, key, identity)
+            except (EncryptionError, SQLAlchemyError):
+                raise
+            except Exception as exc:
+                # SQLAlchemy would wrap any other error in a StatementError that
+                # quotes the parameters, and the error itself may quote the value.
+                unexpected = type(exc).__name__
+            if unexpected is not None:
+                raise EncryptionError(
+                    f"could not encrypt a value for encrypted column {column.column_identity}: "
+                    f"{unexpected}"
+                )
+            if hot.base64:
+                return _storage.to_base64(envelope)
+            return envelope
+
+        return seal_value
 
     def literal_processor(self, dialect: Dialect) -> Any:
         # Raised here rather than from the returned processor: SQLAlchemy
@@ -502,7 +584,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         # raises a bare TypeError when a driver returns str for a text-typed
         # column. decrypt() accepts bytes, bytearray, memoryview and str and
         # raises StorageFormatError for anything it cannot read.
-        return self.decrypt
+        return self._decrypt_value
 
     def _check_header(self, data: bytes, identity: str) -> EnvelopeHeader:
         """Parse the header of ``data`` and check that this column can open it.
@@ -607,46 +689,60 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         :class:`DecryptionError` (or a subclass) for any value that does not
         authenticate, naming the column and, once known, the tenant and key.
         """
-        if stored is None:
-            return None
-        if type(stored) is bytes:
-            # The fast path: a value whose header this column opened before,
-            # while the lease on its DEK is current. ReadPlan.is_current(), the
-            # tenant check of _lease_for() and the body of _open(), inlined.
-            # Any failure falls through to the full path, which raises the
-            # precise error.
-            plan = self._read_plans.get(stored[:HEADER_SIZE])
-            if (
-                plan is not None
-                and plan.generation.value == plan.stamp
-                and plan.clock() < plan.expires_at
-                and plan.provider is (self.keyring or _keys._default_provider)
-                and plan.identity == (self.context or self._column_name)
-                and len(stored) >= plan.min_size
-            ):
-                scope = _scope.get()
-                if scope is None or scope == plan.tenant_id:
-                    plaintext: bytes | None
-                    try:
-                        if plan.gcm:
-                            plaintext = plan.decrypt(
-                                stored[HEADER_SIZE:_GCM_BODY], stored[_GCM_BODY:], plan.aad
-                            )
-                        else:
-                            plaintext = plan.decrypt(stored[HEADER_SIZE:], plan.aad_list)
-                            if plaintext[:1] == self._tag_byte:
-                                plaintext = plaintext[1:]
-                            else:
-                                plaintext = None
-                    except InvalidTag:
-                        plaintext = None
-                    if plaintext is not None:
+        return self._decrypt_value(stored)
+
+    def _make_decryptor(self) -> Callable[[Any], Any]:
+        """Build the function behind :meth:`decrypt`.
+
+        Its fast path opens a value whose header this column opened before,
+        while the lease on its DEK is current. It does what
+        ``ReadPlan.is_current()``, the tenant check of ``_lease_for()`` and
+        ``_open()`` do, inline and reading ``self._hot`` rather than
+        ``self``. Any failure falls through to :meth:`_decrypt_fully`, which
+        raises the precise error.
+        """
+        hot = self._hot
+        decrypt_fully = self._decrypt_fully
+
+        def decrypt_value(stored: Any) -> Any:
+            if stored is None:
+                return None
+            if type(stored) is bytes:
+                plan = hot.read_plans.get(stored[:HEADER_SIZE])
+                if (
+                    plan is not None
+                    and plan.generation.value == plan.stamp
+                    and plan.clock() < plan.expires_at
+                    and plan.provider is (hot.keyring or _keys._default_provider)
+                ):
+                    scope = _scope.get()
+                    if scope is None or scope == plan.tenant_id:
+                        plaintext: bytes | None
                         try:
-                            return self._decoder(plaintext)
+                            if plan.gcm:
+                                plaintext = plan.decrypt(
+                                    stored[HEADER_SIZE:_GCM_BODY], stored[_GCM_BODY:], plan.aad
+                                )
+                            else:
+                                plaintext = plan.decrypt(stored[HEADER_SIZE:], plan.aad_list)
+                                # The tag byte that keeps SIV plaintexts non-empty.
+                                if plaintext[:1] == hot.tag_byte:
+                                    plaintext = plaintext[1:]
+                                else:
+                                    plaintext = None
                         except Exception:
-                            # The full path decodes again and raises the error.
+                            # InvalidTag, or ValueError for a value too short
+                            # to hold a nonce: the full path names the error.
                             plaintext = None
-        return self._decrypt_fully(stored)
+                        if plaintext is not None:
+                            try:
+                                return hot.decoder(plaintext)  # type: ignore[misc]
+                            except Exception:
+                                # The full path decodes again and raises the error.
+                                plaintext = None
+            return decrypt_fully(stored)
+
+        return decrypt_value
 
     def _decrypt_fully(self, stored: Any) -> Any:
         """Decrypt ``stored`` with every check, remembering a read plan for
@@ -688,7 +784,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 opened.aad,
                 MIN_ENVELOPE_SIZE[self.algorithm],
             )
-            remember(self._read_plans, data[:HEADER_SIZE], plan)
+            remember(self._hot.read_plans, data[:HEADER_SIZE], plan)
             return value
         raise DecryptionError(
             f"could not decode {_describe(identity, opened.lease.key, header)}: "
@@ -735,7 +831,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         return text
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
-        return self.decrypt(value)
+        return self._decrypt_value(value)
 
     # -- comparisons --------------------------------------------------------
 
@@ -1073,6 +1169,5 @@ def type_for_header(
     # checks, which reject the unbounded inner types used here for reading.
     reader.context = context
     if tag is ValueTag.ENUM:
-        reader._codec = EnumNameCodec()
-        reader._decoder = reader._codec.decoder()
+        reader._use_codec(EnumNameCodec())
     return reader

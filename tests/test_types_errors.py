@@ -162,9 +162,9 @@ def test_unexpected_failure_while_sealing_is_not_wrapped(
 
     with Session(db) as session:
         session.add(Patient(id=1, tenant_id="t-acme", name=SECRET))
-        monkeypatch.setattr(
-            type(column_type._codec), "encode", lambda self, value, column: broken_encode(value)
-        )
+        # The type that binds is SQLAlchemy's copy of the column type for the dialect.
+        bound_type = column_type.dialect_impl(db.dialect)
+        monkeypatch.setattr(bound_type._hot, "encode", lambda value, column: broken_encode(value))
         with pytest.raises(EncryptionError) as caught:
             session.flush()
     assert "patients.name" in str(caught.value)
