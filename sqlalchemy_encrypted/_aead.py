@@ -8,6 +8,7 @@ it deterministic.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -99,9 +100,9 @@ class AeadCipher:
         return self._siv.decrypt(envelope[offset:], [aad])
 
 
-def new_gcm_nonce() -> bytes:
-    """Return a fresh random 96-bit GCM nonce from the operating system's CSPRNG."""
-    return os.urandom(GCM_NONCE_SIZE)
+# Returns a fresh random 96-bit GCM nonce from the operating system's CSPRNG.
+# A partial rather than a function: column types call it once per value.
+new_gcm_nonce: Callable[[], bytes] = functools.partial(os.urandom, GCM_NONCE_SIZE)
 
 
 def new_cipher(algorithm: Algorithm, key: bytes) -> AeadCipher:

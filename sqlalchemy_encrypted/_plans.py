@@ -116,7 +116,9 @@ class ColumnState:
     updates them whenever the setting they copy changes.
 
     ``identity`` is the column identity, or None while the column is
-    unattached and has no ``context=``.
+    unattached and has no ``context=``. ``plain_str`` is True for columns
+    whose codec is the plain string codec, whose limit in characters is
+    ``str_length`` (None for no limit).
     """
 
     __slots__ = (
@@ -126,7 +128,9 @@ class ColumnState:
         "identity",
         "keyring",
         "limit",
+        "plain_str",
         "read_plans",
+        "str_length",
         "tag_byte",
         "write_plans",
     )
@@ -138,6 +142,8 @@ class ColumnState:
         self.encode: Callable[[Any, str], bytes] | None = None
         self.decoder: Callable[[bytes], Any] | None = None
         self.limit: int | None = None
+        self.plain_str = False
+        self.str_length: int | None = None
         self.tag_byte = b""
         self.write_plans: dict[str, WritePlan] = {}
         self.read_plans: dict[bytes, ReadPlan] = {}

@@ -174,6 +174,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         if context is not None and (not isinstance(context, str) or not context):
             raise ConfigurationError("context= must be a non-empty str naming the column")
         self._hot = ColumnState()
+        self._cache_key: tuple[Any, ...] | None = None
         self.inner: TypeEngine[_T] = inner_type
         self._context: str | None = None
         self._attached_name: str | None = None
@@ -232,6 +233,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         hot = self._hot
         hot.identity = self._context if self._context is not None else self._attached_name
         hot.forget_plans()
+        self._cache_key = None
 
     @property
     def keyring(self) -> KeyProvider | None:
@@ -242,6 +244,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
     def keyring(self, value: KeyProvider | None) -> None:
         self._hot.keyring = value
         self._hot.forget_plans()
+        self._cache_key = None
 
     def _use_codec(self, codec: Codec) -> None:
         self._codec = codec
@@ -250,6 +253,8 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         hot.encode = codec.encode
         hot.decoder = codec.decoder()
         hot.limit = self._max_plaintext_length
+        hot.plain_str = type(codec) is StrCodec
+        hot.str_length = codec.length if isinstance(codec, StrCodec) else None
         hot.tag_byte = _TAG_BYTES[codec.tag]
         hot.forget_plans()
 
@@ -349,7 +354,14 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         """
         if type(self).__dict__.get("cache_ok") is not True:
             return super()._static_cache_key
-        return (
+        # SQLAlchemy asks for it on every execution of a statement that
+        # compares the column, so it is kept until the identity or keyring
+        # changes. An identity borrowed from the type this one was copied
+        # from can still change, so that key is not kept.
+        cached = self._cache_key
+        if cached is not None:
+            return cached
+        cache_key = (
             type(self),
             ("inner", self.inner._static_cache_key),
             ("identity", self.column_identity),
@@ -358,6 +370,9 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             ("allow_plaintext_reads", self.allow_plaintext_reads),
             *self._extra_cache_key(),
         )
+        if self._hot.identity is not None:
+            self._cache_key = cache_key
+        return cache_key
 
     def _extra_cache_key(self) -> tuple[Any, ...]:
         return ()
@@ -521,7 +536,20 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 identity = hot.identity
                 if identity is None:
                     identity = identity_for_write()
-                plaintext = hot.encode(value, identity)  # type: ignore[misc]
+                # StrCodec.encode(), inlined for an exact str within the limit.
+                plaintext: bytes | None = None
+                if (
+                    type(value) is str
+                    and hot.plain_str
+                    and (hot.str_length is None or len(value) <= hot.str_length)
+                ):
+                    try:
+                        plaintext = str.encode(value)
+                    except UnicodeEncodeError:
+                        plaintext = None
+                if plaintext is None:
+                    # Raises the precise error, outside the except block above.
+                    plaintext = hot.encode(value, identity)  # type: ignore[misc]
                 limit = hot.limit
                 if limit is not None and len(plaintext) > limit:
                     raise too_long(identity, len(plaintext))
