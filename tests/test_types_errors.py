@@ -164,6 +164,8 @@ def test_unexpected_failure_while_sealing_is_not_wrapped(
         session.add(Patient(id=1, tenant_id="t-acme", name=SECRET))
         # The type that binds is SQLAlchemy's copy of the column type for the dialect.
         bound_type = column_type.dialect_impl(db.dialect)
+        # Off the inlined str path, so that every value goes through the codec.
+        monkeypatch.setattr(bound_type._hot, "plain_str", False)
         monkeypatch.setattr(bound_type._hot, "encode", lambda value, column: broken_encode(value))
         with pytest.raises(EncryptionError) as caught:
             session.flush()
