@@ -209,7 +209,14 @@ class IntCodec(Codec):
 
 
 class DecimalCodec(Codec):
-    """The Decimal's own string form, which keeps scale, sign and exponent."""
+    """The Decimal's own string form, which keeps scale, sign and exponent.
+
+    With a precision, values are fitted to ``Numeric(precision, scale)`` as
+    a PostgreSQL ``NUMERIC(p, s)`` column fits them. More fractional digits
+    than ``scale`` are rounded half away from zero. A value that then has
+    more than ``precision - scale`` integer digits, or is infinite, raises
+    :class:`PlaintextTooLongError`. A missing scale is 0, as in SQL.
+    """
 
     tag = ValueTag.DECIMAL
     python_types = (decimal.Decimal, int)
@@ -219,9 +226,12 @@ class DecimalCodec(Codec):
     # zeros ("0.000000") and an exponent such as "E-1000000000".
     _NON_DIGIT_CHARACTERS = 32
 
-    def __init__(self, as_decimal: bool = True, precision: int | None = None) -> None:
+    def __init__(
+        self, as_decimal: bool = True, precision: int | None = None, scale: int | None = None
+    ) -> None:
         self.as_decimal = as_decimal
         self.precision = precision
+        self.scale = (scale or 0) if precision is not None else None
 
     def check(self, value: Any, column: str) -> None:
         if isinstance(value, float):
@@ -233,7 +243,41 @@ class DecimalCodec(Codec):
         if isinstance(value, float):
             # repr() is the shortest string that reads back as the same float.
             value = decimal.Decimal(repr(value))
-        return str(decimal.Decimal(value)).encode("ascii")
+        number = decimal.Decimal(value)
+        if self.precision is not None:
+            number = self._fit(number, column)
+        return str(number).encode("ascii")
+
+    def _fit(self, number: decimal.Decimal, column: str) -> decimal.Decimal:
+        """Round ``number`` to the scale and check it against the precision."""
+        assert self.precision is not None and self.scale is not None
+        if number.is_nan():
+            # PostgreSQL stores NaN in a NUMERIC(p, s) column too.
+            return number
+        if number.is_infinite():
+            raise PlaintextTooLongError(
+                f"value for encrypted column {column} is infinite, which "
+                f"Numeric({self.precision}, {self.scale}) cannot store"
+            )
+        integer_digits = self.precision - self.scale
+        self._check_integer_digits(number, integer_digits, column)
+        exponent = number.as_tuple().exponent
+        assert isinstance(exponent, int)
+        if exponent < -self.scale:
+            # The integer digits fit, so precision + 2 digits hold the result.
+            context = decimal.Context(prec=self.precision + 2, rounding=decimal.ROUND_HALF_UP)
+            number = number.quantize(decimal.Decimal(1).scaleb(-self.scale), context=context)
+            # Rounding up can add an integer digit: 999.995 becomes 1000.00.
+            self._check_integer_digits(number, integer_digits, column)
+        return number
+
+    def _check_integer_digits(self, number: decimal.Decimal, allowed: int, column: str) -> None:
+        if not number.is_zero() and number.adjusted() >= allowed:
+            raise PlaintextTooLongError(
+                f"value for encrypted column {column} has more than {allowed} digit(s) "
+                f"before the decimal point, the maximum of Numeric({self.precision}, "
+                f"{self.scale})"
+            )
 
     def decode(self, data: bytes) -> decimal.Decimal | float:
         number = decimal.Decimal(data.decode("ascii"))
@@ -655,7 +699,9 @@ def codec_for(inner: TypeEngine[Any], column: str, deterministic: bool = False) 
     if isinstance(inner, sa.Float):
         return FloatCodec(as_decimal=bool(inner.asdecimal))
     if isinstance(inner, sa.Numeric):
-        return DecimalCodec(as_decimal=bool(inner.asdecimal), precision=inner.precision)
+        return DecimalCodec(
+            as_decimal=bool(inner.asdecimal), precision=inner.precision, scale=inner.scale
+        )
     if isinstance(inner, sa.DateTime):
         return DateTimeCodec()
     if isinstance(inner, sa.Date):

@@ -90,7 +90,8 @@ class TooManyKeyVersionsError(UnsupportedOperationError):
 
 
 class PlaintextTooLongError(EncryptionError, ValueError):
-    """A value is longer than the declared length of its column."""
+    """A value is longer than the declared length of its column, or has
+    more integer digits than its ``Numeric(precision, scale)`` allows."""
 
 
 class ValueTypeError(EncryptionError, TypeError):
