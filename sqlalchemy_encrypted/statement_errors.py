@@ -13,6 +13,9 @@ A ``handle_error`` listener on every engine marks such errors with
 ``params`` attribute still holds them for code that inspects the error. Set
 ``create_engine(..., hide_parameters=True)`` to hide the parameters of every
 error, including the plaintext columns of failed statements.
+
+A second listener keeps the ``__cause__`` chain of this package's errors
+finite; see :func:`_copy_self_caused_error`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.exc import StatementError
+
+from .errors import EncryptionError
 
 __all__: list[str] = []
 
@@ -31,3 +36,40 @@ def _hide_unprocessed_parameters(context: ExceptionContext) -> None:
     # so its parameters were not processed (encrypted) yet.
     if isinstance(error, StatementError) and context.execution_context is None:
         error.hide_parameters = True
+
+
+@event.listens_for(Engine, "handle_error")
+def _copy_self_caused_error(context: ExceptionContext) -> BaseException | None:
+    """Return a copy of this library's error when SQLAlchemy would raise it
+    as its own cause.
+
+    SQLAlchemy does not wrap an error with ``DontWrapMixin`` that a column
+    type raises while it binds parameters, but it raises the error with
+    ``raise error from error`` (seen with SQLAlchemy 2.1.9), so that
+    ``error.__cause__ is error`` and code that follows ``__cause__`` never
+    ends. The hook runs before that ``raise``, so it cannot change the
+    error's ``__cause__``. SQLAlchemy raises a returned exception instead,
+    with the original as its ``__cause__``, and that chain ends.
+    """
+    original = context.original_exception
+    # Typed as a StatementError, but SQLAlchemy puts the DontWrapMixin error
+    # itself here in place of a wrapper.
+    wrapped: object = context.sqlalchemy_exception
+    if (
+        isinstance(original, EncryptionError)
+        and wrapped is original
+        and getattr(context, "chained_exception", None) is None
+    ):
+        return _copy_error(original)
+    return None
+
+
+def _copy_error(error: EncryptionError) -> EncryptionError:
+    """Return an exception of the same type, message and attributes.
+
+    ``__new__`` sets ``args`` without calling ``__init__``, whose
+    signature differs between the error types.
+    """
+    copy = type(error).__new__(type(error), *error.args)
+    copy.__dict__.update(error.__dict__)
+    return copy

@@ -26,6 +26,7 @@ from sqlalchemy_encrypted import (
     StoredKeyNotFoundError,
     TenantMismatchError,
     ValueTypeError,
+    statement_errors,
 )
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
@@ -117,9 +118,52 @@ def test_wrong_python_type_names_column(
     assert f"patients.{attribute}" in str(caught.value)
     assert message in str(caught.value)
     assert not isinstance(caught.value, sa.exc.StatementError)
-    assert caught.value.__context__ is None
+    # The only chained exception is the original of this copy of the error
+    # (see test_bind_error_cause_chain_ends), which chains nothing.
+    original = caught.value.__cause__
+    assert caught.value.__context__ is original
+    assert type(original) is ValueTypeError
+    assert original.__cause__ is None
+    assert original.__context__ is None
     secrets = [value] if isinstance(value, (str, bytes)) and len(value) >= 4 else []
     assert_no_secret(exception_texts(caught.value), *secrets)
+
+
+def _cause_chain(error: BaseException) -> list[BaseException]:
+    """Follow ``__cause__`` from ``error``, stopping after a repeat."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        cause = chain[-1].__cause__
+        repeated = any(cause is seen for seen in chain)
+        chain.append(cause)
+        if repeated:
+            break
+    return chain
+
+
+def test_bind_error_cause_chain_ends(db: sa.Engine) -> None:
+    """SQLAlchemy raises a column type's error from binding parameters
+    with itself as ``__cause__``. The library's errors reach the caller as
+    a copy instead, whose chain ends."""
+    too_long = sa.insert(Patient).values(id=1, tenant_id="t-acme", name="x" * 101)
+    with pytest.raises(se.PlaintextTooLongError) as core, db.begin() as conn:
+        conn.execute(too_long)
+    with Session(db) as session:
+        session.add(Patient(id=2, tenant_id="t-acme", age="old"))
+        with pytest.raises(ValueTypeError) as orm:
+            session.commit()
+
+    for caught in (core, orm):
+        error = caught.value
+        chain = _cause_chain(error)
+        assert len(chain) == 2
+        original = chain[1]
+        assert original is not error
+        assert type(original) is type(error)
+        assert original.args == error.args
+        assert original.__cause__ is None
+        assert error.__suppress_context__
+        assert "patients." in str(error)
 
 
 def test_json_shared_lists_are_not_a_cycle(db: sa.Engine) -> None:
@@ -450,3 +494,18 @@ def test_hide_parameters_engine_hides_all(tmp_path: Any, keyring: InMemoryKeyrin
     assert "parameters hidden" in str(caught.value)
     assert_no_secret(exception_texts(caught.value), SECRET)
     engine.dispose()
+
+
+def test_copied_error_keeps_attributes() -> None:
+    """The copy made for the cause chain keeps the attributes that
+    ``__init__`` sets, for error types whose ``__init__`` takes keywords."""
+    original = se.KeyPendingError("pending", tenant_id="t-acme", purpose="randomized", version=2)
+    original.add_note("a note")
+
+    copy = statement_errors._copy_error(original)
+
+    assert type(copy) is se.KeyPendingError
+    assert copy is not original
+    assert copy.args == ("pending",)
+    assert (copy.tenant_id, copy.purpose, copy.version) == ("t-acme", "randomized", 2)
+    assert copy.__notes__ == ["a note"]
