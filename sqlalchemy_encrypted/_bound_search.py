@@ -21,6 +21,11 @@ as the encoded plaintext. The SQL cuts the value into equal slices::
 ``bytea``, and characters on base64 text, where equal byte lengths give
 equal text lengths. The slices depend only on the parameter, so the
 database evaluates them once and looks them up in the column's index.
+That form mentions the parameter eight times, which costs nothing with
+named parameters (PostgreSQL). With positional ones (SQLite's ``?``) each
+mention is a placeholder of its own, bound and sealed again, so there the
+parameter appears once, in a ``VALUES`` row cut by a join with the slot
+numbers ``0 .. MAX_BOUND_LOOKUP_VERSIONS - 1``.
 
 An expanding parameter (``bindparam("e", expanding=True)``, or a list
 closure variable of a ``lambda_stmt`` passed to ``in_()``) becomes a
@@ -52,6 +57,7 @@ __all__ = [
     "MAX_BOUND_LOOKUP_VERSIONS",
     "ExpandingTokenSearch",
     "PackedSearchValue",
+    "PackedTokenSearch",
     "expanding_token_search",
     "packed_token_search",
 ]
@@ -186,12 +192,8 @@ class _PackedSearchRow(PackedSearchValue):
 
 
 def _slices(parameter: ColumnElement[Any]) -> list[ColumnElement[Any]]:
-    """Return the SQL expressions that cut ``parameter`` into its search values."""
-    # PostgreSQL types a NULL parameter as text and then finds no operator
-    # "bytea = text". The cast gives the parameter the column's storage type.
-    search_type = parameter.type
-    assert isinstance(search_type, PackedSearchValue)
-    parameter = sa.cast(parameter, search_type.impl_instance)
+    """Return the SQL expressions that cut ``parameter``, cast to the
+    storage type, into its search values."""
     count = MAX_BOUND_LOOKUP_VERSIONS
     size = sa.func.length(parameter, type_=sa.Integer) // sa.literal_column(str(count), sa.Integer)
     slices: list[ColumnElement[Any]] = [sa.func.substr(parameter, sa.literal_column("1"), size)]
@@ -201,19 +203,71 @@ def _slices(parameter: ColumnElement[Any]) -> list[ColumnElement[Any]]:
     return slices
 
 
+class PackedTokenSearch(TokenSearch):
+    """``column IN (slices of each packed parameter)``, or NOT IN.
+
+    With named parameters (PostgreSQL) it renders the slices themselves.
+    With positional ones (SQLite's ``?``) every mention of a parameter is a
+    separate placeholder, bound and sealed again, so there the parameters
+    appear once each, in a ``VALUES`` list cut into slices by a join with
+    the slot numbers, as in the expanding form.
+    """
+
+    inherit_cache = True
+
+
 def packed_token_search(
     column: ColumnElement[Any], parameters: Sequence[ColumnElement[Any]], negate: bool
-) -> TokenSearch:
+) -> PackedTokenSearch:
     """Return ``column IN (slices of each parameter)``, or NOT IN.
 
     Each parameter must be bound with a :class:`PackedSearchValue` type.
     """
-    expressions = [expression for parameter in parameters for expression in _slices(parameter)]
     operator, negated = (
         (operators.not_in_op, operators.in_op) if negate else (operators.in_op, operators.not_in_op)
     )
-    right = sa.sql.elements.ClauseList(*expressions).self_group(against=operator)
-    return TokenSearch.build(column, cast("ColumnElement[Any]", right), operator, negated)
+    casts = [_cast_to_storage(parameter) for parameter in parameters]
+    right = sa.sql.elements.ClauseList(*casts).self_group(against=operator)
+    binary = sa.sql.elements.BinaryExpression(
+        column,
+        cast("ColumnElement[Any]", right),
+        operator,
+        type_=sa.sql.sqltypes.BOOLEANTYPE,
+        negate=negated,
+    )
+    return PackedTokenSearch(binary)
+
+
+def _cast_to_storage(parameter: ColumnElement[Any]) -> ColumnElement[Any]:
+    # PostgreSQL types a NULL parameter as text and then finds no operator
+    # "bytea = text". The cast gives the parameter the column's storage type.
+    search_type = parameter.type
+    assert isinstance(search_type, PackedSearchValue)
+    return sa.cast(parameter, search_type.impl_instance)
+
+
+@compiles(PackedTokenSearch)
+def _compile_packed_token_search(element: PackedTokenSearch, compiler: Any, **kw: Any) -> str:
+    column = compiler.process(element.left, **kw)
+    operator = "NOT IN" if element.operator is operators.not_in_op else "IN"
+    casts = list(element.right.element.clauses)
+    count = MAX_BOUND_LOOKUP_VERSIONS
+    if not compiler.positional:
+        slices = [
+            compiler.process(expression, **kw) for cast_ in casts for expression in _slices(cast_)
+        ]
+        return f"{column} {operator} ({', '.join(slices)})"
+    rows = ", ".join(f"({compiler.process(cast_, **kw)})" for cast_ in casts)
+    value = "encrypted_search_values.column1"
+    size = f"(length({value}) / {count})"
+    slots = ", ".join(f"({slot})" for slot in range(count))
+    # Every part is compiler output or a constant of this module.
+    subquery = (
+        f"SELECT substr({value}, 1 + encrypted_search_slots.column1 * {size}, {size}) "  # noqa: S608
+        f"FROM (VALUES {rows}) AS encrypted_search_values, "
+        f"(VALUES {slots}) AS encrypted_search_slots"
+    )
+    return f"{column} {operator} ({subquery})"
 
 
 class ExpandingTokenSearch(TokenSearch):

@@ -25,6 +25,7 @@ from sqlalchemy_encrypted import (
     TooManyKeyVersionsError,
     UnsupportedOperationError,
     ValueTypeError,
+    _bound_search,
     parse_header,
     tenant_scope,
 )
@@ -125,6 +126,31 @@ def test_bindparam_finds_rows_of_every_version(
         assert _ids(conn, statement, {"e": OTHER})[0] == []
 
     assert _stored_versions(schema, column.key) == {1: 1, 2: 2}
+
+
+def test_bound_value_packed_once_per_parameter(
+    schema: sa.Engine, keyring: InMemoryKeyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Packing seals the value under every version, so it must not run once
+    # per placeholder: SQLite's "?" style repeats a parameter mentioned twice.
+    calls: list[Any] = []
+    original = _bound_search.pack_search_value
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_bound_search, "pack_search_value", counting)
+    _rotated_rows(schema, keyring)
+    one = sa.select(Customer.id).where(Customer.email == sa.bindparam("e"))
+    two = sa.select(Customer.id).where(Customer.email.in_([sa.bindparam("e"), sa.bindparam("f")]))
+
+    with schema.connect() as conn, tenant_scope(TENANT):
+        assert _ids(conn, one, {"e": OLD})[0] == [1]
+        assert calls == [OLD]
+        calls.clear()
+        assert _ids(conn, two, {"e": OLD, "f": NEW})[0] == [1, 2]
+        assert sorted(calls) == sorted([OLD, NEW])
 
 
 @pytest.mark.parametrize("storage", list(COLUMNS))
