@@ -174,6 +174,9 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         if context is not None and (not isinstance(context, str) or not context):
             raise ConfigurationError("context= must be a non-empty str naming the column")
         self._hot = ColumnState()
+        # SQLAlchemy's per-dialect copies of this type, which do the binding
+        # and reading; setting an option here sets it there too.
+        self._dialect_copies: weakref.WeakSet[EncryptedType[Any]] = weakref.WeakSet()
         self._cache_key: tuple[Any, ...] | None = None
         self.inner: TypeEngine[_T] = inner_type
         self._context: str | None = None
@@ -216,6 +219,8 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
     def context(self, value: str | None) -> None:
         self._context = value
         self._identity_changed()
+        for dialect_copy in list(self._dialect_copies):
+            dialect_copy.context = value
 
     @property
     def _column_name(self) -> str | None:
@@ -226,6 +231,8 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
     def _column_name(self, value: str | None) -> None:
         self._attached_name = value
         self._identity_changed()
+        for dialect_copy in list(self._dialect_copies):
+            dialect_copy._column_name = value
 
     def _identity_changed(self) -> None:
         # Plans carry AADs built for the old identity, so they all go; the
@@ -245,6 +252,8 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         self._hot.keyring = value
         self._hot.forget_plans()
         self._cache_key = None
+        for dialect_copy in list(self._dialect_copies):
+            dialect_copy.keyring = value
 
     def _use_codec(self, codec: Codec) -> None:
         self._codec = codec
@@ -385,6 +394,20 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             "allow_plaintext_reads": self.allow_plaintext_reads,
         }
 
+    def _gen_dialect_impl(self, dialect: Dialect) -> TypeEngine[_T]:
+        dialect_copy = super()._gen_dialect_impl(dialect)
+        if isinstance(dialect_copy, EncryptedType) and dialect_copy is not self:
+            self._dialect_copies.add(dialect_copy)
+        return dialect_copy
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The per-value functions, plans and locks are rebuilt on unpickling.
+        # A keyring= of the column's own goes into the pickle as it is, which
+        # the library's key providers refuse, because they hold keys.
+        options = self._copy_options()
+        context = options.pop("context")
+        return (_unpickle_type, (type(self), self.inner, options, context, self._attached_name))
+
     def copy(self, **kw: Any) -> EncryptedType[_T]:
         # SQLAlchemy copies a type for each dialect it compiles for and for
         # each copied Column. The copy keeps the column identity; attaching it
@@ -485,7 +508,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             lease = lease_method(tenant, self.purpose)
         header, aad = self._prefix(lease.key, identity)
         plan = WritePlan(provider, lease, identity, header, aad)
-        remember(self._hot.write_plans, tenant, plan)
+        # A plan built while the identity changed would carry the old AAD;
+        # it still seals this one value, as the full path would have.
+        if identity is self._hot.identity:
+            remember(self._hot.write_plans, tenant, plan)
         return plan
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
@@ -557,9 +583,12 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                     tenant = tenant_id if tenant_id is not None else _scope.get()
                     if tenant is None:
                         tenant = current_tenant(identity)
-                    provider = hot.keyring or _keys._default_provider
+                    provider = hot.keyring
                     if provider is None:
-                        provider = get_default_key_provider()
+                        # The global itself: a call would cost a Python frame per value.
+                        provider = _keys._default_provider
+                        if provider is None:
+                            provider = get_default_key_provider()
                     plan = hot.write_plans.get(tenant)
                     # WritePlan.is_current(), inlined.
                     if (
@@ -737,11 +766,14 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 return None
             if type(stored) is bytes:
                 plan = hot.read_plans.get(stored[:HEADER_SIZE])
+                provider = hot.keyring
+                if provider is None:
+                    provider = _keys._default_provider
                 if (
                     plan is not None
                     and plan.generation.value == plan.stamp
                     and plan.clock() < plan.expires_at
-                    and plan.provider is (hot.keyring or _keys._default_provider)
+                    and plan.provider is provider
                 ):
                     scope = _scope.get()
                     if scope is None or scope == plan.tenant_id:
@@ -778,7 +810,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         identity = self.context if self.context is not None else self._column_name
         if identity is None:
             identity = self.column_identity
-        if type(stored) is bytes and stored:
+        if type(stored) is bytes and stored and not self._hot.base64:
             data = stored
         else:
             failure: StorageFormatError | None = None
@@ -812,7 +844,9 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 opened.aad,
                 MIN_ENVELOPE_SIZE[self.algorithm],
             )
-            remember(self._hot.read_plans, data[:HEADER_SIZE], plan)
+            # A plan built while the identity changed would carry the old AAD.
+            if identity is self._hot.identity:
+                remember(self._hot.read_plans, data[:HEADER_SIZE], plan)
             return value
         raise DecryptionError(
             f"could not decode {_describe(identity, opened.lease.key, header)}: "
@@ -1147,6 +1181,22 @@ class DeterministicEncrypted(EncryptedType[_T]):
         )
         parameter.expand_op = op  # type: ignore[assignment]
         return TokenSearch.build(comparator.expr, parameter, op, negated_op)
+
+
+def _unpickle_type(
+    cls: type[EncryptedType[Any]],
+    inner: TypeEngine[Any],
+    options: dict[str, Any],
+    context: str | None,
+    column_name: str | None,
+) -> EncryptedType[Any]:
+    """Rebuild a pickled column type; see ``EncryptedType.__reduce__``."""
+    column_type = cls(inner, **options)
+    # Set after construction, as type_for_header() does, because its readers
+    # would fail the configuration checks that context= runs.
+    column_type.context = context
+    column_type._column_name = column_name
+    return column_type
 
 
 def _is_tracked_bind(value: Any) -> bool:
