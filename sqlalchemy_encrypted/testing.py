@@ -51,6 +51,7 @@ class InMemoryKeyring:
         self._shredded: set[str] = set()
         # Bumped by rotate, retire and shred; leases never expire otherwise.
         self._generation = LeaseGeneration()
+        self._decryptable: dict[tuple[str, KeyPurpose], tuple[int, tuple[DataKey, ...]]] = {}
 
     def __repr__(self) -> str:
         return f"<InMemoryKeyring with {len(self._by_id)} key(s)>"
@@ -111,10 +112,19 @@ class InMemoryKeyring:
         return key
 
     def decryptable_keys(self, tenant_id: str, purpose: KeyPurpose) -> Sequence[DataKey]:
+        # Kept until the next rotation, retirement or shred; an empty answer
+        # is not kept, because the tenant's first write creates its keys.
+        cached = self._decryptable.get((tenant_id, purpose))
+        if cached is not None and cached[0] == self._generation.value:
+            return cached[1]
+        stamp = self._generation.value
         with self._lock:
             versions = self._versions.get((tenant_id, purpose), [])
             usable = [e.key for e in versions if e.state in ("active", "decrypt_only")]
-        return sorted(usable, key=lambda key: -key.version)
+        keys = tuple(sorted(usable, key=lambda key: -key.version))
+        if keys:
+            self._decryptable[(tenant_id, purpose)] = (stamp, keys)
+        return keys
 
     def rotate(self, tenant_id: str, purpose: KeyPurpose | None = None) -> None:
         """Add a new active version for the tenant; the old one becomes decrypt-only.

@@ -302,3 +302,18 @@ def test_provider_without_leases_is_asked_per_value() -> None:
         assert [email.decrypt(value) for value in tokens] == [f"{n}@example.com" for n in range(5)]
     assert provider.active_calls == 10
     assert provider.by_id_calls == 10
+
+
+def test_new_tenant_keeps_other_leases(local_kms: LocalKms) -> None:
+    engine = sa.create_engine("sqlite://")
+    keyring = Keyring(engine, local_kms, set_default=False)
+    keyring.create_table()
+    acme = keyring.active_key_lease("t-acme", KeyPurpose.RANDOMIZED)
+    assert acme.is_current()
+
+    keyring.active_key_lease("t-globex", KeyPurpose.RANDOMIZED)
+    keyring.decryptable_keys("t-globex", KeyPurpose.DETERMINISTIC)
+    assert acme.is_current()
+
+    keyring.rotate("t-acme", KeyPurpose.RANDOMIZED, activate_now=True)
+    assert not acme.is_current()

@@ -214,7 +214,10 @@ class TtlCache(Generic[K, V]):
     def invalidate(self, key: K) -> None:
         with self._lock:
             self._generation += 1
-            self.removals.bump()
+            # Leases can only come from a cached entry or a load in flight,
+            # so invalidating a key with neither leaves every lease current.
+            if key in self._entries or key in self._flights:
+                self.removals.bump()
             self._entries.pop(key, None)
 
     def invalidate_where(self, predicate: Callable[[K, V], bool]) -> int:

@@ -135,8 +135,8 @@ class Keyring:
         self._providers_lock = threading.Lock()
         self._kms = kms
         self._providers: list[KmsProvider] = [kms, *previous_kms]
-        # Bumped by both caches below whenever an entry leaves early, so
-        # that every lease this keyring handed out goes stale.
+        # Bumped by the three caches below whenever an entry leaves early,
+        # so that every lease this keyring handed out goes stale.
         self._lease_generation = LeaseGeneration()
         self.cache: TtlCache[uuid.UUID, DataKey] = TtlCache(
             cache_size, cache_ttl, clock, name="DEK cache", removals=self._lease_generation
@@ -149,13 +149,19 @@ class Keyring:
             removals=self._lease_generation,
         )
         self._decryptable: TtlCache[tuple[str, KeyPurpose], tuple[KeyRow, ...]] = TtlCache(
-            cache_size, active_key_ttl, clock, name="decryptable key lookups"
+            cache_size,
+            active_key_ttl,
+            clock,
+            name="decryptable key lookups",
+            removals=self._lease_generation,
         )
         # The current leases, read without locks: (tenant, purpose) -> lease
         # on the active DEK, and key id (as an int) -> lease on that DEK.
         self._clock = clock
         self._active_leases: dict[tuple[str, str], KeyLease] = {}
         self._id_leases: dict[int, KeyLease] = {}
+        # (tenant, purpose) -> (expiry, generation stamp, decryptable DEKs).
+        self._decryptable_leases: dict[tuple[str, str], tuple[float, int, tuple[DataKey, ...]]] = {}
         if set_default:
             set_default_key_provider(self)
 
@@ -381,9 +387,21 @@ class Keyring:
 
     def decryptable_keys(self, tenant_id: str, purpose: KeyPurpose) -> Sequence[DataKey]:
         """Return the tenant's active, pending and decrypt-only DEKs, active first."""
+        if type(tenant_id) is str:
+            # Every deterministic lookup asks this when it executes, so the
+            # last answer is kept like a lease: until one of the cache
+            # entries it came from expires or any entry leaves early.
+            hot = self._decryptable_leases.get((tenant_id, purpose))
+            if (
+                hot is not None
+                and hot[1] == self._lease_generation.value
+                and self._clock() < hot[0]
+            ):
+                return hot[2]
         tenant = _check_tenant(tenant_id)
         purpose = KeyPurpose(purpose)
         cache_key = (tenant, purpose)
+        stamp = self._lease_generation.value
         rows = self._decryptable.get(cache_key)
         if rows is None:
             rows = self._load_decryptable(tenant, purpose)
@@ -391,7 +409,18 @@ class Keyring:
             # the tenant's first key at any moment and it is active at once.
             if rows:
                 self._decryptable.put(cache_key, rows)
-        return [self._data_key(row) for row in rows]
+        keys = tuple(self._data_key(row) for row in rows)
+        expiries = [self._decryptable.expires_at(cache_key)]
+        expiries.extend(self.cache.expires_at(row.key_id) for row in rows)
+        if keys and None not in expiries:
+            if len(self._decryptable_leases) >= self.cache.max_entries:
+                self._decryptable_leases.clear()
+            self._decryptable_leases[cache_key] = (
+                min(e for e in expiries if e is not None),
+                stamp,
+                keys,
+            )
+        return keys
 
     @staticmethod
     def _check_expected_tenant(key_id: uuid.UUID, owner: str, expected: str | None) -> None:
