@@ -116,9 +116,10 @@ class ColumnState:
     updates them whenever the setting they copy changes.
 
     ``identity`` is the column identity, or None while the column is
-    unattached and has no ``context=``. ``plain_str`` is True for columns
-    whose codec is the plain string codec, whose limit in characters is
-    ``str_length`` (None for no limit).
+    unattached and has no ``context=``. ``str_limit`` is the limit in
+    characters of a column whose codec is the plain string codec
+    (``sys.maxsize`` for none), and -1 for every other codec, so that one
+    comparison tells whether an exact ``str`` may take the inlined path.
     """
 
     __slots__ = (
@@ -128,9 +129,8 @@ class ColumnState:
         "identity",
         "keyring",
         "limit",
-        "plain_str",
         "read_plans",
-        "str_length",
+        "str_limit",
         "tag_byte",
         "write_plans",
     )
@@ -142,8 +142,7 @@ class ColumnState:
         self.encode: Callable[[Any, str], bytes] | None = None
         self.decoder: Callable[[bytes], Any] | None = None
         self.limit: int | None = None
-        self.plain_str = False
-        self.str_length: int | None = None
+        self.str_limit = -1
         self.tag_byte = b""
         self.write_plans: dict[str, WritePlan] = {}
         self.read_plans: dict[bytes, ReadPlan] = {}

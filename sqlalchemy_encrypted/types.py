@@ -9,6 +9,7 @@ provider, so nothing secret reaches SQLAlchemy's statement cache key, a
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -262,8 +263,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         hot.encode = codec.encode
         hot.decoder = codec.decoder()
         hot.limit = self._max_plaintext_length
-        hot.plain_str = type(codec) is StrCodec
-        hot.str_length = codec.length if isinstance(codec, StrCodec) else None
+        if type(codec) is StrCodec:
+            hot.str_limit = sys.maxsize if codec.length is None else codec.length
+        else:
+            hot.str_limit = -1
         hot.tag_byte = _TAG_BYTES[codec.tag]
         hot.forget_plans()
 
@@ -562,13 +565,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 identity = hot.identity
                 if identity is None:
                     identity = identity_for_write()
-                # StrCodec.encode(), inlined for an exact str within the limit.
+                # StrCodec.encode(), inlined for an exact str within the limit,
+                # whose UTF-8 form is within the byte limit too.
                 plaintext: bytes | None = None
-                if (
-                    type(value) is str
-                    and hot.plain_str
-                    and (hot.str_length is None or len(value) <= hot.str_length)
-                ):
+                if type(value) is str and len(value) <= hot.str_limit:
                     try:
                         plaintext = str.encode(value)
                     except UnicodeEncodeError:
@@ -576,9 +576,9 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 if plaintext is None:
                     # Raises the precise error, outside the except block above.
                     plaintext = hot.encode(value, identity)  # type: ignore[misc]
-                limit = hot.limit
-                if limit is not None and len(plaintext) > limit:
-                    raise too_long(identity, len(plaintext))
+                    limit = hot.limit
+                    if limit is not None and len(plaintext) > limit:
+                        raise too_long(identity, len(plaintext))
                 if key is None:
                     tenant = tenant_id if tenant_id is not None else _scope.get()
                     if tenant is None:

@@ -209,7 +209,7 @@ def test_unexpected_failure_while_sealing_is_not_wrapped(
         # The type that binds is SQLAlchemy's copy of the column type for the dialect.
         bound_type = column_type.dialect_impl(db.dialect)
         # Off the inlined str path, so that every value goes through the codec.
-        monkeypatch.setattr(bound_type._hot, "plain_str", False)
+        monkeypatch.setattr(bound_type._hot, "str_limit", -1)
         monkeypatch.setattr(bound_type._hot, "encode", lambda value, column: broken_encode(value))
         with pytest.raises(EncryptionError) as caught:
             session.flush()
