@@ -76,7 +76,13 @@ class DataKey:
 
 @runtime_checkable
 class KeyProvider(Protocol):
-    """Source of DEKs for the column types."""
+    """Source of DEKs for the column types.
+
+    Without the lease methods of :class:`LeasingKeyProvider`, a column calls
+    :meth:`active_key` for every value it writes and :meth:`key_by_id` for
+    every value it reads. :meth:`decryptable_keys` is called at least once
+    per execution of a deterministic lookup.
+    """
 
     def active_key(self, tenant_id: str, purpose: KeyPurpose) -> DataKey:
         """Return the DEK new values are sealed with, creating the tenant's
@@ -167,10 +173,12 @@ class KeyLease:
 class LeasingKeyProvider(KeyProvider, Protocol):
     """A key provider that also hands out :class:`KeyLease` objects.
 
-    Column types use leases when the provider has these two methods and fall
-    back to :meth:`KeyProvider.active_key` and :meth:`KeyProvider.key_by_id`
-    per value otherwise. Both methods raise exactly what their per-value
-    counterparts raise.
+    Column types use each of these two methods when the provider has it,
+    and fall back to :meth:`KeyProvider.active_key` or
+    :meth:`KeyProvider.key_by_id` per value otherwise. Both methods raise
+    exactly what their per-value counterparts raise. Read the stamp of a
+    new lease from its :class:`LeaseGeneration` before the lookup, so that a
+    bump during the lookup makes the lease stale.
     """
 
     def active_key_lease(self, tenant_id: str, purpose: KeyPurpose) -> KeyLease:

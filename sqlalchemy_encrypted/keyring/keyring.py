@@ -84,7 +84,8 @@ class Keyring:
     :param cache_ttl: seconds an unwrapped DEK stays cached; 0 disables the
         cache. This is also how long a process keeps using a DEK after its
         KEK was revoked or its tenant was shredded by another process.
-    :param cache_size: maximum number of cached DEKs.
+    :param cache_size: maximum number of cached DEKs; it also bounds the
+        two caches of table lookups and the keyring's own lease copies.
     :param active_key_ttl: seconds a "which key is active" lookup is
         cached. A rotated key stays pending at least this long before it
         becomes active, so every process has loaded it before any process
