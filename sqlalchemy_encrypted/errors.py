@@ -90,8 +90,9 @@ class TooManyKeyVersionsError(UnsupportedOperationError):
 
 
 class PlaintextTooLongError(EncryptionError, ValueError):
-    """A value is longer than the declared length of its column, or has
-    more integer digits than its ``Numeric(precision, scale)`` allows."""
+    """A value is longer than the declared length of its column, or is
+    infinite or has more integer digits than its ``Numeric(precision, scale)``
+    allows."""
 
 
 class ValueTypeError(EncryptionError, TypeError):

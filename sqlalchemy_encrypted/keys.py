@@ -120,6 +120,7 @@ class LeaseGeneration:
         self.value = 0
 
     def bump(self) -> None:
+        """Advance :attr:`value`, making every lease stamped with an older value stale."""
         with self._lock:
             self.value = next(self._counter)
 
@@ -200,6 +201,7 @@ def set_default_key_provider(provider: KeyProvider | None) -> None:
 
 
 def get_default_key_provider() -> KeyProvider:
+    """Return the default key provider, or raise :class:`ConfigurationError` if none is set."""
     if _default_provider is None:
         raise ConfigurationError(
             "no keyring is configured: create a Keyring (or an InMemoryKeyring in tests) "

@@ -138,6 +138,16 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         envelope but fails authentication still raises. Off by default:
         while it is on, anyone who can write to the column can plant
         plaintext values.
+
+    ``context`` and ``keyring`` may be set on an existing instance, also
+    after statements have used it: the change reaches SQLAlchemy's
+    per-dialect copies of the type. Set the other options only when
+    creating the type, because a later change does not reach those copies.
+
+    The type can be pickled with its table, for example in a pickled
+    ``MetaData``, and keeps its column identity. A type with a
+    ``keyring=`` of its own cannot, because the library's key providers
+    hold keys and refuse to be pickled.
     """
 
     impl = sa.LargeBinary
@@ -328,6 +338,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
 
     @property
     def key_provider(self) -> KeyProvider:
+        """The provider this column uses now: ``keyring=``, else the default one."""
         return self.keyring if self.keyring is not None else get_default_key_provider()
 
     # -- schema and caching -------------------------------------------------
@@ -742,7 +753,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         """Decrypt one stored value of this column back into its Python value.
 
         Accepts what a driver returns for the column (bytes, bytearray,
-        memoryview, or str for base64 storage). Raises a
+        memoryview, or for base64 storage the base64 text as str or bytes). Raises a
         :class:`DecryptionError` (or a subclass) for any value that does not
         authenticate, naming the column and, once known, the tenant and key.
         """
@@ -1004,7 +1015,11 @@ class Encrypted(EncryptedType[_T]):
 
     Equal plaintexts give different stored values, so the database can test
     the column only for NULL; every other comparison raises
-    :class:`UnsupportedOperationError` when the expression is built.
+    :class:`UnsupportedOperationError` when the expression is built. For the
+    same reason ``DISTINCT``, ``DISTINCT ON`` and ``UNION``, ``INTERSECT``
+    or ``EXCEPT`` without ``ALL`` over the column raise, at the latest when
+    the statement is compiled, unless the statement also selects the primary
+    key of the column's table.
     """
 
     purpose = KeyPurpose.RANDOMIZED
