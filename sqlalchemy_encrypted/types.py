@@ -193,10 +193,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         self._context: str | None = None
         self._attached_name: str | None = None
         self.context = context
-        self.storage: StorageMode = storage
+        self._storage_mode: StorageMode = storage
         self._hot.base64 = storage == "base64"
         self.keyring = keyring
-        self.allow_plaintext_reads = bool(allow_plaintext_reads)
+        self._allow_plaintext_reads = bool(allow_plaintext_reads)
         self._column: sa.Column[Any] | None = None
         # The type this one was copied from; a dialect-specific copy reads the
         # column name from it when it was made before the column was attached.
@@ -244,6 +244,24 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         self._identity_changed()
         for dialect_copy in list(self._dialect_copies):
             dialect_copy._column_name = value
+
+    @property
+    def storage(self) -> StorageMode:
+        """The ``storage=`` option, fixed when the type is created."""
+        return self._storage_mode
+
+    @property
+    def allow_plaintext_reads(self) -> bool:
+        """The ``allow_plaintext_reads=`` option: plaintext transition mode."""
+        return self._allow_plaintext_reads
+
+    @allow_plaintext_reads.setter
+    def allow_plaintext_reads(self, value: bool) -> None:
+        self._check_plaintext_reads(bool(value))
+        self._allow_plaintext_reads = bool(value)
+        self._cache_key = None
+        for dialect_copy in list(self._dialect_copies):
+            dialect_copy.allow_plaintext_reads = value
 
     def _identity_changed(self) -> None:
         # Plans carry AADs built for the old identity, so they all go; the
@@ -316,7 +334,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
     def _check_configuration(self) -> None:
         """Validate the options once the column identity is known, so that the
         error names the column."""
-        if self.allow_plaintext_reads and not isinstance(self._codec, StrCodec):
+        self._check_plaintext_reads(self.allow_plaintext_reads)
+
+    def _check_plaintext_reads(self, enabled: bool) -> None:
+        if enabled and not isinstance(self._codec, StrCodec):
             raise ConfigurationError(
                 f"encrypted column {self.column_identity}: allow_plaintext_reads needs a "
                 f"String, Text or Unicode inner type, not {type(self.inner).__name__}"

@@ -16,6 +16,7 @@ from sqlalchemy_encrypted import (
     Encrypted,
     KeyLease,
     KeyPurpose,
+    StorageFormatError,
     parse_header,
     tenant_scope,
 )
@@ -173,3 +174,28 @@ def test_type_with_own_keyring_refuses_pickling() -> None:
     table = _table(sa.MetaData(), keyring=InMemoryKeyring())
     with pytest.raises(TypeError, match="key material"):
         pickle.dumps(table.metadata)
+
+
+def test_plaintext_reads_set_after_use_applies(engine: sa.Engine, keyring: InMemoryKeyring) -> None:
+    table = _table(sa.MetaData())
+    table.create(engine)
+    column_type = table.c.secret.type
+    assert isinstance(column_type, Encrypted)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO secrets (id, secret) VALUES (1, :v)"), {"v": b"legacy"})
+
+    with tenant_scope(TENANT):
+        with pytest.raises(StorageFormatError):
+            _read(engine, table, 1)
+        column_type.allow_plaintext_reads = True
+        assert _read(engine, table, 1) == "legacy"
+        column_type.allow_plaintext_reads = False
+        with pytest.raises(StorageFormatError):
+            _read(engine, table, 1)
+
+
+def test_storage_is_read_only(keyring: InMemoryKeyring) -> None:
+    column_type = _table(sa.MetaData()).c.secret.type
+    with pytest.raises(AttributeError):
+        column_type.storage = "base64"  # type: ignore[misc]
+    assert column_type.storage == "binary"
