@@ -139,10 +139,11 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         while it is on, anyone who can write to the column can plant
         plaintext values.
 
-    ``context`` and ``keyring`` may be set on an existing instance, also
-    after statements have used it: the change reaches SQLAlchemy's
-    per-dialect copies of the type. Set the other options only when
-    creating the type, because a later change does not reach those copies.
+    ``context``, ``keyring`` and ``allow_plaintext_reads`` may be set on an
+    existing instance, also after statements have used it: the change
+    reaches SQLAlchemy's per-dialect copies of the type. ``storage`` is
+    read-only. Set ``allow_low_cardinality`` only when creating the type,
+    because a later change does not reach those copies.
 
     The type can be pickled with its table, for example in a pickled
     ``MetaData``, and keeps its column identity. A type with a
