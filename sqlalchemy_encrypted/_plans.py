@@ -119,7 +119,7 @@ class ColumnState:
     unattached and has no ``context=``. ``str_limit`` is the limit in
     characters of a column whose codec is the plain string codec
     (``sys.maxsize`` for none), and -1 for every other codec, so that one
-    comparison tells whether an exact ``str`` may take the inlined path.
+    comparison decides whether an exact ``str`` may take the inlined path.
     """
 
     __slots__ = (

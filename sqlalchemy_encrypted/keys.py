@@ -139,7 +139,7 @@ class KeyLease:
     (for example one whose cache is off) returns leases with ``expires_at``
     of ``-inf``.
 
-    A lease says nothing about tenant scopes: a reader checks
+    A lease does not cover tenant scopes, so a reader checks
     ``key.tenant_id`` against its scope on every use.
     """
 

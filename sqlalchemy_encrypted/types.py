@@ -97,7 +97,7 @@ _TAG_BYTES = tuple(bytes((tag,)) for tag in range(256))
 # member through its class is slower than reading a module global.
 _SIV = Algorithm.AES_256_SIV
 
-# Where the ciphertext of a GCM envelope starts, after header and nonce.
+# Offset of the ciphertext in a GCM envelope, after header and nonce.
 _GCM_BODY = HEADER_SIZE + GCM_NONCE_SIZE
 
 # The generation of leases made for providers that hand out none; it is
@@ -111,7 +111,7 @@ def _one_shot_lease(key: DataKey) -> KeyLease:
 
 
 class _Opened(NamedTuple):
-    """What opening one envelope yields, for decrypt() and reseal()."""
+    """The result of opening one envelope, for decrypt() and reseal()."""
 
     provider: KeyProvider
     lease: KeyLease
@@ -399,7 +399,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         """
         if type(self).__dict__.get("cache_ok") is not True:
             return super()._static_cache_key
-        # SQLAlchemy asks for it on every execution of a statement that
+        # SQLAlchemy reads it on every execution of a statement that
         # compares the column, so it is kept until the identity or keyring
         # changes. An identity borrowed from the type this one was copied
         # from can still change, so that key is not kept.

@@ -26,7 +26,7 @@ TENANT = "t-acme"
 
 
 class EmptyIsFalseKeyring(InMemoryKeyring):
-    """A provider that is falsy while it holds no keys, as a container would be."""
+    """A provider that is falsy while it contains no keys, as a container would be."""
 
     def __len__(self) -> int:
         return len(self._by_id)
