@@ -5,11 +5,12 @@ A :class:`WritePlan` holds, for one tenant, the active DEK with the header
 and AAD that values sealed under it get. A :class:`ReadPlan` holds, for one
 stored 24-byte header, the DEK it names and the AAD to open values with.
 Both copy the validity of the :class:`~sqlalchemy_encrypted.keys.KeyLease`
-they were built from: a plan is used only while the lease would be current
-and the column's key provider is still the one that gave the lease. The
-column types check those conditions inline, because they run once per
-value; :meth:`is_current` is the same test in readable form. A column drops
-all its plans when its identity, key provider or codec changes.
+they were built from: a plan is used only while the lease would be current.
+The column types check that inline, because they run once per value;
+:meth:`is_current` is the same test in readable form. A column drops all its
+plans when its identity, key provider or codec changes, and when the default
+key provider changes, so the per-value paths need not compare providers or
+identities.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from . import keys
 from ._aead import AeadCipher
 from .envelope import Algorithm
 from .keys import DataKey, KeyLease, KeyProvider, LeaseGeneration
@@ -52,12 +54,8 @@ class _Plan:
         self.stamp = lease.stamp
         self.clock: Callable[[], float] = lease.clock
 
-    def is_current(self, provider: KeyProvider) -> bool:
-        return (
-            self.provider is provider
-            and self.generation.value == self.stamp
-            and self.clock() < self.expires_at
-        )
+    def is_current(self) -> bool:
+        return self.generation.value == self.stamp and self.clock() < self.expires_at
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} for {self.identity} under {self.key!r}>"
@@ -123,6 +121,7 @@ class ColumnState:
     """
 
     __slots__ = (
+        "__weakref__",
         "base64",
         "decoder",
         "encode",
@@ -146,6 +145,8 @@ class ColumnState:
         self.tag_byte = b""
         self.write_plans: dict[str, WritePlan] = {}
         self.read_plans: dict[bytes, ReadPlan] = {}
+        # Plans of a column without keyring= hold keys of the default provider.
+        keys._provider_listeners.add(self)
 
     def forget_plans(self) -> None:
         """Drop every plan, after a change of the settings plans were built from."""

@@ -13,8 +13,9 @@ import itertools
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ._aead import AeadCipher
 from .envelope import Algorithm
@@ -194,10 +195,17 @@ class LeasingKeyProvider(KeyProvider, Protocol):
 _default_provider: KeyProvider | None = None
 
 
+# Objects with a forget_plans() method, told when the default provider
+# changes: the column states, whose plans hold keys of the old provider.
+_provider_listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def set_default_key_provider(provider: KeyProvider | None) -> None:
     """Make ``provider`` the key source of every encrypted column that names none."""
     global _default_provider
     _default_provider = provider
+    for listener in list(_provider_listeners):
+        listener.forget_plans()
 
 
 def get_default_key_provider() -> KeyProvider:

@@ -534,9 +534,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             plaintext = _TAG_BYTES[self._codec.tag] + plaintext
         return header + key.cipher.seal(plaintext, aad)
 
-    def _write_plan(self, provider: KeyProvider, tenant: str, identity: str) -> WritePlan:
+    def _write_plan(self, tenant: str, identity: str) -> WritePlan:
         """Look up the active DEK of ``tenant`` and build the plan that seals
         this column's values under it, keeping the plan while its lease lasts."""
+        provider = self.key_provider
         lease_method = getattr(provider, "active_key_lease", None)
         if lease_method is None:
             lease = _one_shot_lease(provider.active_key(tenant, self.purpose))
@@ -544,11 +545,16 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             lease = lease_method(tenant, self.purpose)
         header, aad = self._prefix(lease.key, identity)
         plan = WritePlan(provider, lease, identity, header, aad)
-        # A plan built while the identity changed would carry the old AAD;
-        # it still seals this one value, as the full path would have.
-        if identity is self._hot.identity:
+        # A plan built while the identity or the provider changed would carry
+        # the old AAD or key; it still seals this one value, as the full path
+        # would have.
+        if identity is self._hot.identity and provider is self._current_provider():
             remember(self._hot.write_plans, tenant, plan)
         return plan
+
+    def _current_provider(self) -> KeyProvider | None:
+        keyring = self._hot.keyring
+        return keyring if keyring is not None else _keys._default_provider
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         return self._seal_value(value)
@@ -616,21 +622,15 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                     tenant = tenant_id if tenant_id is not None else _scope.get()
                     if tenant is None:
                         tenant = current_tenant(identity)
-                    provider = hot.keyring
-                    if provider is None:
-                        # The global itself: a call would cost a Python frame per value.
-                        provider = _keys._default_provider
-                        if provider is None:
-                            provider = get_default_key_provider()
                     plan = hot.write_plans.get(tenant)
-                    # WritePlan.is_current(), inlined.
+                    # WritePlan.is_current(), inlined. A change of key provider
+                    # drops the plans, so the provider needs no comparison.
                     if (
                         plan is None
-                        or plan.provider is not provider
                         or plan.generation.value != plan.stamp
                         or not plan.clock() < plan.expires_at
                     ):
-                        plan = write_plan(provider, tenant, identity)
+                        plan = write_plan(tenant, identity)
                     # AeadCipher.seal(), inlined.
                     if plan.gcm:
                         nonce = new_gcm_nonce()
@@ -799,14 +799,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 return None
             if type(stored) is bytes:
                 plan = hot.read_plans.get(stored[:HEADER_SIZE])
-                provider = hot.keyring
-                if provider is None:
-                    provider = _keys._default_provider
                 if (
                     plan is not None
                     and plan.generation.value == plan.stamp
                     and plan.clock() < plan.expires_at
-                    and plan.provider is provider
                 ):
                     scope = _scope.get()
                     if scope is None or scope == plan.tenant_id:
@@ -877,8 +873,9 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 opened.aad,
                 MIN_ENVELOPE_SIZE[self.algorithm],
             )
-            # A plan built while the identity changed would carry the old AAD.
-            if identity is self._hot.identity:
+            # A plan built while the identity or the provider changed would
+            # carry the old AAD or key.
+            if identity is self._hot.identity and opened.provider is self._current_provider():
                 remember(self._hot.read_plans, data[:HEADER_SIZE], plan)
             return value
         raise DecryptionError(
