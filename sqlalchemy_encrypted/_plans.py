@@ -146,12 +146,21 @@ class ColumnState:
         self.write_plans: dict[str, WritePlan] = {}
         self.read_plans: dict[bytes, ReadPlan] = {}
         # Plans of a column without keyring= hold keys of the default provider.
-        keys._provider_listeners.add(self)
+        keys._column_states.add(self)
 
     def forget_plans(self) -> None:
         """Drop every plan, after a change of the settings plans were built from."""
         self.write_plans = {}
         self.read_plans = {}
+
+    def forget_expired_plans(self) -> None:
+        """Drop the plans whose leases have expired, and with them their DEKs."""
+        self.write_plans = {
+            tenant: plan for tenant, plan in self.write_plans.items() if plan.is_current()
+        }
+        self.read_plans = {
+            header: plan for header, plan in self.read_plans.items() if plan.is_current()
+        }
 
     def __repr__(self) -> str:
         return f"<ColumnState of {self.identity}>"

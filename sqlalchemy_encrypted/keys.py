@@ -195,17 +195,18 @@ class LeasingKeyProvider(KeyProvider, Protocol):
 _default_provider: KeyProvider | None = None
 
 
-# Objects with a forget_plans() method, told when the default provider
-# changes: the column states, whose plans hold keys of the old provider.
-_provider_listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+# The state objects of every encrypted column type, whose plans contain DEKs.
+# They forget all plans when the default provider changes, and expired ones
+# when Keyring.purge_expired() runs.
+_column_states: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def set_default_key_provider(provider: KeyProvider | None) -> None:
     """Make ``provider`` the key source of every encrypted column that names none."""
     global _default_provider
     _default_provider = provider
-    for listener in list(_provider_listeners):
-        listener.forget_plans()
+    for state in list(_column_states):
+        state.forget_plans()
 
 
 def get_default_key_provider() -> KeyProvider:

@@ -317,3 +317,34 @@ def test_new_tenant_keeps_other_leases(local_kms: LocalKms) -> None:
 
     keyring.rotate("t-acme", KeyPurpose.RANDOMIZED, activate_now=True)
     assert not acme.is_current()
+
+
+def test_purge_drops_expired_deks(
+    engine: sa.Engine, keyring_factory: type[Keyring], local_kms: LocalKms
+) -> None:
+    counting = CountingKms(local_kms)
+    clock = FakeClock()
+    keyring = keyring_factory(engine, counting, cache_ttl=10.0, active_key_ttl=5.0, clock=clock)
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(Person(id=1, tenant_id="t-acme", name="Ada", email="ada@example.com"))
+        session.commit()
+    assert _names(engine, "t-acme") == ["Ada"]
+    name_type = Person.__table__.c.name.type.dialect_impl(engine.dialect)
+    assert name_type._hot.read_plans
+    assert keyring.cache.stats.size == 2
+
+    # Nothing has expired yet: the purge keeps every DEK and plan.
+    assert keyring.purge_expired() == 0
+    assert name_type._hot.read_plans
+
+    clock.advance(10.5)
+    assert keyring.purge_expired() == 2
+    assert keyring.cache.stats.size == 0
+    assert not name_type._hot.read_plans
+    assert not name_type._hot.write_plans
+
+    # The next read unwraps both DEKs (name and e-mail) again and works as before.
+    counting.calls.clear()
+    assert _names(engine, "t-acme") == ["Ada"]
+    assert counting.calls["unwrap"] == 2

@@ -230,6 +230,19 @@ class TtlCache(Generic[K, V]):
                 del self._entries[key]
             return len(doomed)
 
+    def purge_expired(self) -> int:
+        """Drop every entry whose TTL has passed; return how many were dropped.
+
+        Expired entries are otherwise dropped only when they are looked up
+        or evicted. Leases on them have expired too, so no lease goes stale.
+        """
+        with self._lock:
+            now = self._clock()
+            doomed = [key for key, entry in self._entries.items() if entry.expires_at <= now]
+            for key in doomed:
+                del self._entries[key]
+            return len(doomed)
+
     def clear(self) -> None:
         with self._lock:
             self._generation += 1

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import sqlalchemy as sa
 
+from .. import keys as _keys
 from .._aead import KEY_SIZES, AeadCipher
 from ..errors import (
     ConfigurationError,
@@ -599,6 +600,35 @@ class Keyring:
         """
         tenant = _check_tenant(tenant_id)
         return [self._find_or_create_active(tenant, purpose).info() for purpose in KeyPurpose]
+
+    def purge_expired(self) -> int:
+        """Drop unwrapped DEKs whose ``cache_ttl`` has passed; return how many.
+
+        The caches drop an expired DEK only when it is looked up again or
+        evicted, so the DEK of a tenant that stopped being used stays in
+        memory, unused. Call this periodically (for example every minute
+        from the application's scheduler) to bound how long an unwrapped
+        DEK stays in this process. It also drops this keyring's expired
+        lookups and the expired plans of every encrypted column type.
+        """
+        dropped = self.cache.purge_expired()
+        self._active.purge_expired()
+        self._decryptable.purge_expired()
+        now = self._clock()
+        self._active_leases = {
+            slot: lease for slot, lease in self._active_leases.items() if now < lease.expires_at
+        }
+        self._id_leases = {
+            key_id: lease for key_id, lease in self._id_leases.items() if now < lease.expires_at
+        }
+        self._decryptable_leases = {
+            slot: entry for slot, entry in self._decryptable_leases.items() if now < entry[0]
+        }
+        for state in list(_keys._column_states):
+            state.forget_expired_plans()
+        if dropped:
+            logger.debug("dropped %d expired DEK(s) from the DEK cache", dropped)
+        return dropped
 
     def list_keys(self, tenant_id: str | None = None) -> list[KeyInfo]:
         """Return metadata of every key (of one tenant), without unwrapping any."""
