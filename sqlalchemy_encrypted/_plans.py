@@ -105,7 +105,7 @@ class ReadPlan(_Plan):
 
 
 class ColumnState:
-    """What a column type's per-value functions read, in one plain object.
+    """The settings a column type's per-value functions read, in one plain object.
 
     An attribute read on a ``TypeDecorator`` instance costs several times
     one on a plain object (SQLAlchemy's ``TypeDecorator`` defines

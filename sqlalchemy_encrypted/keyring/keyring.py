@@ -391,7 +391,7 @@ class Keyring:
         """Return the tenant's active, pending and decrypt-only DEKs, active first."""
         if type(tenant_id) is str:
             # Every deterministic lookup calls this when it executes, so the
-            # last answer is kept like a lease: until one of the cache
+            # last result is kept like a lease: until one of the cache
             # entries it came from expires or any entry leaves early.
             hot = self._decryptable_leases.get((tenant_id, purpose))
             if (
