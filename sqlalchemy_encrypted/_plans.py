@@ -130,6 +130,7 @@ class ColumnState:
         "limit",
         "read_plans",
         "str_limit",
+        "tag",
         "tag_byte",
         "write_plans",
     )
@@ -142,6 +143,7 @@ class ColumnState:
         self.decoder: Callable[[bytes], Any] | None = None
         self.limit: int | None = None
         self.str_limit = -1
+        self.tag = -1
         self.tag_byte = b""
         self.write_plans: dict[str, WritePlan] = {}
         self.read_plans: dict[bytes, ReadPlan] = {}

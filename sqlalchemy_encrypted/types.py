@@ -296,6 +296,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             hot.str_limit = sys.maxsize if codec.length is None else codec.length
         else:
             hot.str_limit = -1
+        hot.tag = codec.tag
         hot.tag_byte = _TAG_BYTES[codec.tag]
         hot.forget_plans()
 
@@ -815,13 +816,14 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                             else:
                                 plaintext = plan.decrypt(stored[HEADER_SIZE:], plan.aad_list)
                                 # The tag byte that keeps SIV plaintexts non-empty.
-                                if plaintext[:1] == hot.tag_byte:
+                                if plaintext[0] == hot.tag:
                                     plaintext = plaintext[1:]
                                 else:
                                     plaintext = None
                         except Exception:
-                            # InvalidTag, or ValueError for a value too short
-                            # to hold a nonce: the full path names the error.
+                            # InvalidTag, ValueError for a value too short to
+                            # hold a nonce, or IndexError for an empty SIV
+                            # plaintext: the full path names the error.
                             plaintext = None
                         if plaintext is not None:
                             try:
