@@ -208,9 +208,9 @@ class PackedTokenSearch(TokenSearch):
 
     With named parameters (PostgreSQL) it renders the slices themselves.
     With positional ones (SQLite's ``?``) every mention of a parameter is a
-    separate placeholder, bound and sealed again, so there the parameters
-    appear once each, in a ``VALUES`` list cut into slices by a join with
-    the slot numbers, as in the expanding form.
+    separate placeholder, bound and sealed again. There the parameters
+    therefore appear once each, in a ``VALUES`` list that a join with the
+    slot numbers cuts into slices, as in the expanding form.
     """
 
     inherit_cache = True

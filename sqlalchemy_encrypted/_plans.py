@@ -25,8 +25,8 @@ from .keys import DataKey, KeyLease, KeyProvider, LeaseGeneration
 
 __all__ = ["PLAN_CACHE_SIZE", "ColumnState", "ReadPlan", "WritePlan", "remember"]
 
-# Plans kept per column type; the dict is emptied when it reaches this size,
-# so an application with many tenants does not grow it without limit.
+# The number of plans kept per column type. The dict is emptied when it
+# reaches this size, so that many tenants cannot grow it without limit.
 PLAN_CACHE_SIZE = 4096
 
 
@@ -39,12 +39,10 @@ class _Plan:
         "generation",
         "identity",
         "key",
-        "provider",
         "stamp",
     )
 
-    def __init__(self, provider: KeyProvider, lease: KeyLease, identity: str, aad: bytes) -> None:
-        self.provider = provider
+    def __init__(self, lease: KeyLease, identity: str, aad: bytes) -> None:
         self.key: DataKey = lease.key
         self.cipher: AeadCipher = lease.key.cipher
         self.identity = identity
@@ -61,7 +59,7 @@ class _Plan:
         return f"<{type(self).__name__} for {self.identity} under {self.key!r}>"
 
     def __reduce__(self) -> str:
-        raise TypeError("a plan holds key material and cannot be pickled")
+        raise TypeError("a plan contains key material and cannot be pickled")
 
 
 class WritePlan(_Plan):
@@ -73,10 +71,8 @@ class WritePlan(_Plan):
 
     __slots__ = ("aad_list", "encrypt", "gcm", "header")
 
-    def __init__(
-        self, provider: KeyProvider, lease: KeyLease, identity: str, header: bytes, aad: bytes
-    ) -> None:
-        super().__init__(provider, lease, identity, aad)
+    def __init__(self, lease: KeyLease, identity: str, header: bytes, aad: bytes) -> None:
+        super().__init__(lease, identity, aad)
         self.header = header
         self.gcm = self.cipher.algorithm is Algorithm.AES_256_GCM
         self.encrypt: Callable[..., bytes] = self.cipher.raw_encrypt()
@@ -93,10 +89,8 @@ class ReadPlan(_Plan):
 
     __slots__ = ("aad_list", "decrypt", "gcm", "min_size", "tenant_id")
 
-    def __init__(
-        self, provider: KeyProvider, lease: KeyLease, identity: str, aad: bytes, min_size: int
-    ) -> None:
-        super().__init__(provider, lease, identity, aad)
+    def __init__(self, lease: KeyLease, identity: str, aad: bytes, min_size: int) -> None:
+        super().__init__(lease, identity, aad)
         self.tenant_id = lease.key.tenant_id
         self.min_size = min_size
         self.gcm = self.cipher.algorithm is Algorithm.AES_256_GCM
@@ -147,7 +141,7 @@ class ColumnState:
         self.tag_byte = b""
         self.write_plans: dict[str, WritePlan] = {}
         self.read_plans: dict[bytes, ReadPlan] = {}
-        # Plans of a column without keyring= hold keys of the default provider.
+        # Plans of a column without keyring= contain keys of the default provider.
         keys._column_states.add(self)
 
     def forget_plans(self) -> None:

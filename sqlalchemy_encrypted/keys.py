@@ -168,7 +168,7 @@ class KeyLease:
         return f"<KeyLease of {self.key!r}>"
 
     def __reduce__(self) -> str:
-        raise TypeError("KeyLease holds key material and cannot be pickled")
+        raise TypeError("KeyLease contains key material and cannot be pickled")
 
 
 @runtime_checkable

@@ -112,7 +112,7 @@ class InMemoryKeyring:
         return key
 
     def decryptable_keys(self, tenant_id: str, purpose: KeyPurpose) -> Sequence[DataKey]:
-        # Kept until the next rotation, retirement or shred; an empty answer
+        # Kept until the next rotation, retirement or shred. An empty result
         # is not kept, because the tenant's first write creates its keys.
         cached = self._decryptable.get((tenant_id, purpose))
         if cached is not None and cached[0] == self._generation.value:

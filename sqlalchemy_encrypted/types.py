@@ -231,8 +231,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
     def context(self, value: str | None) -> None:
         self._context = value
         self._identity_changed()
-        for dialect_copy in list(self._dialect_copies):
-            dialect_copy.context = value
+        self._set_on_dialect_copies("context", value)
 
     @property
     def _column_name(self) -> str | None:
@@ -243,8 +242,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
     def _column_name(self, value: str | None) -> None:
         self._attached_name = value
         self._identity_changed()
-        for dialect_copy in list(self._dialect_copies):
-            dialect_copy._column_name = value
+        self._set_on_dialect_copies("_column_name", value)
 
     @property
     def storage(self) -> StorageMode:
@@ -261,8 +259,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         self._check_plaintext_reads(bool(value))
         self._allow_plaintext_reads = bool(value)
         self._cache_key = None
-        for dialect_copy in list(self._dialect_copies):
-            dialect_copy.allow_plaintext_reads = value
+        self._set_on_dialect_copies("allow_plaintext_reads", value)
 
     def _identity_changed(self) -> None:
         # Plans carry AADs built for the old identity, so they all go; the
@@ -282,8 +279,11 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         self._hot.keyring = value
         self._hot.forget_plans()
         self._cache_key = None
+        self._set_on_dialect_copies("keyring", value)
+
+    def _set_on_dialect_copies(self, name: str, value: Any) -> None:
         for dialect_copy in list(self._dialect_copies):
-            dialect_copy.keyring = value
+            setattr(dialect_copy, name, value)
 
     def _use_codec(self, codec: Codec) -> None:
         self._codec = codec
@@ -545,10 +545,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         else:
             lease = lease_method(tenant, self.purpose)
         header, aad = self._prefix(lease.key, identity)
-        plan = WritePlan(provider, lease, identity, header, aad)
+        plan = WritePlan(lease, identity, header, aad)
         # A plan built while the identity or the provider changed would carry
-        # the old AAD or key; it still seals this one value, as the full path
-        # would have.
+        # the old AAD or key, so it is not kept. It still seals this one value,
+        # as the full path would have.
         if identity is self._hot.identity and provider is self._current_provider():
             remember(self._hot.write_plans, tenant, plan)
         return plan
@@ -869,7 +869,6 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             decode_failure = type(exc).__name__
         else:
             plan = ReadPlan(
-                opened.provider,
                 opened.lease,
                 identity,
                 opened.aad,

@@ -1,5 +1,5 @@
 """Column types keep leases on DEKs instead of asking the key provider per
-value; every way a lease must end is checked here, on the fast path."""
+value. These tests check every way a lease must end, on the fast path."""
 
 from __future__ import annotations
 
@@ -270,7 +270,7 @@ def test_tampered_value_fails_with_warm_plan(keyring: InMemoryKeyring) -> None:
             assert column_type.decrypt(stored) == value
 
 
-def test_value_moved_to_other_column_fails_with_warm_plans(keyring: InMemoryKeyring) -> None:
+def test_moved_value_fails_warm_plans(keyring: InMemoryKeyring) -> None:
     first, _ = _standalone_types()
     second, _ = _standalone_types()
     second.context = "other.body"

@@ -302,11 +302,7 @@ class Keyring:
         """
         if type(tenant_id) is str:
             lease = self._active_leases.get((tenant_id, purpose))
-            if (
-                lease is not None
-                and lease.generation.value == lease.stamp
-                and self._clock() < lease.expires_at
-            ):
+            if lease is not None and lease.is_current():
                 self.cache.record_hit()
                 return lease
         tenant = _check_tenant(tenant_id)
@@ -344,11 +340,7 @@ class Keyring:
         also when the lease comes from this keyring's own copy.
         """
         lease = self._id_leases.get(key_id.int)
-        if (
-            lease is not None
-            and lease.generation.value == lease.stamp
-            and self._clock() < lease.expires_at
-        ):
+        if lease is not None and lease.is_current():
             if expected_tenant is not None and lease.key.tenant_id != expected_tenant:
                 self._check_expected_tenant(key_id, lease.key.tenant_id, expected_tenant)
             self.cache.record_hit()
