@@ -19,9 +19,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from alembic import op as _alembic_op
 from sqlalchemy.types import TypeEngine
 
+from sqlalchemy_encrypted.keyring.schema import SEALED_COUNT
 from sqlalchemy_encrypted.rotation import ReencryptionResult
 from sqlalchemy_encrypted.types import EncryptedType
 
@@ -133,6 +135,21 @@ def reencrypt_column(
 def create_keyring_table(table_name: str = "encryption_keys", *, schema: str | None = None) -> None:
     """Create the keyring table; see :meth:`CreateKeyringTableOp.create_keyring_table`."""
     _operations().create_keyring_table(table_name, schema=schema)
+
+
+def add_keyring_usage_column(
+    table_name: str = "encryption_keys", *, schema: str | None = None
+) -> None:
+    """Add the ``sealed_count`` column to a keyring table made by version 0.1.0.
+
+    The keyring counts the values each randomized DEK seals in that column
+    (``Keyring(key_usage_limit=...)``). Existing keys start at 0.
+    """
+    _operations().add_column(
+        table_name,
+        sa.Column(SEALED_COUNT, sa.BigInteger(), nullable=False, server_default="0"),
+        schema=schema,
+    )
 
 
 def drop_keyring_table(table_name: str = "encryption_keys", *, schema: str | None = None) -> None:

@@ -23,6 +23,7 @@ from .errors import (
     KeyPendingError,
     KeyringIntegrityError,
     KeyStateError,
+    KeyUsageLimitError,
     KmsAccessDeniedError,
     KmsContextMismatchError,
     KmsError,
@@ -44,12 +45,14 @@ from .errors import (
     ValueTypeError,
 )
 from .keys import (
+    DEFAULT_KEY_USAGE_LIMIT,
     DataKey,
     KeyLease,
     KeyProvider,
     KeyPurpose,
     LeaseGeneration,
     LeasingKeyProvider,
+    SealBudget,
     get_default_key_provider,
     set_default_key_provider,
 )
@@ -61,6 +64,7 @@ from .types import DeterministicEncrypted, Encrypted, EncryptedType, type_for_he
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_KEY_USAGE_LIMIT",
     "TENANT_COLUMN_INFO_KEY",
     "Algorithm",
     "ConfigurationError",
@@ -80,6 +84,7 @@ __all__ = [
     "KeyProvider",
     "KeyPurpose",
     "KeyStateError",
+    "KeyUsageLimitError",
     "KeyringIntegrityError",
     "KmsAccessDeniedError",
     "KmsContextMismatchError",
@@ -94,6 +99,7 @@ __all__ = [
     "MixedValuesError",
     "PlaintextTooLongError",
     "ReencryptionError",
+    "SealBudget",
     "StorageFormatError",
     "StoredKeyDestroyedError",
     "StoredKeyNotFoundError",

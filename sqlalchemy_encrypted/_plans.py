@@ -21,7 +21,7 @@ from typing import Any
 from . import keys
 from ._aead import AeadCipher
 from .envelope import Algorithm
-from .keys import DataKey, KeyLease, KeyProvider, LeaseGeneration
+from .keys import DataKey, KeyLease, KeyProvider, LeaseGeneration, SealBudget
 
 __all__ = ["PLAN_CACHE_SIZE", "ColumnState", "ReadPlan", "WritePlan", "remember"]
 
@@ -67,9 +67,12 @@ class WritePlan(_Plan):
 
     ``encrypt`` is the AEAD primitive's own method (see
     :meth:`AeadCipher.raw_encrypt`); ``aad_list`` is ``[aad]`` for AES-SIV.
+    ``budget`` is the DEK's :class:`~sqlalchemy_encrypted.keys.SealBudget`
+    and ``next_ticket`` its ticket counter, which every AES-GCM seal takes a
+    ticket from.
     """
 
-    __slots__ = ("aad_list", "encrypt", "gcm", "header")
+    __slots__ = ("aad_list", "budget", "encrypt", "gcm", "header", "next_ticket")
 
     def __init__(self, lease: KeyLease, identity: str, header: bytes, aad: bytes) -> None:
         super().__init__(lease, identity, aad)
@@ -77,6 +80,8 @@ class WritePlan(_Plan):
         self.gcm = self.cipher.algorithm is Algorithm.AES_256_GCM
         self.encrypt: Callable[..., bytes] = self.cipher.raw_encrypt()
         self.aad_list = [aad]
+        self.budget: SealBudget = lease.key.budget
+        self.next_ticket: Callable[[], int] = self.budget.next_ticket
 
 
 class ReadPlan(_Plan):

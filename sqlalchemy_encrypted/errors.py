@@ -14,6 +14,7 @@ the plaintext values of the statement.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 
 from sqlalchemy.exc import DontWrapMixin
@@ -28,6 +29,7 @@ __all__ = [
     "KeyNotFoundError",
     "KeyPendingError",
     "KeyStateError",
+    "KeyUsageLimitError",
     "KeyringIntegrityError",
     "KmsAccessDeniedError",
     "KmsContextMismatchError",
@@ -133,6 +135,32 @@ class KeyPendingError(KeyStateError):
         self.tenant_id = tenant_id
         self.purpose = purpose
         self.version = version
+
+
+class KeyUsageLimitError(EncryptionError):
+    """A randomized DEK has sealed as many values as its usage limit allows.
+
+    AES-GCM with random 96-bit nonces stays safe only while a key seals at
+    most about 2^32 values (NIST SP 800-38D, section 8.3). ``tenant_id``,
+    ``key_id`` and ``version`` name the DEK. ``replaced`` is True when the
+    key provider has already made a newer version active, so that the
+    caller may seal again under the tenant's active DEK.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        tenant_id: str,
+        key_id: uuid.UUID,
+        version: int,
+        replaced: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.tenant_id = tenant_id
+        self.key_id = key_id
+        self.version = version
+        self.replaced = replaced
 
 
 class StoredKeyNotFoundError(KeyNotFoundError, DecryptionError):

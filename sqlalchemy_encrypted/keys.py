@@ -19,15 +19,18 @@ from typing import Any, Protocol, runtime_checkable
 
 from ._aead import AeadCipher
 from .envelope import Algorithm
-from .errors import ConfigurationError
+from .errors import ConfigurationError, KeyUsageLimitError
 
 __all__ = [
+    "DEFAULT_KEY_USAGE_LIMIT",
+    "UNLIMITED_SEALS",
     "DataKey",
     "KeyLease",
     "KeyProvider",
     "KeyPurpose",
     "LeaseGeneration",
     "LeasingKeyProvider",
+    "SealBudget",
     "get_default_key_provider",
     "set_default_key_provider",
 ]
@@ -46,10 +49,105 @@ class KeyPurpose(enum.StrEnum):
         return Algorithm.AES_256_SIV
 
 
-class DataKey:
-    """An unwrapped DEK with its identity. ``repr`` shows ids only."""
+# Values one randomized DEK may seal by default: AES-GCM with random 96-bit
+# nonces keeps the chance of any nonce collision below 2^-32 up to 2^32 values
+# per key (NIST SP 800-38D, section 8.3).
+DEFAULT_KEY_USAGE_LIMIT = 2**32
 
-    __slots__ = ("cipher", "key_id", "purpose", "tenant_id", "version")
+# Largest and smallest number of seals one reservation asks for. Blocks
+# double while a process keeps sealing, so a busy process writes its usage
+# counter rarely, and a short-lived one leaves few reserved seals unused.
+_FIRST_BLOCK = 4096
+_MAX_BLOCK = 65536
+
+
+class SealBudget:
+    """How many values a DEK may still seal in this process.
+
+    Every seal takes a ticket, an integer from a counter shared by all
+    threads, so no two seals get the same one. Tickets below :attr:`end` are
+    covered by reservations the key provider has already recorded, for
+    example in the keyring table; a seal whose ticket is not covered calls
+    :meth:`cover`, which reserves another block. The recorded usage of a key
+    is therefore never lower than the number of values sealed under it, and
+    higher by at most the unused part of each process's last block.
+
+    ``reserve(n)`` records up to ``n`` more seals and returns how many it
+    recorded (at least 1), or raises
+    :class:`~sqlalchemy_encrypted.errors.KeyUsageLimitError` when the key
+    has reached its limit. A budget without ``reserve`` is unlimited.
+    """
+
+    __slots__ = ("_block", "_exhausted", "_lock", "_reserve", "end", "next_ticket")
+
+    def __init__(self, reserve: Callable[[int], int] | None, *, limit: int | None = None) -> None:
+        self._reserve = reserve
+        self._lock = threading.Lock()
+        self._exhausted: KeyUsageLimitError | None = None
+        # Small limits (in tests) get small blocks, so that they are reached
+        # exactly; 2^32 gets the full first block.
+        self._block = _FIRST_BLOCK if limit is None else max(1, min(_FIRST_BLOCK, limit >> 20))
+        if reserve is None:
+            # Every ticket is 0, and 0 is always covered.
+            self.next_ticket: Callable[[], int] = itertools.repeat(0).__next__
+            self.end = 1
+        else:
+            self.next_ticket = itertools.count().__next__
+            self.end = 0
+
+    def take(self) -> None:
+        """Take one ticket, reserving more seals if it is not covered."""
+        ticket = self.next_ticket()
+        if ticket >= self.end:
+            self.cover(ticket)
+
+    def cover(self, ticket: int) -> None:
+        """Reserve blocks until ``ticket`` is covered.
+
+        Raises :class:`~sqlalchemy_encrypted.errors.KeyUsageLimitError` once
+        the key's limit is reached, and again on every later call.
+        """
+        with self._lock:
+            while ticket >= self.end:
+                exhausted = self._exhausted
+                if exhausted is not None:
+                    # A new error each time, so that callers' notes and
+                    # tracebacks do not pile up on one object.
+                    raise KeyUsageLimitError(
+                        str(exhausted),
+                        tenant_id=exhausted.tenant_id,
+                        key_id=exhausted.key_id,
+                        version=exhausted.version,
+                        replaced=exhausted.replaced,
+                    )
+                assert self._reserve is not None
+                try:
+                    granted = self._reserve(self._block)
+                except KeyUsageLimitError as exc:
+                    # Every later seal under this key fails without asking the provider.
+                    self._exhausted = exc
+                    raise
+                self.end += granted
+                self._block = min(self._block * 2, _MAX_BLOCK)
+
+    def __repr__(self) -> str:
+        if self._reserve is None:
+            return "<SealBudget unlimited>"
+        return f"<SealBudget covering {self.end} seal(s)>"
+
+
+# The budget of every key whose provider sets no usage limit.
+UNLIMITED_SEALS = SealBudget(None)
+
+
+class DataKey:
+    """An unwrapped DEK with its identity. ``repr`` shows ids only.
+
+    ``budget`` counts the values the key seals; keys of a provider without a
+    usage limit share :data:`UNLIMITED_SEALS`.
+    """
+
+    __slots__ = ("budget", "cipher", "key_id", "purpose", "tenant_id", "version")
 
     def __init__(
         self,
@@ -58,12 +156,14 @@ class DataKey:
         purpose: KeyPurpose,
         version: int,
         cipher: AeadCipher,
+        budget: SealBudget = UNLIMITED_SEALS,
     ) -> None:
         self.key_id = key_id
         self.tenant_id = tenant_id
         self.purpose = purpose
         self.version = version
         self.cipher = cipher
+        self.budget = budget
 
     def __repr__(self) -> str:
         return (

@@ -7,15 +7,32 @@ examples, never for data you want to keep.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from ._aead import KEY_SIZES, AeadCipher
-from .errors import KeyDestroyedError, KeyNotFoundError, KeyStateError, TenantContextError
-from .keys import DataKey, KeyLease, KeyPurpose, LeaseGeneration
+from .errors import (
+    ConfigurationError,
+    KeyDestroyedError,
+    KeyNotFoundError,
+    KeyStateError,
+    KeyUsageLimitError,
+    TenantContextError,
+)
+from .keys import (
+    DEFAULT_KEY_USAGE_LIMIT,
+    UNLIMITED_SEALS,
+    DataKey,
+    KeyLease,
+    KeyPurpose,
+    LeaseGeneration,
+    SealBudget,
+)
 
 __all__ = ["InMemoryKeyring"]
 
@@ -28,6 +45,7 @@ _FOREVER = float("inf")
 class _Entry:
     key: DataKey
     state: str
+    sealed: int = 0
 
 
 class InMemoryKeyring:
@@ -42,9 +60,28 @@ class InMemoryKeyring:
     key, not per value. A subclass that injects failures into those two
     methods per call must also override :meth:`active_key_lease` and
     :meth:`key_lease` to return expired leases.
+
+    ``key_usage_limit`` and ``on_key_usage_limit`` work as in
+    :class:`~sqlalchemy_encrypted.keyring.Keyring`, with the counts kept in
+    memory (:meth:`sealed_count`).
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        key_usage_limit: int | None = DEFAULT_KEY_USAGE_LIMIT,
+        on_key_usage_limit: Literal["rotate", "raise"] = "rotate",
+    ) -> None:
+        if key_usage_limit is not None and (
+            type(key_usage_limit) is not int or key_usage_limit < 1
+        ):
+            raise ConfigurationError("key_usage_limit must be a positive int, or None")
+        if on_key_usage_limit not in ("rotate", "raise"):
+            raise ConfigurationError(
+                f"on_key_usage_limit must be 'rotate' or 'raise', not {on_key_usage_limit!r}"
+            )
+        self.key_usage_limit = key_usage_limit
+        self.on_key_usage_limit = on_key_usage_limit
         self._lock = threading.RLock()
         self._by_id: dict[uuid.UUID, _Entry] = {}
         self._versions: dict[tuple[str, KeyPurpose], list[_Entry]] = {}
@@ -62,7 +99,13 @@ class InMemoryKeyring:
     def _create(self, tenant_id: str, purpose: KeyPurpose, version: int) -> _Entry:
         algorithm = purpose.algorithm
         cipher = AeadCipher(algorithm, os.urandom(KEY_SIZES[algorithm]))
-        key = DataKey(uuid.uuid4(), tenant_id, purpose, version, cipher)
+        key_id = uuid.uuid4()
+        budget = UNLIMITED_SEALS
+        if self.key_usage_limit is not None and purpose is KeyPurpose.RANDOMIZED:
+            budget = SealBudget(
+                functools.partial(self._reserve, key_id), limit=self.key_usage_limit
+            )
+        key = DataKey(key_id, tenant_id, purpose, version, cipher, budget)
         entry = _Entry(key, "active")
         self._by_id[key.key_id] = entry
         self._versions.setdefault((tenant_id, purpose), []).append(entry)
@@ -82,6 +125,46 @@ class InMemoryKeyring:
                 if entry.state == "active":
                     return entry.key
             raise KeyNotFoundError(f"tenant {tenant_id!r} has no active {purpose.value} key")
+
+    def sealed_count(self, key_id: uuid.UUID) -> int:
+        """Return how many seals of the key were reserved (0 for a key that is not counted)."""
+        with self._lock:
+            entry = self._by_id.get(key_id)
+            if entry is None:
+                raise KeyNotFoundError(f"key id {key_id} is not in the keyring")
+            return entry.sealed
+
+    def _reserve(self, key_id: uuid.UUID, wanted: int) -> int:
+        limit = self.key_usage_limit
+        assert limit is not None
+        with self._lock:
+            entry = self._by_id[key_id]
+            granted = min(wanted, limit - entry.sealed)
+            if granted > 0:
+                entry.sealed += granted
+                return granted
+            key = entry.key
+            where = (
+                f"randomized key version {key.version} of tenant {key.tenant_id!r} "
+                f"(key id {key_id})"
+            )
+            if self.on_key_usage_limit == "raise":
+                raise KeyUsageLimitError(
+                    f"{where} has sealed its limit of {limit} values: rotate the tenant's "
+                    "randomized key to keep writing",
+                    tenant_id=key.tenant_id,
+                    key_id=key_id,
+                    version=key.version,
+                )
+            if entry.state == "active":
+                self.rotate(key.tenant_id, KeyPurpose.RANDOMIZED)
+        raise KeyUsageLimitError(
+            f"{where} has sealed its limit of {limit} values; a newer version is now active",
+            tenant_id=key.tenant_id,
+            key_id=key_id,
+            version=key.version,
+            replaced=True,
+        )
 
     def active_key_lease(self, tenant_id: str, purpose: KeyPurpose) -> KeyLease:
         stamp = self._generation.value

@@ -50,6 +50,7 @@ from .errors import (
     EncryptionError,
     KeyDestroyedError,
     KeyNotFoundError,
+    KeyUsageLimitError,
     PlaintextTooLongError,
     StorageFormatError,
     StoredKeyDestroyedError,
@@ -96,6 +97,9 @@ _TAG_BYTES = tuple(bytes((tag,)) for tag in range(256))
 # seal() and decrypt() test for SIV once per value, and reading an Enum
 # member through its class is slower than reading a module global.
 _SIV = Algorithm.AES_256_SIV
+# How often one seal moves on to a newer DEK after its key provider replaced
+# one that reached its usage limit, before the error is raised as it is.
+_REPLACEMENTS = 3
 
 # Offset of the ciphertext in a GCM envelope, after header and nonce.
 _GCM_BODY = HEADER_SIZE + GCM_NONCE_SIZE
@@ -522,17 +526,36 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         """
         identity = self._identity_for_write()
         plaintext = self._encode(value, identity)
-        if key is None:
-            tenant = tenant_id if tenant_id is not None else current_tenant(identity)
+        if key is not None:
+            return self._seal_encoded(plaintext, key, identity)
+        tenant = tenant_id if tenant_id is not None else current_tenant(identity)
+        attempt = 0
+        while True:
             key = self.key_provider.active_key(tenant, self.purpose)
-        return self._seal_encoded(plaintext, key, identity)
+            try:
+                return self._seal_encoded(plaintext, key, identity)
+            except KeyUsageLimitError as exc:
+                # The provider made a newer version active: seal under it.
+                attempt += 1
+                if not exc.replaced or attempt > _REPLACEMENTS:
+                    raise
 
     def _seal_encoded(self, plaintext: bytes, key: DataKey, identity: str) -> bytes:
-        """Seal codec-encoded ``plaintext`` under ``key`` into an envelope."""
+        """Seal codec-encoded ``plaintext`` under ``key`` into an envelope.
+
+        A randomized key's seal counts against its usage limit, and raises
+        :class:`KeyUsageLimitError` once the key has reached it.
+        """
         header, aad = self._prefix(key, identity)
         if self.algorithm is _SIV:
             # The tag byte keeps SIV's plaintext non-empty, which AESSIV requires.
             plaintext = _TAG_BYTES[self._codec.tag] + plaintext
+        else:
+            try:
+                key.budget.take()
+            except KeyUsageLimitError as exc:
+                exc.add_note(f"while encrypting a value for encrypted column {identity}")
+                raise
         return header + key.cipher.seal(plaintext, aad)
 
     def _write_plan(self, tenant: str, identity: str) -> WritePlan:
@@ -551,6 +574,25 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         # as the full path would have.
         if identity is self._hot.identity and provider is self._current_provider():
             remember(self._hot.write_plans, tenant, plan)
+        return plan
+
+    def _cover_seal(self, plan: WritePlan, ticket: int, tenant: str, identity: str) -> WritePlan:
+        """Cover ``ticket`` of ``plan``'s DEK, or move to the tenant's new
+        active DEK when the key provider replaced one that reached its usage
+        limit; return the plan to seal with."""
+        for _ in range(_REPLACEMENTS):
+            try:
+                plan.budget.cover(ticket)
+                return plan
+            except KeyUsageLimitError as exc:
+                if not exc.replaced:
+                    exc.add_note(f"while encrypting a value for encrypted column {identity}")
+                    raise
+            plan = self._write_plan(tenant, identity)
+            ticket = plan.next_ticket()
+            if ticket < plan.budget.end:
+                return plan
+        plan.budget.cover(ticket)
         return plan
 
     def _current_provider(self) -> KeyProvider | None:
@@ -584,6 +626,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         write_plan = self._write_plan
         seal_encoded = self._seal_encoded
         too_long = self._too_long
+        cover_seal = self._cover_seal
         column = self
 
         def seal_value(value: Any) -> Any:
@@ -634,6 +677,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                         plan = write_plan(tenant, identity)
                     # AeadCipher.seal(), inlined.
                     if plan.gcm:
+                        # Count the seal against the DEK's usage limit (SealBudget.take()).
+                        ticket = plan.next_ticket()
+                        if ticket >= plan.budget.end:
+                            plan = cover_seal(plan, ticket, tenant, identity)
                         nonce = new_gcm_nonce()
                         envelope = plan.header + nonce + plan.encrypt(nonce, plaintext, plan.aad)
                     else:

@@ -9,12 +9,14 @@ in a bounded TTL cache, so a read of many rows unwraps each DEK once.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import sqlalchemy as sa
 
@@ -26,11 +28,21 @@ from ..errors import (
     KeyNotFoundError,
     KeyringIntegrityError,
     KeyStateError,
+    KeyUsageLimitError,
     KmsError,
     KmsKeyNotFoundError,
     TenantContextError,
 )
-from ..keys import DataKey, KeyLease, KeyPurpose, LeaseGeneration, set_default_key_provider
+from ..keys import (
+    DEFAULT_KEY_USAGE_LIMIT,
+    UNLIMITED_SEALS,
+    DataKey,
+    KeyLease,
+    KeyPurpose,
+    LeaseGeneration,
+    SealBudget,
+    set_default_key_provider,
+)
 from ..kms.base import GeneratedDataKey, KmsProvider, WrapContext
 from . import lifecycle
 from .audit import audit_event, row_fields
@@ -93,6 +105,13 @@ class Keyring:
         encrypts with it.
     :param set_default: make this keyring the key provider of every
         encrypted column that names none.
+    :param key_usage_limit: values a randomized (AES-GCM) DEK may seal, counted
+        across processes in the keyring table's ``sealed_count`` column;
+        None turns counting off. Deterministic (AES-SIV) keys use no nonce
+        and are not counted.
+    :param on_key_usage_limit: ``"rotate"`` makes a new randomized version
+        active at once when a key reaches the limit, and the value is sealed
+        under it; ``"raise"`` raises :class:`KeyUsageLimitError` instead.
     :param clock: monotonic clock for the cache TTLs (injectable for tests).
     :param wall_clock: source of the UTC timestamps stored in the table.
     """
@@ -109,6 +128,8 @@ class Keyring:
         active_key_ttl: float = 60.0,
         set_default: bool = True,
         previous_kms: Sequence[KmsProvider] = (),
+        key_usage_limit: int | None = DEFAULT_KEY_USAGE_LIMIT,
+        on_key_usage_limit: Literal["rotate", "raise"] = "rotate",
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime.datetime] = utcnow,
     ) -> None:
@@ -128,6 +149,24 @@ class Keyring:
             raise ConfigurationError("cache_ttl and active_key_ttl must be 0 or more seconds")
         if cache_size < 1:
             raise ConfigurationError("cache_size must be at least 1")
+        if key_usage_limit is not None and (
+            type(key_usage_limit) is not int or key_usage_limit < 1
+        ):
+            raise ConfigurationError("key_usage_limit must be a positive int, or None")
+        if on_key_usage_limit not in ("rotate", "raise"):
+            raise ConfigurationError(
+                f"on_key_usage_limit must be 'rotate' or 'raise', not {on_key_usage_limit!r}"
+            )
+        self.key_usage_limit = key_usage_limit
+        self.on_key_usage_limit = on_key_usage_limit
+        # key id -> the usage budget of that randomized DEK in this process. It
+        # outlives the cached DEK, so an unwrap after the TTL keeps the seals
+        # this process already reserved.
+        self._budgets: dict[uuid.UUID, SealBudget] = {}
+        self._budgets_lock = threading.Lock()
+        # key id -> seals handed out while a SQLite keyring file was locked by
+        # the application's own transaction, not yet added to the table.
+        self._unrecorded: dict[uuid.UUID, int] = {}
         self.engine = engine
         self.metadata = sa.MetaData()
         self.table = keyring_table(self.metadata, table_name, schema)
@@ -274,7 +313,163 @@ class Keyring:
         provider = self._provider_for(row)
         dek = self._unwrap_with(provider, row, row.wrapped_dek, row.kek_id)
         cipher = self._verified_cipher(row, dek)
-        return DataKey(row.key_id, row.tenant_id, row.purpose, row.version, cipher)
+        return DataKey(
+            row.key_id, row.tenant_id, row.purpose, row.version, cipher, self._budget_for(row)
+        )
+
+    # -- usage limit ------------------------------------------------------------
+
+    def _budget_for(self, row: KeyRow) -> SealBudget:
+        limit = self.key_usage_limit
+        if limit is None or row.purpose is not KeyPurpose.RANDOMIZED:
+            return UNLIMITED_SEALS
+        with self._budgets_lock:
+            budget = self._budgets.get(row.key_id)
+            if budget is None:
+                if len(self._budgets) >= 4 * self.cache.max_entries:
+                    # Dropping budgets only makes their keys reserve again.
+                    self._budgets.clear()
+                reserve = functools.partial(
+                    self._reserve_seals, row.key_id, row.tenant_id, row.version
+                )
+                budget = SealBudget(reserve, limit=limit)
+                self._budgets[row.key_id] = budget
+            return budget
+
+    def _reserve_seals(self, key_id: uuid.UUID, tenant: str, version: int, wanted: int) -> int:
+        """Record up to ``wanted`` more seals of a randomized DEK; see :class:`SealBudget`."""
+        limit = self.key_usage_limit
+        assert limit is not None
+        try:
+            self._record_unrecorded()
+            granted = self._store.reserve_seals(key_id, wanted, limit)
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
+            if self._sqlite_locked(exc):
+                return self._reserve_unrecorded(key_id, tenant, version, wanted)
+            raise self._usage_counter_error(exc, tenant, version) from None
+        if granted > 0:
+            logger.debug(
+                "reserved %d seal(s) of randomized key version %d of tenant %r",
+                granted,
+                version,
+                tenant,
+            )
+            return granted
+        return self._usage_limit_reached(key_id, tenant, version)
+
+    def _sqlite_locked(self, exc: sa.exc.DBAPIError) -> bool:
+        return self.engine.dialect.name == "sqlite" and "locked" in str(exc.orig)
+
+    def _reserve_unrecorded(self, key_id: uuid.UUID, tenant: str, version: int, wanted: int) -> int:
+        """Hand out seals while the SQLite keyring file is locked, to be added
+        to the table by the next reservation or purge_expired() that can write.
+
+        Only the application's own open transaction on the same file holds the
+        lock for long, and refusing to seal would fail every write of such
+        an application. The seals stay within the limit as far as the table
+        and this process know; seals of a process that ends before they are
+        added are not counted.
+        """
+        limit = self.key_usage_limit
+        assert limit is not None
+        with self._budgets_lock:
+            try:
+                used = self._store.sealed_count(key_id)
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
+                raise self._usage_counter_error(exc, tenant, version) from None
+            owed = self._unrecorded.get(key_id, 0)
+            granted = min(wanted, limit - (used or 0) - owed)
+            if granted > 0:
+                if not owed:
+                    logger.warning(
+                        "the SQLite keyring file is locked by an open transaction; the "
+                        "values sealed under randomized key version %d of tenant %r are "
+                        "added to its usage counter later",
+                        version,
+                        tenant,
+                    )
+                self._unrecorded[key_id] = owed + granted
+                return granted
+        return self._usage_limit_reached(key_id, tenant, version)
+
+    def _record_unrecorded(self) -> None:
+        """Add the seals handed out while the keyring file was locked to the table."""
+        if not self._unrecorded:
+            return
+        with self._budgets_lock:
+            for key_id, count in list(self._unrecorded.items()):
+                self._store.add_seals(key_id, count)
+                del self._unrecorded[key_id]
+
+    def _usage_counter_error(self, exc: sa.exc.DBAPIError, tenant: str, version: int) -> Exception:
+        where = f"randomized key version {version} of tenant {tenant!r}"
+        if not self._store.has_usage_column():
+            return ConfigurationError(
+                f"keyring table {self.table.fullname} has no sealed_count column, which "
+                f"counts the values each randomized DEK seals (while sealing under {where}): "
+                "add it with op.add_keyring_usage_column() from alembic_ext in a migration, "
+                "or pass key_usage_limit=None to Keyring to stop counting"
+            )
+        if self.engine.dialect.name == "sqlite" and "locked" in str(exc.orig):
+            return ConfigurationError(
+                f"could not count the values sealed under {where}: the SQLite database of "
+                f"the keyring is locked ({exc.orig}). SQLite allows one writer, so a "
+                "transaction that already wrote to the same database file blocks the "
+                "keyring; keep the keyring in a separate database, or pass "
+                "key_usage_limit=None"
+            )
+        return exc
+
+    def _usage_limit_reached(self, key_id: uuid.UUID, tenant: str, version: int) -> int:
+        """Apply ``on_key_usage_limit`` to a key that has reached its limit; always raises."""
+        limit = self.key_usage_limit
+        where = f"randomized key version {version} of tenant {tenant!r} (key id {key_id})"
+        audit_event(
+            "key.usage_limit_reached",
+            logging.WARNING,
+            tenant=tenant,
+            key_id=str(key_id),
+            purpose=KeyPurpose.RANDOMIZED.value,
+            version=version,
+            limit=limit,
+        )
+        if self.on_key_usage_limit == "raise":
+            raise KeyUsageLimitError(
+                f"{where} has sealed its limit of {limit} values: rotate the tenant's "
+                "randomized key (sqlalchemy-encrypted rotate) to keep writing",
+                tenant_id=tenant,
+                key_id=key_id,
+                version=version,
+            )
+        current = next(
+            (row for row in self._store.tenant_rows(tenant) if row.key_id == key_id), None
+        )
+        try:
+            if current is not None and current.state is KeyState.ACTIVE:
+                lifecycle.rotate(self, tenant, KeyPurpose.RANDOMIZED, activate_now=True)
+            else:
+                # Another process already made a newer version active.
+                self._invalidate_tenant(tenant)
+        except KeyStateError:
+            # Another process rotated at the same moment.
+            self._invalidate_tenant(tenant)
+        except sa.exc.OperationalError as exc:
+            if not self._sqlite_locked(exc):
+                raise
+            raise ConfigurationError(
+                f"{where} has sealed its limit of {limit} values, and no newer version can "
+                f"be made active: the SQLite database of the keyring is locked ({exc.orig}) "
+                "by a transaction that already wrote to the same file; keep the keyring in "
+                "a separate database, or rotate the tenant's randomized key before that "
+                "transaction"
+            ) from None
+        raise KeyUsageLimitError(
+            f"{where} has sealed its limit of {limit} values; a newer version is now active",
+            tenant_id=tenant,
+            key_id=key_id,
+            version=version,
+            replaced=True,
+        )
 
     def _data_key(self, row: KeyRow) -> DataKey:
         return self.cache.get_or_load(row.key_id, lambda: self._unwrap_row(row))
@@ -484,9 +679,10 @@ class Keyring:
 
     def _cache_new_key(self, row: KeyRow, generated: GeneratedDataKey) -> None:
         cipher = AeadCipher(row.purpose.algorithm, generated.plaintext)
-        self.cache.put(
-            row.key_id, DataKey(row.key_id, row.tenant_id, row.purpose, row.version, cipher)
+        key = DataKey(
+            row.key_id, row.tenant_id, row.purpose, row.version, cipher, self._budget_for(row)
         )
+        self.cache.put(row.key_id, key)
 
     def _create_first_key(self, tenant: str, purpose: KeyPurpose) -> KeyRow:
         context = WrapContext(uuid.uuid4(), tenant, purpose, 1)
@@ -604,6 +800,11 @@ class Keyring:
         lookups and the expired plans of every encrypted column type.
         """
         dropped = self.cache.purge_expired()
+        try:
+            self._record_unrecorded()
+        except sa.exc.OperationalError as exc:
+            if not self._sqlite_locked(exc):
+                raise
         self._active.purge_expired()
         self._decryptable.purge_expired()
         now = self._clock()

@@ -23,11 +23,14 @@ from sqlalchemy.engine import Dialect
 
 from ..keys import KeyPurpose
 
-__all__ = ["KeyState", "UTCDateTime", "keyring_table"]
+__all__ = ["SEALED_COUNT", "KeyState", "UTCDateTime", "keyring_table"]
 
 # Longest KEK id stored: AWS key ARNs are well under this.
 KEK_ID_LENGTH = 2048
 TENANT_ID_LENGTH = 255
+# The usage counter column. Added after the first release of the table, so
+# the keyring reads it only when it counts seals (see Keyring.key_usage_limit).
+SEALED_COUNT = "sealed_count"
 
 
 class KeyState(enum.StrEnum):
@@ -106,6 +109,9 @@ def keyring_table(
         sa.Column("destroyed_at", UTCDateTime(), nullable=True),
         sa.Column("rewrapped_at", UTCDateTime(), nullable=True),
         sa.Column("row_version", sa.Integer(), nullable=False),
+        # Values the key may have sealed: seals reserved by processes, never
+        # fewer than the seals made. Only randomized keys count.
+        sa.Column(SEALED_COUNT, sa.BigInteger(), nullable=False, server_default="0"),
         sa.UniqueConstraint("tenant_id", "purpose", "key_version", name=f"uq_{name}_version"),
         sa.CheckConstraint(f"purpose IN ({_values(KeyPurpose)})", name=f"ck_{name}_purpose"),
         sa.CheckConstraint(f"state IN ({_values(KeyState)})", name=f"ck_{name}_state"),

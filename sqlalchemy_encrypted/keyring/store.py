@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, KeyNotFoundError, KeyStateError
 from ..keys import KeyPurpose
 from ..kms.base import WrapContext
-from .schema import KeyState
+from .schema import SEALED_COUNT, KeyState
 
 __all__ = ["KeyInfo", "KeyRow", "KeyStore", "utcnow"]
 
@@ -94,6 +95,11 @@ class KeyRow:
 
 
 _ENUM_COLUMNS = {"purpose", "state"}
+# Atomic reservations tried before giving up; each loses only to another process
+# that reserved in between.
+_RESERVE_ATTEMPTS = 20
+# Milliseconds a usage counter update waits for a SQLite write lock.
+SQLITE_COUNTER_WAIT_MS = 200
 
 
 class KeyStore:
@@ -125,7 +131,10 @@ class KeyStore:
         )
 
     def _select(self, conn: sa.Connection, where: Any, for_update: bool = False) -> list[KeyRow]:
-        stmt = sa.select(self.table).where(where)
+        # Every column but the usage counter, so that a keyring table made
+        # before that column existed stays readable.
+        columns = [column for column in self.table.c if column.name != SEALED_COUNT]
+        stmt = sa.select(*columns).where(where)
         stmt = stmt.order_by(self.table.c.tenant_id, self.table.c.purpose, self.table.c.key_version)
         if for_update and conn.dialect.name != "sqlite":
             stmt = stmt.with_for_update()
@@ -212,3 +221,83 @@ class KeyStore:
         if result.rowcount != 1:
             return None
         return row.evolve(row_version=row.row_version + 1, **changes)
+
+    def reserve_seals(self, key_id: uuid.UUID, wanted: int, limit: int) -> int:
+        """Add up to ``wanted`` seals to the usage counter of ``key_id``
+        without passing ``limit``; return how many were added, 0 when the
+        key has reached its limit.
+
+        Each attempt is one atomic ``UPDATE``, so processes reserving at the
+        same time never hand out the same seals twice.
+        """
+        counter = self.table.c[SEALED_COUNT]
+        key_column = self.table.c.key_id
+        granted = wanted
+        for _ in range(_RESERVE_ATTEMPTS):
+            with self._counting() as conn:
+                result = conn.execute(
+                    self.table.update()
+                    .where(key_column == key_id)
+                    .where(counter <= limit - granted)
+                    .values({SEALED_COUNT: counter + granted})
+                )
+                if result.rowcount == 1:
+                    return granted
+                used = conn.execute(
+                    sa.select(counter).where(key_column == key_id)
+                ).scalar_one_or_none()
+            if used is None:
+                raise KeyNotFoundError(
+                    f"key id {key_id} is not in keyring table {self.table.fullname}: its usage "
+                    "cannot be counted"
+                )
+            granted = min(wanted, limit - used)
+            if granted <= 0:
+                return 0
+        raise KeyStateError(
+            f"could not reserve seals for key id {key_id} in keyring table "
+            f"{self.table.fullname}: its usage counter changed on each of "
+            f"{_RESERVE_ATTEMPTS} attempts"
+        )
+
+    def add_seals(self, key_id: uuid.UUID, count: int) -> None:
+        """Add ``count`` seals that were made already to the usage counter of ``key_id``."""
+        counter = self.table.c[SEALED_COUNT]
+        with self._counting() as conn:
+            conn.execute(
+                self.table.update()
+                .where(self.table.c.key_id == key_id)
+                .values({SEALED_COUNT: counter + count})
+            )
+
+    def sealed_count(self, key_id: uuid.UUID) -> int | None:
+        """Return the usage counter of ``key_id``, or None if the key is not in the table."""
+        counter = self.table.c[SEALED_COUNT]
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(counter).where(self.table.c.key_id == key_id)
+            ).scalar_one_or_none()
+        return None if value is None else int(value)
+
+    @contextlib.contextmanager
+    def _counting(self) -> Iterator[sa.Connection]:
+        """A transaction for the usage counter. On SQLite it waits at most
+        :data:`SQLITE_COUNTER_WAIT_MS` for the write lock, because the lock may
+        be held by the application's own open transaction on the same file,
+        which no wait would end."""
+        with self.engine.begin() as conn:
+            if conn.dialect.name != "sqlite":
+                yield conn
+                return
+            previous = int(conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one())
+            conn.exec_driver_sql(f"PRAGMA busy_timeout = {SQLITE_COUNTER_WAIT_MS}")
+            try:
+                yield conn
+            finally:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout = {previous}")
+
+    def has_usage_column(self) -> bool:
+        """Return True if the keyring table has the usage counter column."""
+        with self.engine.connect() as conn:
+            columns = sa.inspect(conn).get_columns(self.table.name, schema=self.table.schema)
+        return any(column["name"] == SEALED_COUNT for column in columns)

@@ -32,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from ..errors import (
     EncryptionError,
     KeyNotFoundError,
+    KeyUsageLimitError,
     KmsError,
     ReencryptionError,
     TenantContextError,
@@ -338,6 +339,26 @@ class TableWorker:
         if active is None:
             active = column_type.key_provider.active_key(tenant, column_type.purpose)
             self._active_keys[slot] = active
+        try:
+            return self._reseal_under(column, stored, entry, tenant, active)
+        except KeyUsageLimitError as exc:
+            if not exc.replaced:
+                raise
+        # The active DEK reached its usage limit and the key provider made a
+        # newer version active: the value goes to that one.
+        active = column_type.key_provider.active_key(tenant, column_type.purpose)
+        self._active_keys[slot] = active
+        return self._reseal_under(column, stored, entry, tenant, active)
+
+    def _reseal_under(
+        self,
+        column: EncryptedColumn,
+        stored: Any,
+        entry: CensusEntry,
+        tenant: str,
+        active: DataKey,
+    ) -> Any:
+        column_type = column.column_type
         if active.version <= entry.key_version:
             if active.version < entry.key_version:
                 raise ReencryptionError(

@@ -1,0 +1,403 @@
+"""The usage limit of randomized DEKs (case B33 of the shared bug cases).
+
+AES-GCM with random 96-bit nonces must seal at most about 2^32 values per
+key. The keyring counts the values each randomized DEK seals in the keyring
+table, across processes; a key that reaches the limit is replaced by a new
+active version, or its writes raise, by configuration. The count may be
+higher than the number of values, never lower.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import sqlalchemy_encrypted as se
+from sqlalchemy_encrypted import (
+    ConfigurationError,
+    Encrypted,
+    KeyPurpose,
+    KeyUsageLimitError,
+    tenant_scope,
+)
+from sqlalchemy_encrypted.keyring import Keyring, KeyState
+from sqlalchemy_encrypted.kms import LocalKms
+from sqlalchemy_encrypted.rotation import reencrypt
+from sqlalchemy_encrypted.testing import InMemoryKeyring
+
+from .alembic_env import AlembicEnv
+from .keyring_helpers import assert_no_secret, log_text
+from .models import Base, Person
+from .usage_limit_worker import insert_rows
+
+
+def _add(engine: sa.Engine, count: int, first: int = 0, tenant: str = "t-acme") -> None:
+    for index in range(first, first + count):
+        with Session(engine) as session:
+            session.add(
+                Person(tenant_id=tenant, name=f"Person {index}", email=f"p{index}@example.test")
+            )
+            session.commit()
+
+
+def _name_versions(engine: sa.Engine) -> list[int]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT name FROM persons ORDER BY id")).all()
+    return [se.parse_header(bytes(row[0])).key_version for row in rows]
+
+
+def _counters(engine: sa.Engine, purpose: KeyPurpose) -> dict[int, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT key_version, sealed_count FROM encryption_keys "
+                "WHERE tenant_id = 't-acme' AND purpose = :purpose"
+            ),
+            {"purpose": purpose.value},
+        ).all()
+    return {row[0]: row[1] for row in rows}
+
+
+def _states(keyring: Keyring) -> dict[int, KeyState]:
+    return {
+        info.version: info.state
+        for info in keyring.list_keys("t-acme")
+        if info.purpose is KeyPurpose.RANDOMIZED
+    }
+
+
+def _all_names(engine: sa.Engine) -> list[str | None]:
+    with Session(engine) as session, tenant_scope("t-acme"):
+        return [person.name for person in session.scalars(sa.select(Person).order_by(Person.id))]
+
+
+def test_sixth_value_goes_to_a_new_version(
+    engine: sa.Engine, keyring_factory: type[Keyring]
+) -> None:
+    keyring = keyring_factory(key_usage_limit=5)
+    Base.metadata.create_all(engine)
+
+    _add(engine, 6)
+
+    assert _name_versions(engine) == [1, 1, 1, 1, 1, 2]
+    assert _states(keyring) == {1: KeyState.DECRYPT_ONLY, 2: KeyState.ACTIVE}
+    counters = _counters(engine, KeyPurpose.RANDOMIZED)
+    assert counters[1] == 5
+    assert counters[2] >= 1
+    # Deterministic keys use no nonce: not counted, not rotated.
+    assert _counters(engine, KeyPurpose.DETERMINISTIC) == {1: 0}
+    assert _all_names(engine) == [f"Person {index}" for index in range(6)]
+    with Session(engine) as session, tenant_scope("t-acme"):
+        found = session.scalars(sa.select(Person).where(Person.email == "p5@example.test"))
+        assert [person.name for person in found] == ["Person 5"]
+
+
+def test_raise_policy_refuses_the_sixth_value(
+    engine: sa.Engine, keyring_factory: type[Keyring], caplog: pytest.LogCaptureFixture
+) -> None:
+    keyring = keyring_factory(key_usage_limit=5, on_key_usage_limit="raise")
+    Base.metadata.create_all(engine)
+    _add(engine, 5)
+
+    caplog.set_level(logging.DEBUG, logger="sqlalchemy_encrypted")
+    with Session(engine) as session:
+        session.add(Person(tenant_id="t-acme", name="Sixth Person", email="p6@example.test"))
+        with pytest.raises(KeyUsageLimitError) as raised:
+            session.commit()
+
+    error = raised.value
+    key = keyring.active_key("t-acme", KeyPurpose.RANDOMIZED)
+    assert (error.tenant_id, error.key_id, error.version, error.replaced) == (
+        "t-acme",
+        key.key_id,
+        1,
+        False,
+    )
+    text = f"{error} {error!r} {getattr(error, '__notes__', '')}"
+    for part in ("'t-acme'", str(key.key_id), "version 1", "limit of 5", "persons.name"):
+        assert part in text
+    row = keyring._store.get(key.key_id)
+    assert row is not None and row.wrapped_dek is not None
+    dek = keyring.kms.unwrap(row.wrapped_dek, row.context, row.kek_id)
+    everything = text + log_text(caplog.records)
+    assert "Sixth Person" not in everything
+    assert_no_secret(everything, [dek, row.wrapped_dek])
+    assert "key.usage_limit_reached" in log_text(caplog.records)
+    # Nothing already stored is lost, and the refused row is not stored.
+    assert _name_versions(engine) == [1] * 5
+    assert _all_names(engine) == [f"Person {index}" for index in range(5)]
+    assert _states(keyring) == {1: KeyState.ACTIVE}
+    # Later writes keep failing until the tenant's key is rotated.
+    with pytest.raises(KeyUsageLimitError):
+        _add(engine, 1, first=6)
+    keyring.rotate("t-acme", KeyPurpose.RANDOMIZED, activate_now=True)
+    _add(engine, 1, first=6)
+    assert _name_versions(engine) == [1] * 5 + [2]
+
+
+def test_counter_persists_across_a_new_engine(
+    engine: sa.Engine, keyring_factory: type[Keyring], local_kms: LocalKms
+) -> None:
+    keyring_factory(key_usage_limit=5)
+    Base.metadata.create_all(engine)
+    _add(engine, 3)
+    used = _counters(engine, KeyPurpose.RANDOMIZED)[1]
+    assert 3 <= used <= 5
+
+    fresh = sa.create_engine(engine.url, connect_args=_connect_args(engine))
+    try:
+        Keyring(fresh, local_kms, key_usage_limit=5)
+        _add(fresh, 3, first=3)
+    finally:
+        fresh.dispose()
+
+    versions = _name_versions(engine)
+    # The second keyring continued from the stored count: without it, all six
+    # values would be under version 1.
+    assert versions.count(1) == 5 - (used - 3)
+    assert versions[-1] == 2
+    assert _counters(engine, KeyPurpose.RANDOMIZED)[1] == 5
+    assert _all_names(engine) == [f"Person {index}" for index in range(6)]
+
+
+def _connect_args(engine: sa.Engine) -> dict[str, str]:
+    if engine.dialect.name != "postgresql":
+        return {}
+    with engine.connect() as conn:
+        search_path = conn.exec_driver_sql("SHOW search_path").scalar_one()
+    return {"options": f"-c search_path={search_path}"}
+
+
+def test_reencryption_writes_count(engine: sa.Engine, keyring_factory: type[Keyring]) -> None:
+    keyring = keyring_factory(key_usage_limit=4)
+    Base.metadata.create_all(engine)
+    _add(engine, 3)
+    keyring.rotate("t-acme", KeyPurpose.RANDOMIZED, activate_now=True)
+    _add(engine, 1, first=3)
+    assert _name_versions(engine) == [1, 1, 1, 2]
+
+    result = reencrypt(engine, Base, columns=["persons.name"])
+
+    assert result.ok and result.failures_total == 0
+    assert _name_versions(engine) == [2, 2, 2, 2]
+    # One value written by the application, three by the job: version 2 is full.
+    assert _counters(engine, KeyPurpose.RANDOMIZED) == {1: 3, 2: 4}
+    assert _all_names(engine) == [f"Person {index}" for index in range(4)]
+
+
+def test_reencryption_moves_on_when_the_key_is_full(
+    engine: sa.Engine, keyring_factory: type[Keyring]
+) -> None:
+    keyring = keyring_factory(key_usage_limit=3)
+    Base.metadata.create_all(engine)
+    _add(engine, 3)
+    keyring.rotate("t-acme", KeyPurpose.RANDOMIZED, activate_now=True)
+    _add(engine, 1, first=3)
+
+    result = reencrypt(engine, Base, columns=["persons.name"], max_passes=1)
+
+    # Version 2 fills up while the job writes, so the job seals the rest under
+    # the version that replaced it. No value fails and none is lost; values
+    # left under a version older than the newest stay for the next run.
+    assert result.failures_total == 0
+    assert result.values_reencrypted >= 3
+    versions = _name_versions(engine)
+    counters = _counters(engine, KeyPurpose.RANDOMIZED)
+    assert max(counters) >= 3
+    for version, counter in counters.items():
+        assert versions.count(version) <= counter <= 3
+    assert _all_names(engine) == [f"Person {index}" for index in range(4)]
+
+
+def test_two_processes_never_undercount(
+    engine: sa.Engine, keyring_factory: type[Keyring], tmp_path: Path
+) -> None:
+    key_file = tmp_path / "usage.key"
+    keyring_factory(engine, LocalKms.create(key_file))
+    Base.metadata.create_all(engine)
+    connect_args = _connect_args(engine)
+    search_path = connect_args["options"].split("=", 1)[1] if connect_args else None
+    url = engine.url.render_as_string(hide_password=False)
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    # A limit of 4 for 6 values: one of the two processes must replace the key.
+    processes = [
+        context.Process(
+            target=insert_rows, args=(url, search_path, str(key_file), 4, first, 3, barrier)
+        )
+        for first in (100, 200)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    assert [process.exitcode for process in processes] == [0, 0]
+
+    versions = _name_versions(engine)
+    counters = _counters(engine, KeyPurpose.RANDOMIZED)
+    assert len(versions) == 6
+    assert sum(counters.values()) >= 6
+    for version, counter in counters.items():
+        assert versions.count(version) <= counter <= 4
+    with Session(engine) as session, tenant_scope("t-acme"):
+        names = sorted(p.name or "" for p in session.scalars(sa.select(Person)))
+    assert names == sorted(f"worker {first} row {row}" for first in (100, 200) for row in range(3))
+
+
+def test_threads_never_exceed_the_limit(keyring: InMemoryKeyring) -> None:
+    limited = InMemoryKeyring(key_usage_limit=1000)
+    column = Encrypted(sa.String(20), keyring=limited, context="persons.name")
+    sealed: list[bytes] = []
+
+    def seal_many() -> None:
+        for index in range(700):
+            sealed.append(column.seal(f"value {index}", tenant_id="t-acme"))
+
+    threads = [threading.Thread(target=seal_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    per_version: dict[int, int] = {}
+    for value in sealed:
+        version = se.parse_header(value).key_version
+        per_version[version] = per_version.get(version, 0) + 1
+    assert sum(per_version.values()) == 2800
+    assert sorted(per_version) == [1, 2, 3]
+    for version, count in per_version.items():
+        key = next(
+            key
+            for key in limited._by_id.values()
+            if key.key.version == version and key.key.purpose is KeyPurpose.RANDOMIZED
+        )
+        assert count <= limited.sealed_count(key.key.key_id) <= 1000
+
+
+def test_in_memory_keyring_limit(keyring: InMemoryKeyring) -> None:
+    limited = InMemoryKeyring(key_usage_limit=2)
+    column = Encrypted(sa.String(20), keyring=limited, context="persons.name")
+    values = [column.seal(f"v{index}", tenant_id="t-acme") for index in range(5)]
+    assert [se.parse_header(value).key_version for value in values] == [1, 1, 2, 2, 3]
+    assert [column.decrypt(value) for value in values] == [f"v{index}" for index in range(5)]
+
+    strict = InMemoryKeyring(key_usage_limit=2, on_key_usage_limit="raise")
+    column = Encrypted(sa.String(20), keyring=strict, context="persons.name")
+    column.seal("a", tenant_id="t-acme")
+    column.seal("b", tenant_id="t-acme")
+    with pytest.raises(KeyUsageLimitError, match="limit of 2") as raised:
+        column.seal("c", tenant_id="t-acme")
+    assert "persons.name" in str(raised.value.__notes__)
+    assert raised.value.replaced is False
+
+    unlimited = InMemoryKeyring(key_usage_limit=None)
+    column = Encrypted(sa.String(20), keyring=unlimited, context="persons.name")
+    key = unlimited.active_key("t-acme", KeyPurpose.RANDOMIZED)
+    for index in range(50):
+        column.seal(f"v{index}", tenant_id="t-acme")
+    assert unlimited.sealed_count(key.key_id) == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"key_usage_limit": 0}, "key_usage_limit"),
+        ({"key_usage_limit": -5}, "key_usage_limit"),
+        ({"key_usage_limit": "5"}, "key_usage_limit"),
+        ({"key_usage_limit": True}, "key_usage_limit"),
+        ({"on_key_usage_limit": "explode"}, "on_key_usage_limit"),
+    ],
+)
+def test_bad_settings(
+    keyring_factory: type[Keyring], options: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        keyring_factory(**options)
+    with pytest.raises(ConfigurationError, match=message):
+        InMemoryKeyring(**options)  # type: ignore[arg-type]
+
+
+def _drop_counter(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE encryption_keys DROP COLUMN sealed_count")
+
+
+def test_keyring_table_without_the_counter(
+    engine: sa.Engine, keyring_factory: type[Keyring], local_kms: LocalKms, tmp_path: Path
+) -> None:
+    first = keyring_factory(key_usage_limit=None)
+    Base.metadata.create_all(engine)
+    _add(engine, 2)
+    _drop_counter(engine)
+    key_id = first.active_key("t-acme", KeyPurpose.RANDOMIZED).key_id
+
+    # A keyring that does not count keeps reading and writing.
+    _add(engine, 1, first=2)
+    assert _all_names(engine) == ["Person 0", "Person 1", "Person 2"]
+
+    counting = Keyring(engine, local_kms, key_usage_limit=5)
+    assert counting.key_by_id(key_id).version == 1
+    assert _all_names(engine) == ["Person 0", "Person 1", "Person 2"]
+    with pytest.raises(ConfigurationError, match="add_keyring_usage_column") as raised:
+        _add(engine, 1, first=3)
+    assert "encryption_keys" in str(raised.value)
+    assert _all_names(engine) == ["Person 0", "Person 1", "Person 2"]
+
+    env = AlembicEnv(tmp_path / "migrations", engine)
+    env.write_revision(
+        "u1",
+        None,
+        "from alembic_ext import op as ext_op\next_op.add_keyring_usage_column()",
+        "op.drop_column('encryption_keys', 'sealed_count')",
+    )
+    env.upgrade("u1")
+    Keyring(engine, local_kms, key_usage_limit=5)
+    _add(engine, 1, first=3)
+    assert _all_names(engine) == [f"Person {index}" for index in range(4)]
+    assert _counters(engine, KeyPurpose.RANDOMIZED) == {1: 1}
+
+
+def test_locked_sqlite_keyring_counts_later(tmp_path: Path, local_kms: LocalKms) -> None:
+    # The keyring shares the SQLite file with the data, so the application's
+    # open transaction holds the write lock when a reservation is due.
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/one.db", connect_args={"timeout": 0.2})
+    keyring = Keyring(engine, local_kms, key_usage_limit=3)
+    keyring.create_table()
+    Base.metadata.create_all(engine)
+    keyring.provision("t-acme")
+    with Session(engine) as session:
+        # The first value reserves before the transaction writes; the next two
+        # are handed out while the file is locked and owed to the table.
+        for index in range(3):
+            session.add(Person(tenant_id="t-acme", name=f"P{index}", email=f"p{index}@x.test"))
+            session.flush()
+        # Version 1 is full, and no new version can be written in the locked file.
+        session.add(Person(tenant_id="t-acme", name="P3", email="p3@x.test"))
+        with pytest.raises(ConfigurationError, match="locked") as raised:
+            session.flush()
+    assert "version 1 of tenant 't-acme'" in str(raised.value)
+    assert _name_versions(engine) == []
+
+    # The owed seals reach the table once it can be written: three values
+    # were sealed (and rolled back), so three are counted.
+    keyring.purge_expired()
+    assert _counters(engine, KeyPurpose.RANDOMIZED) == {1: 3}
+    _add(engine, 2)
+    assert _name_versions(engine) == [2, 2]
+    assert _all_names(engine) == ["Person 0", "Person 1"]
+    engine.dispose()
+
+
+def test_usage_counter_is_a_uuid_keyed_row(
+    engine: sa.Engine, keyring_factory: type[Keyring]
+) -> None:
+    keyring = keyring_factory(key_usage_limit=5)
+    with pytest.raises(se.KeyNotFoundError):
+        keyring._store.reserve_seals(uuid.uuid4(), 1, 5)
