@@ -134,12 +134,12 @@ class InMemoryKeyring:
                 raise KeyNotFoundError(f"key id {key_id} is not in the keyring")
             return entry.sealed
 
-    def _reserve(self, key_id: uuid.UUID, wanted: int) -> int:
+    def _reserve(self, key_id: uuid.UUID, requested: int) -> int:
         limit = self.key_usage_limit
         assert limit is not None
         with self._lock:
             entry = self._by_id[key_id]
-            granted = min(wanted, limit - entry.sealed)
+            granted = min(requested, limit - entry.sealed)
             if granted > 0:
                 entry.sealed += granted
                 return granted

@@ -2,9 +2,9 @@
 
 AES-GCM with random 96-bit nonces must seal at most about 2^32 values per
 key. The keyring counts the values each randomized DEK seals in the keyring
-table, across processes; a key that reaches the limit is replaced by a new
-active version, or its writes raise, by configuration. The count may be
-higher than the number of values, never lower.
+table, across processes. A key that reaches the limit is replaced by a new
+active version, or its writes raise, as configured. The count may be higher
+than the number of values, never lower.
 """
 
 from __future__ import annotations
@@ -395,9 +395,7 @@ def test_locked_sqlite_keyring_counts_later(tmp_path: Path, local_kms: LocalKms)
     engine.dispose()
 
 
-def test_usage_counter_is_a_uuid_keyed_row(
-    engine: sa.Engine, keyring_factory: type[Keyring]
-) -> None:
+def test_reserve_unknown_key_id(engine: sa.Engine, keyring_factory: type[Keyring]) -> None:
     keyring = keyring_factory(key_usage_limit=5)
     with pytest.raises(se.KeyNotFoundError):
         keyring._store.reserve_seals(uuid.uuid4(), 1, 5)

@@ -336,16 +336,16 @@ class Keyring:
                 self._budgets[row.key_id] = budget
             return budget
 
-    def _reserve_seals(self, key_id: uuid.UUID, tenant: str, version: int, wanted: int) -> int:
-        """Record up to ``wanted`` more seals of a randomized DEK; see :class:`SealBudget`."""
+    def _reserve_seals(self, key_id: uuid.UUID, tenant: str, version: int, requested: int) -> int:
+        """Record up to ``requested`` more seals of a randomized DEK; see :class:`SealBudget`."""
         limit = self.key_usage_limit
         assert limit is not None
         try:
             self._record_unrecorded()
-            granted = self._store.reserve_seals(key_id, wanted, limit)
+            granted = self._store.reserve_seals(key_id, requested, limit)
         except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
             if self._sqlite_locked(exc):
-                return self._reserve_unrecorded(key_id, tenant, version, wanted)
+                return self._reserve_unrecorded(key_id, tenant, version, requested)
             raise self._usage_counter_error(exc, tenant, version) from None
         if granted > 0:
             logger.debug(
@@ -360,7 +360,9 @@ class Keyring:
     def _sqlite_locked(self, exc: sa.exc.DBAPIError) -> bool:
         return self.engine.dialect.name == "sqlite" and "locked" in str(exc.orig)
 
-    def _reserve_unrecorded(self, key_id: uuid.UUID, tenant: str, version: int, wanted: int) -> int:
+    def _reserve_unrecorded(
+        self, key_id: uuid.UUID, tenant: str, version: int, requested: int
+    ) -> int:
         """Hand out seals while the SQLite keyring file is locked, to be added
         to the table by the next reservation or purge_expired() that can write.
 
@@ -378,7 +380,7 @@ class Keyring:
             except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
                 raise self._usage_counter_error(exc, tenant, version) from None
             owed = self._unrecorded.get(key_id, 0)
-            granted = min(wanted, limit - (used or 0) - owed)
+            granted = min(requested, limit - (used or 0) - owed)
             if granted > 0:
                 if not owed:
                     logger.warning(

@@ -222,8 +222,8 @@ class KeyStore:
             return None
         return row.evolve(row_version=row.row_version + 1, **changes)
 
-    def reserve_seals(self, key_id: uuid.UUID, wanted: int, limit: int) -> int:
-        """Add up to ``wanted`` seals to the usage counter of ``key_id``
+    def reserve_seals(self, key_id: uuid.UUID, requested: int, limit: int) -> int:
+        """Add up to ``requested`` seals to the usage counter of ``key_id``
         without passing ``limit``; return how many were added, 0 when the
         key has reached its limit.
 
@@ -232,7 +232,7 @@ class KeyStore:
         """
         counter = self.table.c[SEALED_COUNT]
         key_column = self.table.c.key_id
-        granted = wanted
+        granted = requested
         for _ in range(_RESERVE_ATTEMPTS):
             with self._counting() as conn:
                 result = conn.execute(
@@ -251,7 +251,7 @@ class KeyStore:
                     f"key id {key_id} is not in keyring table {self.table.fullname}: its usage "
                     "cannot be counted"
                 )
-            granted = min(wanted, limit - used)
+            granted = min(requested, limit - used)
             if granted <= 0:
                 return 0
         raise KeyStateError(
