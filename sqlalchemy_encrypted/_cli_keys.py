@@ -31,7 +31,7 @@ def keys() -> None:
     """List, rotate, rewrap, retire and shred data keys."""
 
 
-def _key_dict(info: Any) -> dict[str, Any]:
+def _key_dict(info: Any, sealed: dict[Any, int] | None) -> dict[str, Any]:
     return {
         "key_id": str(info.key_id),
         "tenant_id": info.tenant_id,
@@ -42,23 +42,34 @@ def _key_dict(info: Any) -> dict[str, Any]:
         "kek_id": info.kek_id,
         "created_at": info.created_at.isoformat(),
         "activated_at": info.activated_at.isoformat() if info.activated_at else None,
+        "sealed_count": None if sealed is None else sealed.get(info.key_id),
     }
 
 
-def _print_keys(infos: Sequence[Any]) -> None:
+def _print_keys(infos: Sequence[Any], sealed: dict[Any, int] | None) -> None:
     rows = [
         (
             info.tenant_id,
             info.purpose.value,
             info.version,
             info.state.value,
+            "-" if sealed is None else sealed.get(info.key_id, "-"),
             info.key_id,
             info.kek_id,
             info.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
         for info in infos
     ]
-    headers = ("TENANT", "PURPOSE", "VERSION", "STATE", "KEY ID", "KEK", "CREATED (UTC)")
+    headers = (
+        "TENANT",
+        "PURPOSE",
+        "VERSION",
+        "STATE",
+        "SEALED",
+        "KEY ID",
+        "KEK",
+        "CREATED (UTC)",
+    )
     click.echo(render_table(headers, rows))
 
 
@@ -69,7 +80,9 @@ def _print_keys(infos: Sequence[Any]) -> None:
 def keys_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
     """List key metadata; no key is unwrapped.
 
-    A --tenant without keys is an error.
+    SEALED is the usage count of a randomized key (seals reserved by
+    processes, used or not), which the keyring compares with its
+    key_usage_limit. A --tenant without keys is an error.
     """
     keyring = settings_of(ctx).keyring()
     if tenant is not None:
@@ -78,10 +91,11 @@ def keys_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
         keyring.list_keys(tenant),
         key=lambda info: (info.tenant_id, info.purpose.value, info.version),
     )
+    sealed = keyring.sealed_counts(tenant)
     if as_json:
-        print_json([_key_dict(info) for info in infos])
+        print_json([_key_dict(info, sealed) for info in infos])
     elif infos:
-        _print_keys(infos)
+        _print_keys(infos, sealed)
     else:
         click.echo("no keys")
 
@@ -216,7 +230,7 @@ def keys_rotate(
             # keyring's message names Python arguments; name the options instead.
             raise _pending_error(exc.tenant_id, exc.purpose, exc.version) from None
     if as_json:
-        print_json([_key_dict(info) for info in created])
+        print_json([_key_dict(info, {}) for info in created])
         return
     for info in created:
         click.echo(

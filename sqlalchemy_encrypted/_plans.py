@@ -15,7 +15,7 @@ identities.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import keys
@@ -67,12 +67,13 @@ class WritePlan(_Plan):
 
     ``encrypt`` is the AEAD primitive's own method (see
     :meth:`AeadCipher.raw_encrypt`); ``aad_list`` is ``[aad]`` for AES-SIV.
-    ``budget`` is the DEK's :class:`~sqlalchemy_encrypted.keys.SealBudget`
-    and ``next_ticket`` its ticket counter, which every AES-GCM seal takes a
-    ticket from.
+    ``budget`` is the DEK's :class:`~sqlalchemy_encrypted.keys.SealBudget`,
+    ``tickets`` its ticket counter, which every AES-GCM seal takes a ticket
+    from, and ``seal_end`` a copy of its ``end``. The copy may lag behind
+    ``budget.end`` but never passes it, so a ticket below it is covered.
     """
 
-    __slots__ = ("aad_list", "budget", "encrypt", "gcm", "header", "next_ticket")
+    __slots__ = ("aad_list", "budget", "encrypt", "gcm", "header", "seal_end", "tickets")
 
     def __init__(self, lease: KeyLease, identity: str, header: bytes, aad: bytes) -> None:
         super().__init__(lease, identity, aad)
@@ -81,7 +82,8 @@ class WritePlan(_Plan):
         self.encrypt: Callable[..., bytes] = self.cipher.raw_encrypt()
         self.aad_list = [aad]
         self.budget: SealBudget = lease.key.budget
-        self.next_ticket: Callable[[], int] = self.budget.next_ticket
+        self.tickets: Iterator[int] = self.budget.tickets
+        self.seal_end: int = self.budget.end
 
 
 class ReadPlan(_Plan):

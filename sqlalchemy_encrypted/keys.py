@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ._aead import AeadCipher
@@ -78,7 +78,7 @@ class SealBudget:
     has reached its limit. A budget without ``reserve`` is unlimited.
     """
 
-    __slots__ = ("_block", "_exhausted", "_lock", "_reserve", "end", "next_ticket")
+    __slots__ = ("_block", "_exhausted", "_lock", "_reserve", "end", "tickets")
 
     def __init__(self, reserve: Callable[[int], int] | None, *, limit: int | None = None) -> None:
         self._reserve = reserve
@@ -87,17 +87,20 @@ class SealBudget:
         # Small limits (in tests) get small blocks, so that they are reached
         # exactly; 2^32 gets the full first block.
         self._block = _FIRST_BLOCK if limit is None else max(1, min(_FIRST_BLOCK, limit >> 20))
+        # next() on the iterator is atomic under the GIL, and the cheapest
+        # counter a seal can call.
+        self.tickets: Iterator[int]
         if reserve is None:
             # Every ticket is 0, and 0 is always covered.
-            self.next_ticket: Callable[[], int] = itertools.repeat(0).__next__
+            self.tickets = itertools.repeat(0)
             self.end = 1
         else:
-            self.next_ticket = itertools.count().__next__
+            self.tickets = itertools.count()
             self.end = 0
 
     def take(self) -> None:
         """Take one ticket, reserving more seals if it is not covered."""
-        ticket = self.next_ticket()
+        ticket = next(self.tickets)
         if ticket >= self.end:
             self.cover(ticket)
 

@@ -583,16 +583,20 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         for _ in range(_REPLACEMENTS):
             try:
                 plan.budget.cover(ticket)
-                return plan
             except KeyUsageLimitError as exc:
                 if not exc.replaced:
                     exc.add_note(f"while encrypting a value for encrypted column {identity}")
                     raise
+            else:
+                # Other plans of the same DEK may have covered it already.
+                plan.seal_end = plan.budget.end
+                return plan
             plan = self._write_plan(tenant, identity)
-            ticket = plan.next_ticket()
-            if ticket < plan.budget.end:
+            ticket = next(plan.tickets)
+            if ticket < plan.seal_end:
                 return plan
         plan.budget.cover(ticket)
+        plan.seal_end = plan.budget.end
         return plan
 
     def _current_provider(self) -> KeyProvider | None:
@@ -678,8 +682,8 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                     # AeadCipher.seal(), inlined.
                     if plan.gcm:
                         # Count the seal against the DEK's usage limit (SealBudget.take()).
-                        ticket = plan.next_ticket()
-                        if ticket >= plan.budget.end:
+                        ticket = next(plan.tickets)
+                        if ticket >= plan.seal_end:
                             plan = cover_seal(plan, ticket, tenant, identity)
                         nonce = new_gcm_nonce()
                         envelope = plan.header + nonce + plan.encrypt(nonce, plaintext, plan.aad)

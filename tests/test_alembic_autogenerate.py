@@ -92,6 +92,19 @@ def test_new_table_renders_importable_file(env: AlembicEnv, engine: sa.Engine) -
     assert isinstance(columns["email"], sa.LargeBinary)
 
 
+def test_old_keyring_table_is_kept(env: AlembicEnv, engine: sa.Engine) -> None:
+    # A keyring table made before the usage counter column existed.
+    env.upgrade("k1")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE encryption_keys DROP COLUMN sealed_count")
+    env.target_metadata = persons_metadata()
+
+    source = env.autogenerate("a1").read_text()
+
+    assert "drop_table('encryption_keys')" not in source
+    assert "encryption_keys" not in source
+
+
 def test_matching_models_give_empty_revision(env: AlembicEnv, engine: sa.Engine) -> None:
     env.upgrade("k1")
     env.target_metadata = persons_metadata()

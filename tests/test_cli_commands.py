@@ -125,8 +125,18 @@ def test_keys_rotate_promote_and_list(filled: App) -> None:
     }
     text = filled.run("keys", "list")
     assert "TENANT" in text.output
+    assert "SEALED" in text.output
     assert "t-globex" in text.output
     assert "wrapped" not in text.output
+
+
+def test_keys_list_shows_sealed_counts(filled: App) -> None:
+    listed = _json(filled.run("keys", "list", "--tenant", "t-acme", "--json"))
+
+    counts = {(k["purpose"], k["version"]): k["sealed_count"] for k in listed}
+    # The filled database holds t-acme values under version 1 of both purposes.
+    assert counts[("deterministic", 1)] == 0
+    assert counts[("randomized", 1)] >= 1
 
 
 def test_keys_rotate_needs_tenant(filled: App) -> None:

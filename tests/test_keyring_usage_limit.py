@@ -344,6 +344,7 @@ def test_keyring_table_without_the_counter(
 
     counting = Keyring(engine, local_kms, key_usage_limit=5)
     assert counting.key_by_id(key_id).version == 1
+    assert counting.sealed_counts() is None
     assert _all_names(engine) == ["Person 0", "Person 1", "Person 2"]
     with pytest.raises(ConfigurationError, match="add_keyring_usage_column") as raised:
         _add(engine, 1, first=3)
@@ -362,6 +363,10 @@ def test_keyring_table_without_the_counter(
     _add(engine, 1, first=3)
     assert _all_names(engine) == [f"Person {index}" for index in range(4)]
     assert _counters(engine, KeyPurpose.RANDOMIZED) == {1: 1}
+    assert counting.sealed_counts("t-acme") == {
+        key_id: 1,
+        counting.active_key("t-acme", KeyPurpose.DETERMINISTIC).key_id: 0,
+    }
 
 
 def test_locked_sqlite_keyring_counts_later(tmp_path: Path, local_kms: LocalKms) -> None:

@@ -825,6 +825,16 @@ class Keyring:
             logger.debug("dropped %d expired DEK(s) from the DEK cache", dropped)
         return dropped
 
+    def sealed_counts(self, tenant_id: str | None = None) -> dict[uuid.UUID, int] | None:
+        """Return how many seals each key (of one tenant) has reserved.
+
+        Randomized keys count toward ``key_usage_limit``; deterministic keys
+        stay at 0. The counts include seals that processes reserved but have
+        not used. Returns None for a keyring table without the
+        ``sealed_count`` column.
+        """
+        return self._store.sealed_counts(tenant_id)
+
     def list_keys(self, tenant_id: str | None = None) -> list[KeyInfo]:
         """Return metadata of every key (of one tenant), without unwrapping any."""
         return [row.info() for row in self._store.rows(tenant_id)]

@@ -279,6 +279,17 @@ class KeyStore:
             ).scalar_one_or_none()
         return None if value is None else int(value)
 
+    def sealed_counts(self, tenant_id: str | None = None) -> dict[uuid.UUID, int] | None:
+        """Return the usage counter of every key (of one tenant), or None when
+        the table has no usage counter column."""
+        if not self.has_usage_column():
+            return None
+        query = sa.select(self.table.c.key_id, self.table.c[SEALED_COUNT])
+        if tenant_id is not None:
+            query = query.where(self.table.c.tenant_id == tenant_id)
+        with self.engine.connect() as conn:
+            return {row[0]: int(row[1]) for row in conn.execute(query)}
+
     @contextlib.contextmanager
     def _counting(self) -> Iterator[sa.Connection]:
         """A transaction for the usage counter. On SQLite it waits at most
