@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from os import urandom
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, cast
 
 import sqlalchemy as sa
@@ -26,7 +27,7 @@ from sqlalchemy.sql.type_api import TypeEngine
 
 from . import _storage
 from . import keys as _keys
-from ._aead import InvalidTag, new_gcm_nonce
+from ._aead import InvalidTag
 from ._bound_search import PackedSearchValue, expanding_token_search, packed_token_search
 from ._comparison import ColumnComparison
 from ._plans import ColumnState, ReadPlan, WritePlan, remember
@@ -639,14 +640,17 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             tenant_id: str | None = None
             key: DataKey | None = None
             # Exact type tests: both wrappers are internal, final classes.
-            if type(value) is TenantBound:
+            value_type = type(value)
+            if value_type is TenantBound:
                 tenant_id = value.tenant_id
                 value = value.value
                 if value is None:
                     return None
-            elif type(value) is SearchToken:
+                value_type = type(value)
+            elif value_type is SearchToken:
                 key = value.key
                 value = value.value
+                value_type = type(value)
             unexpected: str | None = None
             try:
                 identity = hot.identity
@@ -655,7 +659,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 # StrCodec.encode(), inlined for an exact str within the limit,
                 # whose UTF-8 form is within the byte limit too.
                 plaintext: bytes | None = None
-                if type(value) is str and len(value) <= hot.str_limit:
+                if value_type is str and len(value) <= hot.str_limit:
                     try:
                         plaintext = str.encode(value)
                     except UnicodeEncodeError:
@@ -685,7 +689,9 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                         ticket = next(plan.tickets)
                         if ticket >= plan.seal_end:
                             plan = cover_seal(plan, ticket, tenant, identity)
-                        nonce = new_gcm_nonce()
+                        # A fresh random nonce, as _aead.new_gcm_nonce() makes,
+                        # without the call through functools.partial.
+                        nonce = urandom(GCM_NONCE_SIZE)
                         envelope = plan.header + nonce + plan.encrypt(nonce, plaintext, plan.aad)
                     else:
                         envelope = plan.header + plan.encrypt(
