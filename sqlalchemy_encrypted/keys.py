@@ -108,7 +108,8 @@ class SealBudget:
         """Reserve blocks until ``ticket`` is covered.
 
         Raises :class:`~sqlalchemy_encrypted.errors.KeyUsageLimitError` once
-        the key's limit is reached, and again on every later call.
+        the key's limit is reached. After an error with ``replaced`` set,
+        every later call raises it again without asking the provider.
         """
         with self._lock:
             while ticket >= self.end:
@@ -127,8 +128,10 @@ class SealBudget:
                 try:
                     granted = self._reserve(self._block)
                 except KeyUsageLimitError as exc:
-                    # Every later seal under this key fails without asking the provider.
-                    self._exhausted = exc
+                    if exc.replaced:
+                        # The provider made a newer version active: every later
+                        # seal under this key fails without asking it again.
+                        self._exhausted = exc
                     raise
                 self.end += granted
                 self._block = min(self._block * 2, _MAX_BLOCK)

@@ -148,7 +148,7 @@ class InMemoryKeyring:
                 f"randomized key version {key.version} of tenant {key.tenant_id!r} "
                 f"(key id {key_id})"
             )
-            if self.on_key_usage_limit == "raise":
+            if entry.state == "active" and self.on_key_usage_limit == "raise":
                 raise KeyUsageLimitError(
                     f"{where} has sealed its limit of {limit} values: rotate the tenant's "
                     "randomized key to keep writing",

@@ -142,6 +142,24 @@ def test_raise_policy_refuses_the_sixth_value(
     assert _name_versions(engine) == [1] * 5 + [2]
 
 
+def test_raise_policy_sees_rotation_elsewhere(
+    engine: sa.Engine, keyring_factory: type[Keyring], local_kms: LocalKms
+) -> None:
+    # The active-key lookup stays cached for an hour, so only the usage
+    # check can notice that another process rotated the key.
+    keyring_factory(key_usage_limit=5, on_key_usage_limit="raise", active_key_ttl=3600)
+    Base.metadata.create_all(engine)
+    _add(engine, 5)
+    with pytest.raises(KeyUsageLimitError):
+        _add(engine, 1, first=5)
+
+    operator = Keyring(engine, local_kms, set_default=False)
+    operator.rotate("t-acme", KeyPurpose.RANDOMIZED, activate_now=True)
+    _add(engine, 1, first=5)
+
+    assert _name_versions(engine) == [1] * 5 + [2]
+
+
 def test_counter_persists_across_a_new_engine(
     engine: sa.Engine, keyring_factory: type[Keyring], local_kms: LocalKms
 ) -> None:

@@ -167,6 +167,8 @@ class Keyring:
         # key id -> seals handed out while a SQLite keyring file was locked by
         # the application's own transaction, not yet added to the table.
         self._unrecorded: dict[uuid.UUID, int] = {}
+        # Keys whose key.usage_limit_reached event this process has logged.
+        self._limit_reported: set[uuid.UUID] = set()
         self.engine = engine
         self.metadata = sa.MetaData()
         self.table = keyring_table(self.metadata, table_name, schema)
@@ -426,32 +428,36 @@ class Keyring:
         """Apply ``on_key_usage_limit`` to a key that has reached its limit; always raises."""
         limit = self.key_usage_limit
         where = f"randomized key version {version} of tenant {tenant!r} (key id {key_id})"
-        audit_event(
-            "key.usage_limit_reached",
-            logging.WARNING,
-            tenant=tenant,
-            key_id=str(key_id),
-            purpose=KeyPurpose.RANDOMIZED.value,
-            version=version,
-            limit=limit,
-        )
-        if self.on_key_usage_limit == "raise":
-            raise KeyUsageLimitError(
-                f"{where} has sealed its limit of {limit} values: rotate the tenant's "
-                "randomized key (sqlalchemy-encrypted rotate) to keep writing",
-                tenant_id=tenant,
-                key_id=key_id,
+        if key_id not in self._limit_reported:
+            # Once per key and process: with "raise", every later write gets here.
+            self._limit_reported.add(key_id)
+            audit_event(
+                "key.usage_limit_reached",
+                logging.WARNING,
+                tenant=tenant,
+                key_id=str(key_id),
+                purpose=KeyPurpose.RANDOMIZED.value,
                 version=version,
+                limit=limit,
             )
         current = next(
             (row for row in self._store.tenant_rows(tenant) if row.key_id == key_id), None
         )
+        replaced = current is not None and current.state is not KeyState.ACTIVE
+        if not replaced and self.on_key_usage_limit == "raise":
+            raise KeyUsageLimitError(
+                f"{where} has sealed its limit of {limit} values: rotate the tenant's "
+                "randomized key (sqlalchemy-encrypted keys rotate) to keep writing",
+                tenant_id=tenant,
+                key_id=key_id,
+                version=version,
+            )
         try:
-            if current is not None and current.state is KeyState.ACTIVE:
-                lifecycle.rotate(self, tenant, KeyPurpose.RANDOMIZED, activate_now=True)
-            else:
-                # Another process already made a newer version active.
+            if replaced:
+                # Another process, or an operator, made a newer version active.
                 self._invalidate_tenant(tenant)
+            else:
+                lifecycle.rotate(self, tenant, KeyPurpose.RANDOMIZED, activate_now=True)
         except KeyStateError:
             # Another process rotated at the same moment.
             self._invalidate_tenant(tenant)
