@@ -31,6 +31,7 @@ __all__ = [
     "LeaseGeneration",
     "LeasingKeyProvider",
     "SealBudget",
+    "check_key_usage_limit",
     "get_default_key_provider",
     "set_default_key_provider",
 ]
@@ -53,12 +54,26 @@ class KeyPurpose(enum.StrEnum):
 # nonces keeps the chance of any nonce collision below 2^-32 up to 2^32 values
 # per key (NIST SP 800-38D, section 8.3).
 DEFAULT_KEY_USAGE_LIMIT = 2**32
+# The keyring table stores usage counts in a BIGINT column (signed 64-bit).
+MAX_KEY_USAGE_LIMIT = 2**63 - 1
 
 # Largest and smallest number of seals one reservation asks for. Blocks
 # double while a process keeps sealing, so a busy process writes its usage
 # counter rarely, and a short-lived one leaves few reserved seals unused.
 _FIRST_BLOCK = 4096
 _MAX_BLOCK = 65536
+
+
+def check_key_usage_limit(limit: object) -> None:
+    """Raise :class:`ConfigurationError` unless ``limit`` is a valid
+    ``key_usage_limit``: None, or an int from 1 to :data:`MAX_KEY_USAGE_LIMIT`."""
+    if limit is None:
+        return
+    if type(limit) is not int or not 1 <= limit <= MAX_KEY_USAGE_LIMIT:
+        raise ConfigurationError(
+            f"key_usage_limit must be an int from 1 to 2**63 - 1 (the range of the "
+            f"sealed_count BIGINT column), or None, not {limit!r}"
+        )
 
 
 class SealBudget:

@@ -32,6 +32,7 @@ from .keys import (
     KeyPurpose,
     LeaseGeneration,
     SealBudget,
+    check_key_usage_limit,
 )
 
 __all__ = ["InMemoryKeyring"]
@@ -72,10 +73,7 @@ class InMemoryKeyring:
         key_usage_limit: int | None = DEFAULT_KEY_USAGE_LIMIT,
         on_key_usage_limit: Literal["rotate", "raise"] = "rotate",
     ) -> None:
-        if key_usage_limit is not None and (
-            type(key_usage_limit) is not int or key_usage_limit < 1
-        ):
-            raise ConfigurationError("key_usage_limit must be a positive int, or None")
+        check_key_usage_limit(key_usage_limit)
         if on_key_usage_limit not in ("rotate", "raise"):
             raise ConfigurationError(
                 f"on_key_usage_limit must be 'rotate' or 'raise', not {on_key_usage_limit!r}"

@@ -27,7 +27,7 @@ from sqlalchemy_encrypted import (
     KeyUsageLimitError,
     tenant_scope,
 )
-from sqlalchemy_encrypted.keyring import Keyring, KeyState
+from sqlalchemy_encrypted.keyring import Keyring, KeyState, lifecycle
 from sqlalchemy_encrypted.kms import LocalKms
 from sqlalchemy_encrypted.rotation import reencrypt
 from sqlalchemy_encrypted.testing import InMemoryKeyring
@@ -269,6 +269,41 @@ def test_two_processes_never_undercount(
     assert names == sorted(f"worker {first} row {row}" for first in (100, 200) for row in range(3))
 
 
+def test_full_key_is_replaced_once(
+    engine: sa.Engine,
+    keyring_factory: type[Keyring],
+    local_kms: LocalKms,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keyring = keyring_factory(key_usage_limit=3)
+    other_engine = sa.create_engine(engine.url, connect_args=_connect_args(engine))
+    other = Keyring(other_engine, local_kms, key_usage_limit=3, set_default=False)
+    column = Encrypted(sa.String(20), keyring=keyring, context="persons.name")
+    for index in range(3):
+        column.seal(f"v{index}", tenant_id="t-acme")
+    rotate_one = lifecycle._rotate_one
+
+    def rotated_by_another_process_first(
+        provider: Keyring, tenant: str, purpose: KeyPurpose, activate_now: bool, **options: object
+    ) -> object:
+        # Both processes found version 1 full and active; the other one
+        # rotates between this keyring's read and its rotation.
+        if provider is keyring:
+            rotate_one(other, tenant, purpose, activate_now)
+        return rotate_one(provider, tenant, purpose, activate_now, **options)
+
+    monkeypatch.setattr(lifecycle, "_rotate_one", rotated_by_another_process_first)
+    try:
+        sealed = column.seal("v3", tenant_id="t-acme")
+    finally:
+        other_engine.dispose()
+
+    # The version the other process made active is used, not replaced again.
+    assert se.parse_header(sealed).key_version == 2
+    assert _states(keyring) == {1: KeyState.DECRYPT_ONLY, 2: KeyState.ACTIVE}
+    assert column.decrypt(sealed) == "v3"
+
+
 def test_threads_never_exceed_the_limit(keyring: InMemoryKeyring) -> None:
     limited = InMemoryKeyring(key_usage_limit=1000)
     column = Encrypted(sa.String(20), keyring=limited, context="persons.name")
@@ -330,6 +365,8 @@ def test_in_memory_keyring_limit(keyring: InMemoryKeyring) -> None:
         ({"key_usage_limit": -5}, "key_usage_limit"),
         ({"key_usage_limit": "5"}, "key_usage_limit"),
         ({"key_usage_limit": True}, "key_usage_limit"),
+        # sealed_count is a BIGINT, which cannot store a larger count.
+        ({"key_usage_limit": 2**63}, "key_usage_limit"),
         ({"on_key_usage_limit": "explode"}, "on_key_usage_limit"),
     ],
 )

@@ -41,6 +41,7 @@ from ..keys import (
     KeyPurpose,
     LeaseGeneration,
     SealBudget,
+    check_key_usage_limit,
     set_default_key_provider,
 )
 from ..kms.base import GeneratedDataKey, KmsProvider, WrapContext
@@ -149,10 +150,7 @@ class Keyring:
             raise ConfigurationError("cache_ttl and active_key_ttl must be 0 or more seconds")
         if cache_size < 1:
             raise ConfigurationError("cache_size must be at least 1")
-        if key_usage_limit is not None and (
-            type(key_usage_limit) is not int or key_usage_limit < 1
-        ):
-            raise ConfigurationError("key_usage_limit must be a positive int, or None")
+        check_key_usage_limit(key_usage_limit)
         if on_key_usage_limit not in ("rotate", "raise"):
             raise ConfigurationError(
                 f"on_key_usage_limit must be 'rotate' or 'raise', not {on_key_usage_limit!r}"
@@ -457,9 +455,12 @@ class Keyring:
                 # Another process, or an operator, made a newer version active.
                 self._invalidate_tenant(tenant)
             else:
-                lifecycle.rotate(self, tenant, KeyPurpose.RANDOMIZED, activate_now=True)
+                lifecycle.rotate(
+                    self, tenant, KeyPurpose.RANDOMIZED, activate_now=True, replacing=key_id
+                )
         except KeyStateError:
-            # Another process rotated at the same moment.
+            # Another process rotated at the same moment, or replaced the key
+            # between the read above and the rotation.
             self._invalidate_tenant(tenant)
         except sa.exc.OperationalError as exc:
             if not self._sqlite_locked(exc):

@@ -44,12 +44,22 @@ def _purposes(purpose: KeyPurpose | None) -> list[KeyPurpose]:
 
 
 def rotate(
-    keyring: Keyring, tenant: str, purpose: KeyPurpose | None, activate_now: bool
+    keyring: Keyring,
+    tenant: str,
+    purpose: KeyPurpose | None,
+    activate_now: bool,
+    *,
+    replacing: uuid.UUID | None = None,
 ) -> list[KeyInfo]:
+    """Rotate the tenant's keys; see :meth:`Keyring.rotate`.
+
+    With ``replacing``, rotate only while that key is the active one, and
+    raise :class:`KeyStateError` if another process has already replaced it.
+    """
     created = []
     try:
         for each in _purposes_to_rotate(keyring, tenant, purpose):
-            created.append(_rotate_one(keyring, tenant, each, activate_now))
+            created.append(_rotate_one(keyring, tenant, each, activate_now, replacing=replacing))
     finally:
         keyring._invalidate_tenant(tenant)
     return created
@@ -71,10 +81,21 @@ def _purposes_to_rotate(
     return [each for each in KeyPurpose if each in used] or list(KeyPurpose)
 
 
-def _rotate_one(keyring: Keyring, tenant: str, purpose: KeyPurpose, activate_now: bool) -> KeyInfo:
+def _rotate_one(
+    keyring: Keyring,
+    tenant: str,
+    purpose: KeyPurpose,
+    activate_now: bool,
+    *,
+    replacing: uuid.UUID | None = None,
+) -> KeyInfo:
     rows = keyring._store.tenant_rows(tenant)
     keyring._refuse_destroyed(tenant, rows)
     mine = [row for row in rows if row.purpose is purpose]
+    if replacing is not None and not any(
+        row.key_id == replacing and row.state is KeyState.ACTIVE for row in mine
+    ):
+        raise KeyStateError(_concurrent(tenant, purpose))
     if not mine:
         return keyring._create_first_key(tenant, purpose).info()
     _refuse_foreign_keks(keyring, tenant, purpose, mine)
