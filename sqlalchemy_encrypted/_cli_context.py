@@ -24,6 +24,7 @@ from .errors import (
     ReencryptionError,
 )
 from .keyring import Keyring
+from .keys import DEFAULT_KEY_USAGE_LIMIT
 from .kms import KmsProvider, LocalKms, kms_from_uri
 
 __all__ = [
@@ -191,6 +192,7 @@ class CliContext:
     verbose: bool
     previous_kms_uris: tuple[str, ...] = ()
     keyring_url: str | None = None
+    key_usage_limit: int | None = DEFAULT_KEY_USAGE_LIMIT
     _engine: sa.Engine | None = field(default=None, repr=False)
     _keyring_engine: sa.Engine | None = field(default=None, repr=False)
     _kms: KmsProvider | None = field(default=None, repr=False)
@@ -258,6 +260,7 @@ class CliContext:
                 previous_kms=[kms_from_uri(uri) for uri in self.previous_kms_uris],
                 table_name=self.keyring_table,
                 active_key_ttl=self.active_key_ttl,
+                key_usage_limit=self.key_usage_limit,
                 set_default=True,
             )
         return self._keyring

@@ -26,6 +26,7 @@ from ._cli_decrypt import decrypt
 from ._cli_inspect import inspect
 from ._cli_keys import keys
 from ._cli_rotation import reencrypt, status
+from .keys import DEFAULT_KEY_USAGE_LIMIT, MAX_KEY_USAGE_LIMIT
 from .rotation import CheckpointStore
 
 __all__ = ["cli", "main"]
@@ -125,6 +126,16 @@ def _configure_logging(ctx: click.Context, verbose: bool, audit_log: str | None)
     help="Seconds a rotated key stays pending; use the application's setting.",
 )
 @click.option(
+    "--key-usage-limit",
+    default=str(DEFAULT_KEY_USAGE_LIMIT),
+    show_default=True,
+    envvar="SQLALCHEMY_ENCRYPTED_KEY_USAGE_LIMIT",
+    metavar="N|none",
+    help="Values a randomized DEK may seal, as the application's "
+    "Keyring(key_usage_limit=...); 'none' turns counting off "
+    "[env SQLALCHEMY_ENCRYPTED_KEY_USAGE_LIMIT].",
+)
+@click.option(
     "--audit-log",
     type=click.Path(dir_okay=False),
     envvar="SQLALCHEMY_ENCRYPTED_AUDIT_LOG",
@@ -142,6 +153,7 @@ def cli(
     models: tuple[str, ...],
     keyring_table: str,
     active_key_ttl: float,
+    key_usage_limit: str,
     audit_log: str | None,
     verbose: bool,
 ) -> None:
@@ -154,11 +166,27 @@ def cli(
         models=tuple(spec for value in models for spec in value.split()),
         keyring_table=keyring_table,
         active_key_ttl=active_key_ttl,
+        key_usage_limit=_usage_limit(key_usage_limit),
         verbose=verbose,
     )
     ctx.obj = settings
     ctx.call_on_close(settings.close)
     _configure_logging(ctx, verbose, audit_log)
+
+
+def _usage_limit(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_KEY_USAGE_LIMIT:
+        raise click.BadParameter(
+            f"expected a whole number from 1 to {MAX_KEY_USAGE_LIMIT}, or 'none'; got {text!r}",
+            param_hint="--key-usage-limit",
+        )
+    return limit
 
 
 # -- init ---------------------------------------------------------------------

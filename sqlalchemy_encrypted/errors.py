@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy.exc import DontWrapMixin
 
@@ -136,6 +137,10 @@ class KeyPendingError(KeyStateError):
         self.purpose = purpose
         self.version = version
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments: the default reduction passes only the message.
+        return _rebuild_error, (type(self), self.args[0]), self.__dict__
+
 
 class KeyUsageLimitError(EncryptionError):
     """A randomized DEK has sealed as many values as its usage limit allows.
@@ -161,6 +166,10 @@ class KeyUsageLimitError(EncryptionError):
         self.key_id = key_id
         self.version = version
         self.replaced = replaced
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments: the default reduction passes only the message.
+        return _rebuild_error, (type(self), self.args[0]), self.__dict__
 
 
 class StoredKeyNotFoundError(KeyNotFoundError, DecryptionError):
@@ -254,3 +263,11 @@ class MixedValuesError(MigrationError):
         super().__init__(message)
         self.count = count
         self.primary_keys = primary_keys
+
+
+def _rebuild_error(cls: type[EncryptionError], message: str) -> EncryptionError:
+    """Create an error of ``cls`` without its keyword arguments, for unpickling;
+    pickle then restores its attributes and notes."""
+    error = cls.__new__(cls, message)
+    Exception.__init__(error, message)
+    return error

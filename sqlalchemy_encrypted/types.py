@@ -596,7 +596,12 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             ticket = next(plan.tickets)
             if ticket < plan.seal_end:
                 return plan
-        plan.budget.cover(ticket)
+        try:
+            plan.budget.cover(ticket)
+        except KeyUsageLimitError as exc:
+            # Each newer version filled up before this seal reached it.
+            exc.add_note(f"while encrypting a value for encrypted column {identity}")
+            raise
         plan.seal_end = plan.budget.end
         return plan
 

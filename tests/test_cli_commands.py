@@ -466,3 +466,47 @@ def test_help_lists_exit_codes() -> None:
     assert "5  key version still in use" in result.output
     for command in ("init", "keys", "status", "reencrypt", "inspect"):
         assert command in result.output
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", str(2**63)])
+def test_key_usage_limit_option_rejects(filled: App, value: str) -> None:
+    result = filled.run("--key-usage-limit", value, "keys", "list")
+
+    assert result.exit_code == 2
+    assert "--key-usage-limit" in result.output
+
+
+def test_key_usage_limit_option_on_old_table(filled: App) -> None:
+    # A keyring table from before the usage counter column.
+    with filled.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE encryption_keys DROP COLUMN sealed_count")
+    rotated = filled.run("keys", "rotate", "t-acme", "--purpose", "randomized", "--activate-now")
+    assert rotated.exit_code == 0, rotated.output
+
+    counting = filled.run("reencrypt", "--tenant", "t-acme", "--column", "persons.name")
+    assert counting.exit_code != 0
+    assert "--key-usage-limit none" in counting.output
+
+    result = filled.run(
+        "--key-usage-limit", "none", "reencrypt", "--tenant", "t-acme", "--column", "persons.name"
+    )
+    assert result.exit_code == 0, result.output
+    listed = _json(filled.run("keys", "list", "--tenant", "t-acme", "--json"))
+    assert {k["sealed_count"] for k in listed} == {None}
+
+
+def test_key_usage_limit_option_counts(filled: App) -> None:
+    rotated = filled.run("keys", "rotate", "t-acme", "--purpose", "randomized", "--activate-now")
+    assert rotated.exit_code == 0, rotated.output
+
+    result = filled.run(
+        "--key-usage-limit", "2", "reencrypt", "--tenant", "t-acme", "--column", "persons.name"
+    )
+
+    # Version 2 fills after two values, so the job moves on to newer versions.
+    # With more values than a key may seal, some stay stale (exit status 6).
+    assert result.exit_code in (0, 6), result.output
+    listed = _json(filled.run("keys", "list", "--tenant", "t-acme", "--json"))
+    randomized = [k for k in listed if k["purpose"] == "randomized"]
+    assert len(randomized) > 2
+    assert all(k["sealed_count"] <= 2 for k in randomized if k["version"] > 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import pickle
 import threading
 import uuid
 from pathlib import Path
@@ -459,3 +460,64 @@ def test_reserve_unknown_key_id(engine: sa.Engine, keyring_factory: type[Keyring
     keyring = keyring_factory(key_usage_limit=5)
     with pytest.raises(se.KeyNotFoundError):
         keyring._store.reserve_seals(uuid.uuid4(), 1, 5)
+
+
+def test_shred_elsewhere_stops_seals(
+    engine: sa.Engine, keyring_factory: type[Keyring], local_kms: LocalKms
+) -> None:
+    # A limit of 40 reserves one seal at a time at first, so the second
+    # write reserves again and finds the key destroyed by the other keyring.
+    keyring_factory(key_usage_limit=40, active_key_ttl=3600, cache_ttl=3600)
+    Base.metadata.create_all(engine)
+    _add(engine, 1)
+    Keyring(engine, local_kms, set_default=False).shred("t-acme")
+
+    with pytest.raises(se.KeyDestroyedError, match="t-acme"):
+        _add(engine, 1, first=1)
+
+    assert len(_name_versions(engine)) == 1
+
+
+def test_retire_elsewhere_moves_seals_on(
+    engine: sa.Engine, keyring_factory: type[Keyring], local_kms: LocalKms
+) -> None:
+    keyring_factory(key_usage_limit=40, active_key_ttl=3600, cache_ttl=3600)
+    Base.metadata.create_all(engine)
+    _add(engine, 1)
+    operator = Keyring(engine, local_kms, set_default=False)
+    operator.rotate("t-acme", KeyPurpose.RANDOMIZED, activate_now=True)
+    operator.retire("t-acme", 1, KeyPurpose.RANDOMIZED)
+
+    _add(engine, 1, first=1)
+
+    assert _name_versions(engine) == [1, 2]
+
+
+def test_errors_survive_pickling() -> None:
+    full = KeyUsageLimitError(
+        "randomized key version 3 of tenant 't-acme' has sealed its limit",
+        tenant_id="t-acme",
+        key_id=uuid.UUID(int=7),
+        version=3,
+        replaced=True,
+    )
+    full.add_note("while encrypting a value for encrypted column persons.name")
+    pending = se.KeyPendingError("pending", tenant_id="t-acme", purpose="randomized", version=2)
+
+    copy = pickle.loads(pickle.dumps(full))
+    pending_copy = pickle.loads(pickle.dumps(pending))
+
+    assert type(copy) is KeyUsageLimitError
+    assert str(copy) == str(full)
+    assert (copy.tenant_id, copy.key_id, copy.version, copy.replaced) == (
+        "t-acme",
+        uuid.UUID(int=7),
+        3,
+        True,
+    )
+    assert copy.__notes__ == full.__notes__
+    assert (pending_copy.tenant_id, pending_copy.purpose, pending_copy.version) == (
+        "t-acme",
+        "randomized",
+        2,
+    )

@@ -342,11 +342,29 @@ class Keyring:
         assert limit is not None
         try:
             self._record_unrecorded()
-            granted = self._store.reserve_seals(key_id, requested, limit)
+            granted, state = self._store.reserve_seals(key_id, requested, limit)
         except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
             if self._sqlite_locked(exc):
                 return self._reserve_unrecorded(key_id, tenant, version, requested)
             raise self._usage_counter_error(exc, tenant, version) from None
+        where = f"randomized key version {version} of tenant {tenant!r} (key id {key_id})"
+        if state is KeyState.DESTROYED:
+            # Another process shredded the tenant while this one held the DEK.
+            self._invalidate_tenant(tenant, drop_deks=True)
+            raise KeyDestroyedError(
+                f"the DEK of {where} was destroyed (the tenant was crypto-shredded): writes "
+                "for this tenant are refused"
+            )
+        if state is KeyState.RETIRED:
+            self._invalidate_tenant(tenant)
+            raise KeyUsageLimitError(
+                f"{where} was retired by another process and seals no more values; a "
+                "newer version is active",
+                tenant_id=tenant,
+                key_id=key_id,
+                version=version,
+                replaced=True,
+            )
         if granted > 0:
             logger.debug(
                 "reserved %d seal(s) of randomized key version %d of tenant %r",
@@ -410,7 +428,8 @@ class Keyring:
                 f"keyring table {self.table.fullname} has no sealed_count column, which "
                 f"counts the values each randomized DEK seals (while sealing under {where}): "
                 "add it with op.add_keyring_usage_column() from alembic_ext in a migration, "
-                "or pass key_usage_limit=None to Keyring to stop counting"
+                "or pass key_usage_limit=None to Keyring (--key-usage-limit none on the "
+                "command line) to stop counting"
             )
         if self.engine.dialect.name == "sqlite" and "locked" in str(exc.orig):
             return ConfigurationError(

@@ -98,6 +98,9 @@ _ENUM_COLUMNS = {"purpose", "state"}
 # Atomic reservations tried before giving up; each loses only to another process
 # that reserved in between.
 _RESERVE_ATTEMPTS = 20
+# States of keys that another process may still hold in its cache, but that
+# must not seal anything more.
+_NO_SEALS = (KeyState.RETIRED.value, KeyState.DESTROYED.value)
 # Milliseconds a usage counter update waits for a SQLite write lock.
 SQLITE_COUNTER_WAIT_MS = 200
 
@@ -222,11 +225,15 @@ class KeyStore:
             return None
         return row.evolve(row_version=row.row_version + 1, **changes)
 
-    def reserve_seals(self, key_id: uuid.UUID, requested: int, limit: int) -> int:
+    def reserve_seals(
+        self, key_id: uuid.UUID, requested: int, limit: int
+    ) -> tuple[int, KeyState | None]:
         """Add up to ``requested`` seals to the usage counter of ``key_id``
-        without passing ``limit``; return how many were added, 0 when the
-        key has reached its limit.
+        without passing ``limit``.
 
+        Returns how many were added, and None or, when none could be added,
+        the key's state: 0 with an active or decrypt-only state means the key
+        has reached its limit, and a retired or destroyed key gets no seals.
         Each attempt is one atomic ``UPDATE``, so processes reserving at the
         same time never hand out the same seals twice.
         """
@@ -238,22 +245,26 @@ class KeyStore:
                 result = conn.execute(
                     self.table.update()
                     .where(key_column == key_id)
+                    .where(self.table.c.state.not_in(_NO_SEALS))
                     .where(counter <= limit - granted)
                     .values({SEALED_COUNT: counter + granted})
                 )
                 if result.rowcount == 1:
-                    return granted
-                used = conn.execute(
-                    sa.select(counter).where(key_column == key_id)
-                ).scalar_one_or_none()
-            if used is None:
+                    return granted, None
+                found = conn.execute(
+                    sa.select(counter, self.table.c.state).where(key_column == key_id)
+                ).one_or_none()
+            if found is None:
                 raise KeyNotFoundError(
                     f"key id {key_id} is not in keyring table {self.table.fullname}: its usage "
                     "cannot be counted"
                 )
-            granted = min(requested, limit - used)
+            state = KeyState(found[1])
+            if state.value in _NO_SEALS:
+                return 0, state
+            granted = min(requested, limit - found[0])
             if granted <= 0:
-                return 0
+                return 0, state
         raise KeyStateError(
             f"could not reserve seals for key id {key_id} in keyring table "
             f"{self.table.fullname}: its usage counter changed on each of "
