@@ -46,6 +46,7 @@ from .errors import (
 )
 from .keys import (
     DEFAULT_KEY_USAGE_LIMIT,
+    UNLIMITED_SEALS,
     DataKey,
     KeyLease,
     KeyProvider,
@@ -66,6 +67,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_KEY_USAGE_LIMIT",
     "TENANT_COLUMN_INFO_KEY",
+    "UNLIMITED_SEALS",
     "Algorithm",
     "ConfigurationError",
     "DataKey",

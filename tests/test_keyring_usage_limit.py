@@ -521,3 +521,75 @@ def test_errors_survive_pickling() -> None:
         "randomized",
         2,
     )
+
+
+class _BudgetedProvider:
+    """A minimal provider without leases whose randomized keys carry budgets."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sealed: dict[uuid.UUID, int] = {}
+        self.keys: list[se.DataKey] = []
+        self._new_key()
+
+    def _new_key(self) -> None:
+        from sqlalchemy_encrypted._aead import AeadCipher
+
+        key_id = uuid.uuid4()
+        budget = se.SealBudget(lambda n: self._reserve(key_id, n), limit=self.limit)
+        cipher = AeadCipher(KeyPurpose.RANDOMIZED.algorithm, bytes(range(32)))
+        version = len(self.keys) + 1
+        self.keys.append(
+            se.DataKey(key_id, "t-acme", KeyPurpose.RANDOMIZED, version, cipher, budget)
+        )
+        self.sealed[key_id] = 0
+
+    def _reserve(self, key_id: uuid.UUID, requested: int) -> int:
+        granted = min(requested, self.limit - self.sealed[key_id])
+        if granted > 0:
+            self.sealed[key_id] += granted
+            return granted
+        key = next(key for key in self.keys if key.key_id == key_id)
+        if key is self.keys[-1]:
+            self._new_key()
+        raise KeyUsageLimitError(
+            "full", tenant_id="t-acme", key_id=key_id, version=key.version, replaced=True
+        )
+
+    def active_key(self, tenant_id: str, purpose: KeyPurpose) -> se.DataKey:
+        return self.keys[-1]
+
+    def key_by_id(self, key_id: uuid.UUID, expected_tenant: str | None = None) -> se.DataKey:
+        return next(key for key in self.keys if key.key_id == key_id)
+
+    def decryptable_keys(self, tenant_id: str, purpose: KeyPurpose) -> list[se.DataKey]:
+        return list(reversed(self.keys))
+
+
+def test_custom_provider_budgets(engine: sa.Engine) -> None:
+    provider = _BudgetedProvider(limit=3)
+    metadata = sa.MetaData()
+    table = sa.Table(
+        "notes",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("body", Encrypted(sa.String(20), keyring=provider)),
+    )
+    metadata.create_all(engine)
+
+    with tenant_scope("t-acme"), engine.begin() as conn:
+        conn.execute(sa.insert(table), [{"id": i, "body": f"note {i}"} for i in range(7)])
+        stored = conn.execute(sa.select(table.c.body).order_by(table.c.id)).scalars().all()
+
+    versions = [
+        se.parse_header(bytes(raw)).key_version
+        for raw in _raw_values(engine, "SELECT body FROM notes ORDER BY id")
+    ]
+    assert versions == [1, 1, 1, 2, 2, 2, 3]
+    assert stored == [f"note {i}" for i in range(7)]
+    assert list(provider.sealed.values()) == [3, 3, 1]
+
+
+def _raw_values(engine: sa.Engine, sql: str) -> list[bytes]:
+    with engine.connect() as conn:
+        return [bytes(row[0]) for row in conn.exec_driver_sql(sql)]
