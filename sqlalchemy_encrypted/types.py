@@ -98,8 +98,8 @@ _TAG_BYTES = tuple(bytes((tag,)) for tag in range(256))
 # seal() and decrypt() test for SIV once per value, and reading an Enum
 # member through its class is slower than reading a module global.
 _SIV = Algorithm.AES_256_SIV
-# How often one seal moves on to a newer DEK after its key provider replaced
-# one that reached its usage limit, before the error is raised as it is.
+# How many times one seal moves on to a newer DEK, after the key provider
+# replaced a full one, before it raises the KeyUsageLimitError.
 _REPLACEMENTS = 3
 
 # Offset of the ciphertext in a GCM envelope, after header and nonce.
@@ -578,9 +578,11 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         return plan
 
     def _cover_seal(self, plan: WritePlan, ticket: int, tenant: str, identity: str) -> WritePlan:
-        """Cover ``ticket`` of ``plan``'s DEK, or move to the tenant's new
-        active DEK when the key provider replaced one that reached its usage
-        limit; return the plan to seal with."""
+        """Return the plan to seal with once ``ticket`` is covered.
+
+        That is ``plan`` itself, or a plan for the tenant's new active DEK
+        when the key provider replaced a DEK that reached its usage limit.
+        """
         for _ in range(_REPLACEMENTS):
             try:
                 plan.budget.cover(ticket)

@@ -134,7 +134,7 @@ def test_keys_list_shows_sealed_counts(filled: App) -> None:
     listed = _json(filled.run("keys", "list", "--tenant", "t-acme", "--json"))
 
     counts = {(k["purpose"], k["version"]): k["sealed_count"] for k in listed}
-    # The filled database holds t-acme values under version 1 of both purposes.
+    # The filled database contains t-acme values under version 1 of both purposes.
     assert counts[("deterministic", 1)] == 0
     assert counts[("randomized", 1)] >= 1
 
