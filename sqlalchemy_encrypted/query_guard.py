@@ -17,6 +17,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import (
+    BinaryExpression,
     BindParameter,
     Case,
     Cast,
@@ -26,6 +27,7 @@ from sqlalchemy.sql.elements import (
     Label,
     Null,
     Over,
+    Tuple,
     WithinGroup,
     _textual_label_reference,
 )
@@ -175,10 +177,12 @@ def check_select(select: Select[Any]) -> None:
 
 def check_expressions(statement: Any) -> None:
     """Raise :class:`UnsupportedOperationError` if any part of ``statement``
-    casts, calls a SQL function (other than ``count()``) or orders a window
-    over an encrypted column."""
+    casts, calls a SQL function (other than ``count()``), orders a window or
+    compares a row value (``tuple_()``) over an encrypted column."""
     for element in visitors.iterate(statement):
-        if isinstance(element, FunctionElement):
+        if isinstance(element, BinaryExpression):
+            _check_row_value(element)
+        elif isinstance(element, FunctionElement):
             name = getattr(element, "name", "")
             if name.lower() in _SAFE_FUNCTIONS:
                 continue
@@ -199,6 +203,25 @@ def check_expressions(statement: Any) -> None:
             if element.else_ is not None:
                 results.append(element.else_)
             _check_one_source(results, "CASE")
+
+
+def _check_row_value(binary: BinaryExpression[Any]) -> None:
+    """Reject a comparison of row values that contain an encrypted column.
+
+    SQLAlchemy compares a ``tuple_()`` element by element in SQL, without
+    the column type's comparator. A randomized value never matches, ordering
+    compares ciphertext, and a deterministic value is bound under the active
+    key version only, so rows under an older version are missed during a
+    rotation.
+    """
+    for side in (binary.left, binary.right):
+        if isinstance(side, Tuple):
+            for column_type in _encrypted_columns(side):
+                raise UnsupportedOperationError(
+                    f"a row-value (tuple_) comparison is not supported on encrypted column "
+                    f"{column_type.column_identity}: compare each column on its own, for "
+                    "example and_(column == value, other == value2)"
+                )
 
 
 def _describe_source(element: Any) -> str:

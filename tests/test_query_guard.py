@@ -146,6 +146,32 @@ REJECTED: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: sa.except_(sa.select(Member.name), sa.select(Member.name)),
         "members.name",
     ),
+    "tuple range randomized": (
+        lambda: sa.select(Member).where(sa.tuple_(Member.name, Member.id) > ("A", 0)),
+        "members.name",
+    ),
+    "tuple equality randomized": (
+        lambda: sa.select(Member).where(sa.tuple_(Member.name, Member.id) == ("x", 1)),
+        "members.name",
+    ),
+    "tuple range deterministic": (
+        lambda: sa.select(Member).where(sa.tuple_(Member.email, Member.id) < ("z", 9)),
+        "members.email",
+    ),
+    "tuple equality deterministic": (
+        lambda: sa.select(Member).where(sa.tuple_(Member.id, Member.email) == (1, "x")),
+        "members.email",
+    ),
+    "tuple in deterministic": (
+        lambda: sa.select(Member).where(
+            sa.tuple_(Member.email, Member.id).in_([("x@example.test", 1)])
+        ),
+        "members.email",
+    ),
+    "tuple in delete": (
+        lambda: sa.delete(Member).where(sa.tuple_(Member.name, Member.id) == ("x", 1)),
+        "members.name",
+    ),
     "union over union all": (
         lambda: sa.union(
             sa.union_all(sa.select(Member.name), sa.select(Member.name)).subquery().select(),
