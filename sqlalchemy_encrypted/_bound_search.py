@@ -101,7 +101,7 @@ def pack_search_value(
     identity = column_type._identity_for_write()
     unexpected: str | None = None
     try:
-        tenant = tenant_id if tenant_id is not None else current_tenant(identity)
+        tenant = tenant_id if tenant_id is not None else current_tenant(identity, search=True)
         keys = column_type.key_provider.decryptable_keys(tenant, KeyPurpose.DETERMINISTIC)
         if len(keys) > MAX_BOUND_LOOKUP_VERSIONS:
             raise TooManyKeyVersionsError(

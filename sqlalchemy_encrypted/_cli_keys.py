@@ -65,7 +65,7 @@ def _print_keys(infos: Sequence[Any], sealed: dict[Any, int] | None) -> None:
         "PURPOSE",
         "VERSION",
         "STATE",
-        "SEALED",
+        "SEALS RESERVED",
         "KEY ID",
         "KEK",
         "CREATED (UTC)",
@@ -80,7 +80,7 @@ def _print_keys(infos: Sequence[Any], sealed: dict[Any, int] | None) -> None:
 def keys_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
     """List key metadata; no key is unwrapped.
 
-    SEALED is the usage count of a randomized key (seals reserved by
+    SEALS RESERVED is the usage count of a randomized key (seals reserved by
     processes, used or not), which the keyring compares with its
     key_usage_limit. A --tenant without keys is an error.
     """

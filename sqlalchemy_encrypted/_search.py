@@ -55,7 +55,7 @@ class TokenSet(Sequence[SearchToken]):
 
     def _keys(self) -> Sequence[DataKey]:
         column_type = self._type
-        tenant_id = current_tenant(column_type.column_identity)
+        tenant_id = current_tenant(column_type.column_identity, search=True)
         return column_type.key_provider.decryptable_keys(tenant_id, KeyPurpose.DETERMINISTIC)
 
     def _tokens(self) -> list[SearchToken]:

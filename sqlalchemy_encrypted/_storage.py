@@ -108,7 +108,10 @@ def coerce_stored(value: Any, storage: StorageMode, identity: str) -> bytes:
     """
     if isinstance(value, (bytes, bytearray, str, memoryview)) and len(value) == 0:
         raise StorageFormatError(
-            f"encrypted column {identity} contains an empty value, which is not a valid envelope"
+            f"encrypted column {identity} contains an empty value, which is not a valid "
+            "envelope: the library stores '' and b'' as envelopes, so this value was written "
+            "around the column type (raw SQL, or a plaintext column before encrypt_column); "
+            "set it to NULL, or seal the intended value with the column type"
         )
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)

@@ -64,14 +64,25 @@ def scoped_tenant() -> str | None:
     return _scope.get()
 
 
-def current_tenant(column: str = "") -> str:
-    """Return the scoped tenant, else the default tenant, else raise."""
+def current_tenant(column: str = "", *, search: bool = False) -> str:
+    """Return the scoped tenant, else the default tenant, else raise.
+
+    ``search`` words the error for a lookup, which only a scope or the
+    default tenant can serve.
+    """
     tenant_id = _scope.get()
     if tenant_id is not None:
         return tenant_id
     if _default_tenant is not None:
         return _default_tenant
     where = f" for encrypted column {column}" if column else ""
+    if search:
+        raise TenantContextError(
+            f"no tenant is set for a search on encrypted column {column}: the searched "
+            "value is sealed under the tenant's keys, so wrap the query in "
+            "tenant_scope(tenant_id) (a tenant column, even in the WHERE clause, does not "
+            "set it), or call set_default_tenant() for a single-tenant app"
+        )
     raise TenantContextError(
         f"no tenant is set{where}: wrap the work in tenant_scope(tenant_id), give the "
         "table a tenant column, or call set_default_tenant() for a single-tenant app"

@@ -555,8 +555,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             try:
                 key.budget.take()
             except KeyUsageLimitError as exc:
-                exc.add_note(f"while encrypting a value for encrypted column {identity}")
-                raise
+                raise _naming_column(exc, identity) from None
         return header + key.cipher.seal(plaintext, aad)
 
     def _write_plan(self, tenant: str, identity: str) -> WritePlan:
@@ -588,8 +587,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 plan.budget.cover(ticket)
             except KeyUsageLimitError as exc:
                 if not exc.replaced:
-                    exc.add_note(f"while encrypting a value for encrypted column {identity}")
-                    raise
+                    raise _naming_column(exc, identity) from None
             else:
                 # Other plans of the same DEK may have covered it already.
                 plan.seal_end = plan.budget.end
@@ -602,8 +600,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             plan.budget.cover(ticket)
         except KeyUsageLimitError as exc:
             # Each newer version filled up before this seal reached it.
-            exc.add_note(f"while encrypting a value for encrypted column {identity}")
-            raise
+            raise _naming_column(exc, identity) from None
         plan.seal_end = plan.budget.end
         return plan
 
@@ -1280,6 +1277,17 @@ class DeterministicEncrypted(EncryptedType[_T]):
         )
         parameter.expand_op = op  # type: ignore[assignment]
         return TokenSearch.build(comparator.expr, parameter, op, negated_op)
+
+
+def _naming_column(error: KeyUsageLimitError, identity: str) -> KeyUsageLimitError:
+    """Return a copy of ``error`` whose message names the column it was raised for."""
+    return KeyUsageLimitError(
+        f"could not encrypt a value for encrypted column {identity}: {error}",
+        tenant_id=error.tenant_id,
+        key_id=error.key_id,
+        version=error.version,
+        replaced=error.replaced,
+    )
 
 
 def _unpickle_type(

@@ -125,7 +125,7 @@ def test_keys_rotate_promote_and_list(filled: App) -> None:
     }
     text = filled.run("keys", "list")
     assert "TENANT" in text.output
-    assert "SEALED" in text.output
+    assert "SEALS RESERVED" in text.output
     assert "t-globex" in text.output
     assert "wrapped" not in text.output
 

@@ -117,3 +117,24 @@ def test_move_with_unloaded_value_raises(db: sa.Engine) -> None:
     assert "Moving Person" not in message
     with Session(db) as session:
         assert session.get(Person, 1).tenant_id == "t-acme"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: sa.select(Person).where(Person.email == "m@example.test"),
+        lambda: sa.select(Person).where(
+            Person.email == "m@example.test", Person.tenant_id == "t-acme"
+        ),
+        lambda: sa.select(Person).where(Person.email == sa.bindparam("e", "m@example.test")),
+    ],
+    ids=["literal", "with tenant column", "bound"],
+)
+def test_search_without_tenant_names_the_fix(db: sa.Engine, build: object) -> None:
+    with Session(db) as session, pytest.raises(TenantContextError) as raised:
+        session.execute(build())  # type: ignore[operator]
+
+    message = str(raised.value)
+    assert "search on encrypted column persons.email" in message
+    assert "tenant_scope(tenant_id)" in message
+    assert "give the table a tenant column" not in message

@@ -12,6 +12,7 @@ import datetime
 import functools
 import logging
 import re
+import shlex
 import threading
 import time
 import uuid
@@ -457,14 +458,20 @@ class Keyring:
                 version=version,
                 limit=limit,
             )
-        current = next(
-            (row for row in self._store.tenant_rows(tenant) if row.key_id == key_id), None
-        )
+        rows = self._store.tenant_rows(tenant)
+        current = next((row for row in rows if row.key_id == key_id), None)
         replaced = current is not None and current.state is not KeyState.ACTIVE
-        if not replaced and self.on_key_usage_limit == "raise":
+        # An operator's rotation waits as a pending version for active_key_ttl.
+        # A full randomized key need not wait: only deterministic lookups do.
+        pending = any(
+            row.purpose is KeyPurpose.RANDOMIZED and row.state is KeyState.PENDING
+            for row in rows
+        )
+        if not replaced and not pending and self.on_key_usage_limit == "raise":
             raise KeyUsageLimitError(
                 f"{where} has sealed its limit of {limit} values: rotate the tenant's "
-                "randomized key (sqlalchemy-encrypted keys rotate) to keep writing",
+                "randomized key to keep writing (sqlalchemy-encrypted keys rotate "
+                f"{shlex.quote(tenant)} --purpose randomized --activate-now)",
                 tenant_id=tenant,
                 key_id=key_id,
                 version=version,
