@@ -794,9 +794,15 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         # __context__ to carry: the provider's message is copied in instead.
         where = f"encrypted column {identity}, key id {header.key_id}"
         if isinstance(failure, TenantContextError):
+            detail = str(failure)
+            if str(header.key_id) in detail and repr(scope) in detail:
+                # The provider's message already names the key, its tenant and the scope.
+                raise TenantMismatchError(
+                    f"could not decrypt encrypted column {identity}: {detail}"
+                )
             raise TenantMismatchError(
                 f"could not decrypt {where}: the value belongs to another tenant than "
-                f"tenant_scope {scope!r} ({failure})"
+                f"tenant_scope {scope!r} ({detail})"
             )
         if isinstance(failure, KeyDestroyedError):
             raise StoredKeyDestroyedError(f"could not decrypt {where}: {failure}")

@@ -405,7 +405,7 @@ def test_decrypt_other_tenant_rejected(db: Database) -> None:
 
     assert own.stdout == "person1@example.test\n"
     assert other.exit_code == 1
-    assert "another tenant than tenant_scope 't-acme'" in other.output
+    assert "but tenant_scope is 't-acme'" in other.output
     assert "person1" not in other.output
 
 

@@ -509,3 +509,19 @@ def test_copied_error_keeps_attributes() -> None:
     assert copy.args == ("pending",)
     assert (copy.tenant_id, copy.purpose, copy.version) == ("t-acme", "randomized", 2)
     assert copy.__notes__ == ["a note"]
+
+
+def test_tenant_mismatch_names_key_once(keyring: InMemoryKeyring) -> None:
+    column = Encrypted(sa.String(20), context="persons.name")
+    stored = column.seal("Private", tenant_id="t-acme")
+    key_id = str(se.parse_header(stored).key_id)
+
+    with se.tenant_scope("t-globex"), pytest.raises(se.TenantMismatchError) as raised:
+        column.decrypt(stored)
+
+    message = str(raised.value)
+    assert message.count(key_id) == 1
+    assert "persons.name" in message
+    assert "'t-acme'" in message
+    assert "'t-globex'" in message
+    assert "Private" not in message
