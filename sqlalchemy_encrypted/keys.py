@@ -57,9 +57,10 @@ DEFAULT_KEY_USAGE_LIMIT = 2**32
 # The keyring table stores usage counts in a BIGINT column (signed 64-bit).
 MAX_KEY_USAGE_LIMIT = 2**63 - 1
 
-# Largest and smallest number of seals one reservation asks for. Blocks
-# double while a process keeps sealing, so a busy process writes its usage
-# counter rarely, and a short-lived one leaves few reserved seals unused.
+# The number of seals the first reservation requests, and the maximum any
+# reservation requests. Blocks double while a process keeps sealing, so a
+# busy process writes its usage counter rarely, and a short-lived one leaves
+# few reserved seals unused.
 _FIRST_BLOCK = 4096
 _MAX_BLOCK = 65536
 
@@ -91,17 +92,21 @@ class SealBudget:
     recorded (at least 1), or raises
     :class:`~sqlalchemy_encrypted.errors.KeyUsageLimitError` when the key
     has reached its limit. A budget without ``reserve`` is unlimited.
+    ``limit``, the key's usage limit, sizes the blocks: the first is at most
+    ``limit / 2**20`` and every block at most ``limit / 64`` (and at least
+    1), up to 4,096 and 65,536 seals.
     """
 
-    __slots__ = ("_block", "_exhausted", "_lock", "_reserve", "end", "tickets")
+    __slots__ = ("_block", "_exhausted", "_lock", "_max_block", "_reserve", "end", "tickets")
 
     def __init__(self, reserve: Callable[[int], int] | None, *, limit: int | None = None) -> None:
         self._reserve = reserve
         self._lock = threading.Lock()
         self._exhausted: KeyUsageLimitError | None = None
         # Small limits (in tests) get small blocks, so that they are reached
-        # exactly; 2^32 gets the full first block.
+        # exactly; 2^32 gets the full blocks.
         self._block = _FIRST_BLOCK if limit is None else max(1, min(_FIRST_BLOCK, limit >> 20))
+        self._max_block = _MAX_BLOCK if limit is None else max(1, min(_MAX_BLOCK, limit >> 6))
         # next() on the iterator is atomic under the GIL, and the cheapest
         # counter a seal can call.
         self.tickets: Iterator[int]
@@ -149,7 +154,7 @@ class SealBudget:
                         self._exhausted = exc
                     raise
                 self.end += granted
-                self._block = min(self._block * 2, _MAX_BLOCK)
+                self._block = min(self._block * 2, self._max_block)
 
     def __repr__(self) -> str:
         if self._reserve is None:

@@ -613,3 +613,26 @@ def test_custom_provider_budgets(engine: sa.Engine) -> None:
 def _raw_values(engine: sa.Engine, sql: str) -> list[bytes]:
     with engine.connect() as conn:
         return [bytes(row[0]) for row in conn.exec_driver_sql(sql)]
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (2**32, [4096, 8192, 16384, 32768, 65536, 65536]),
+        (1_000_000, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 15625]),
+        (5, [1, 1, 1]),
+    ],
+)
+def test_budget_block_sizes(limit: int, expected: list[int]) -> None:
+    requests: list[int] = []
+
+    def reserve(requested: int) -> int:
+        requests.append(requested)
+        return requested
+
+    budget = se.SealBudget(reserve, limit=limit)
+    while len(requests) < len(expected):
+        budget.take()
+
+    assert requests == expected
+    assert budget.end == sum(expected)
