@@ -96,6 +96,22 @@ def from_base64(text: str | bytes) -> bytes | None:
     return decoded
 
 
+def decode_canonical_base64(text: str) -> bytes | None:
+    """Decode ``text`` if it is canonical base64, else return None.
+
+    The same rule as :func:`from_base64`, for the read path of base64
+    columns: the decoded bytes must encode back to exactly ``text``.
+    """
+    try:
+        encoded = text.encode("ascii")
+        decoded = binascii.a2b_base64(encoded)
+    except (UnicodeEncodeError, binascii.Error):
+        return None
+    if binascii.b2a_base64(decoded, newline=False) != encoded:
+        return None
+    return decoded
+
+
 def is_envelope_start(data: bytes) -> bool:
     return len(data) >= 2 and data[0] == FORMAT_VERSION and data[1] in _ALGORITHM_IDS
 

@@ -32,7 +32,7 @@ from ._bound_search import PackedSearchValue, expanding_token_search, packed_tok
 from ._comparison import ColumnComparison
 from ._plans import ColumnState, ReadPlan, WritePlan, remember
 from ._search import SearchToken, TokenSearch, TokenSet
-from ._storage import StorageMode
+from ._storage import StorageMode, decode_canonical_base64
 from .codecs import Codec, EnumNameCodec, StrCodec, ValueTag, codec_for, reader_inner_type
 from .envelope import (
     GCM_NONCE_SIZE,
@@ -866,38 +866,47 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             if stored is None:
                 return None
             if type(stored) is bytes:
-                plan = hot.read_plans.get(stored[:HEADER_SIZE])
-                if (
-                    plan is not None
-                    and plan.generation.value == plan.stamp
-                    and plan.clock() < plan.expires_at
-                ):
-                    scope = _scope.get()
-                    if scope is None or scope == plan.tenant_id:
-                        plaintext: bytes | None
-                        try:
-                            if plan.gcm:
-                                plaintext = plan.decrypt(
-                                    stored[HEADER_SIZE:_GCM_BODY], stored[_GCM_BODY:], plan.aad
-                                )
+                data = stored
+            elif type(stored) is str and hot.base64:
+                # Base64 storage returned as text: the same path once decoded.
+                decoded = decode_canonical_base64(stored)
+                if decoded is None:
+                    return decrypt_fully(stored)
+                data = decoded
+            else:
+                return decrypt_fully(stored)
+            plan = hot.read_plans.get(data[:HEADER_SIZE])
+            if (
+                plan is not None
+                and plan.generation.value == plan.stamp
+                and plan.clock() < plan.expires_at
+            ):
+                scope = _scope.get()
+                if scope is None or scope == plan.tenant_id:
+                    plaintext: bytes | None
+                    try:
+                        if plan.gcm:
+                            plaintext = plan.decrypt(
+                                data[HEADER_SIZE:_GCM_BODY], data[_GCM_BODY:], plan.aad
+                            )
+                        else:
+                            plaintext = plan.decrypt(data[HEADER_SIZE:], plan.aad_list)
+                            # The tag byte that keeps SIV plaintexts non-empty.
+                            if plaintext[0] == hot.tag:
+                                plaintext = plaintext[1:]
                             else:
-                                plaintext = plan.decrypt(stored[HEADER_SIZE:], plan.aad_list)
-                                # The tag byte that keeps SIV plaintexts non-empty.
-                                if plaintext[0] == hot.tag:
-                                    plaintext = plaintext[1:]
-                                else:
-                                    plaintext = None
-                        except Exception:
-                            # InvalidTag, ValueError for a value too short to
-                            # hold a nonce, or IndexError for an empty SIV
-                            # plaintext: the full path names the error.
-                            plaintext = None
-                        if plaintext is not None:
-                            try:
-                                return hot.decoder(plaintext)  # type: ignore[misc]
-                            except Exception:
-                                # The full path decodes again and raises the error.
                                 plaintext = None
+                    except Exception:
+                        # InvalidTag, ValueError for a value too short to
+                        # hold a nonce, or IndexError for an empty SIV
+                        # plaintext: the full path names the error.
+                        plaintext = None
+                    if plaintext is not None:
+                        try:
+                            return hot.decoder(plaintext)  # type: ignore[misc]
+                        except Exception:
+                            # The full path decodes again and raises the error.
+                            plaintext = None
             return decrypt_fully(stored)
 
         return decrypt_value

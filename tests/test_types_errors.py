@@ -525,3 +525,38 @@ def test_tenant_mismatch_names_key_once(keyring: InMemoryKeyring) -> None:
     assert "'t-acme'" in message
     assert "'t-globex'" in message
     assert "Private" not in message
+
+
+def test_base64_reads_after_the_first(keyring: InMemoryKeyring) -> None:
+    # The first read remembers a plan for the header, so the later reads
+    # below take the decoded fast path and must still reject what the full
+    # path rejects.
+    column = Encrypted(sa.String(40), storage="base64", context="persons.note")
+    # 12 characters make a 64-byte envelope, whose base64 ends in "==".
+    stored = base64.b64encode(column.seal("First value!", tenant_id="t-acme")).decode()
+    assert stored.endswith("==")
+    with se.tenant_scope("t-acme"):
+        assert column.decrypt(stored) == "First value!"
+        assert column.decrypt(stored) == "First value!"
+
+        # Unused low bits set in the last character: the same bytes, another spelling.
+        last = stored.rstrip("=")[-1]
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+        twin = alphabet[alphabet.index(last) | 1]
+        assert twin != last
+        head = stored.rstrip("=")[:-1]
+        non_canonical = head + twin + stored[len(stored.rstrip("=")) :]
+        assert base64.b64decode(non_canonical) == base64.b64decode(stored)
+        with pytest.raises(StorageFormatError, match="persons.note"):
+            column.decrypt(non_canonical)
+
+        with pytest.raises(StorageFormatError, match="persons.note"):
+            column.decrypt(stored[:20] + "\n" + stored[20:])
+
+        raw = bytearray(base64.b64decode(stored))
+        raw[-1] ^= 1
+        with pytest.raises(DecryptionError, match="persons.note"):
+            column.decrypt(base64.b64encode(bytes(raw)).decode())
+
+        with pytest.raises(StorageFormatError, match="persons.note"):
+            column.decrypt("Plain text with spaces")

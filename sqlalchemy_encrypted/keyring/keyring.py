@@ -464,8 +464,7 @@ class Keyring:
         # An operator's rotation waits as a pending version for active_key_ttl.
         # A full randomized key need not wait: only deterministic lookups do.
         pending = any(
-            row.purpose is KeyPurpose.RANDOMIZED and row.state is KeyState.PENDING
-            for row in rows
+            row.purpose is KeyPurpose.RANDOMIZED and row.state is KeyState.PENDING for row in rows
         )
         if not replaced and not pending and self.on_key_usage_limit == "raise":
             raise KeyUsageLimitError(
