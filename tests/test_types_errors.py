@@ -547,16 +547,16 @@ def test_base64_reads_after_the_first(keyring: InMemoryKeyring) -> None:
         head = stored.rstrip("=")[:-1]
         non_canonical = head + twin + stored[len(stored.rstrip("=")) :]
         assert base64.b64decode(non_canonical) == base64.b64decode(stored)
-        with pytest.raises(StorageFormatError, match="persons.note"):
+        with pytest.raises(StorageFormatError, match=r"persons\.note"):
             column.decrypt(non_canonical)
 
-        with pytest.raises(StorageFormatError, match="persons.note"):
+        with pytest.raises(StorageFormatError, match=r"persons\.note"):
             column.decrypt(stored[:20] + "\n" + stored[20:])
 
         raw = bytearray(base64.b64decode(stored))
         raw[-1] ^= 1
-        with pytest.raises(DecryptionError, match="persons.note"):
+        with pytest.raises(DecryptionError, match=r"persons\.note"):
             column.decrypt(base64.b64encode(bytes(raw)).decode())
 
-        with pytest.raises(StorageFormatError, match="persons.note"):
+        with pytest.raises(StorageFormatError, match=r"persons\.note"):
             column.decrypt("Plain text with spaces")
