@@ -22,19 +22,26 @@ from sqlalchemy.sql.elements import (
     Case,
     Cast,
     ClauseElement,
+    ClauseList,
     ColumnClause,
     ColumnElement,
+    ExpressionClauseList,
+    Grouping,
     Label,
     Null,
     Over,
     Tuple,
+    TypeCoerce,
     WithinGroup,
     _textual_label_reference,
 )
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.sql.selectable import CompoundSelect, Select
+from sqlalchemy.sql.operators import is_, is_not
+from sqlalchemy.sql.selectable import CompoundSelect, ScalarSelect, Select
 from sqlalchemy.util import immutabledict
 
+from ._comparison import ColumnComparison
+from ._search import TokenSearch
 from .errors import UnsupportedOperationError
 from .keys import KeyPurpose
 from .types import EncryptedType
@@ -182,6 +189,7 @@ def check_expressions(statement: Any) -> None:
     for element in visitors.iterate(statement):
         if isinstance(element, BinaryExpression):
             _check_row_value(element)
+            _check_comparison(element)
         elif isinstance(element, FunctionElement):
             name = getattr(element, "name", "")
             if name.lower() in _SAFE_FUNCTIONS:
@@ -199,6 +207,10 @@ def check_expressions(statement: Any) -> None:
                 [] if partition_by is None else [partition_by],
             )
         elif isinstance(element, Case):
+            if element.value is not None:
+                for column_type in _encrypted_columns(element.value):
+                    # case({...}, value=column) compares the column with each key.
+                    raise _reject(column_type, "CASE with a value to compare")
             results = [result for _, result in element.whens]
             if element.else_ is not None:
                 results.append(element.else_)
@@ -222,6 +234,56 @@ def _check_row_value(binary: BinaryExpression[Any]) -> None:
                     f"{column_type.column_identity}: compare each column on its own, for "
                     "example and_(column == value, other == value2)"
                 )
+
+
+def _compared_types(side: Any) -> list[Any]:
+    """Return the types a comparison operand compares: its own type, or
+    those of the columns a subquery selects. Bound values and NULL give none."""
+    while isinstance(side, Grouping):
+        side = side.element
+    if isinstance(side, TypeCoerce):
+        # type_coerce(column, String) compares the stored bytes under another type.
+        inner: list[Any] = _encrypted_columns(side.clause)
+        return inner or [side.type]
+    if isinstance(side, (ClauseList, ExpressionClauseList)):
+        # The bounds of BETWEEN, or the list of an IN over expressions.
+        return [found for clause in side.clauses for found in _compared_types(clause)]
+    if isinstance(side, ScalarSelect):
+        side = side.element
+    if isinstance(side, (Select, CompoundSelect)):
+        return [column.type for column in side.selected_columns]
+    if isinstance(side, (BindParameter, Null)) or not isinstance(side, ColumnElement):
+        return []
+    return [side.type]
+
+
+def _check_comparison(binary: BinaryExpression[Any]) -> None:
+    """Reject a comparison between an encrypted column and anything but a
+    value bound through the column's own type.
+
+    The column types' comparators build the comparisons that work (see
+    :class:`TokenSearch`) and reject the others when the expression is
+    built. These forms never reach them: the encrypted column on the right
+    of another column or bound value (``plain == encrypted``,
+    ``literal("x") == encrypted``, which would also send the value as
+    plaintext), or inside a subquery compared with ``in_()``.
+    """
+    if isinstance(binary, (TokenSearch, ColumnComparison)):
+        return
+    sides = (binary.left, binary.right)
+    for side, other in (sides, sides[::-1]):
+        encrypted = [t for t in _compared_types(side) if isinstance(t, EncryptedType)]
+        if not encrypted:
+            continue
+        if binary.operator in (is_, is_not) and isinstance(other, Null):
+            continue
+        if isinstance(other, BindParameter) and isinstance(other.type, EncryptedType):
+            continue
+        raise UnsupportedOperationError(
+            f"comparing encrypted column {encrypted[0].column_identity} with another column, "
+            "value or subquery is not supported: the database would compare ciphertext, not "
+            "values; compare the column itself with a Python value"
+        )
 
 
 def _describe_source(element: Any) -> str:

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.hybrid import hybrid_property
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 import sqlalchemy_encrypted as se
 from sqlalchemy_encrypted import DeterministicEncrypted, Encrypted, UnsupportedOperationError
@@ -172,6 +172,63 @@ REJECTED: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: sa.delete(Member).where(sa.tuple_(Member.name, Member.id) == ("x", 1)),
         "members.name",
     ),
+    "plain column equals encrypted": (
+        lambda: sa.select(Member).where(Member.tenant_id == Member.email),
+        "members.email",
+    ),
+    "literal equals encrypted": (
+        lambda: sa.select(Member).where(sa.literal("x@example.test") == Member.email),
+        "members.email",
+    ),
+    "typed bindparam equals encrypted": (
+        lambda: sa.select(Member).where(sa.bindparam("e", "x", type_=sa.String) == Member.name),
+        "members.name",
+    ),
+    "case value randomized": (
+        lambda: sa.select(sa.case({"x": "hit"}, value=Member.name)),
+        "members.name",
+    ),
+    "case value deterministic": (
+        lambda: sa.select(sa.case({"x@example.test": "hit"}, value=Member.email)),
+        "members.email",
+    ),
+    "type_coerce equality": (
+        lambda: sa.select(Member).where(sa.type_coerce(Member.email, sa.String) == "x"),
+        "members.email",
+    ),
+    "type_coerce like": (
+        lambda: sa.select(Member).where(sa.type_coerce(Member.name, sa.String).like("A%")),
+        "members.name",
+    ),
+    "type_coerce tuple": (
+        lambda: sa.select(Member).where(
+            sa.type_coerce(sa.tuple_(Member.email, Member.id), sa.types.NullType())
+            == sa.tuple_(sa.literal("x"), sa.literal(1))
+        ),
+        "members.email",
+    ),
+    "plain in encrypted subquery": (
+        lambda: sa.select(Member).where(Member.tenant_id.in_(sa.select(Member.email))),
+        "members.email",
+    ),
+    "deterministic in subquery": (
+        lambda: sa.select(Member).where(Member.email.in_(sa.select(Member.email))),
+        "members.email",
+    ),
+    "between encrypted bound": (
+        lambda: sa.select(Member).where(Member.tenant_id.between(Member.email, "z")),
+        "members.email",
+    ),
+    "is distinct from encrypted": (
+        lambda: sa.select(Member).where(Member.tenant_id.is_distinct_from(Member.name)),
+        "members.name",
+    ),
+    "join on encrypted": (
+        lambda: sa.select(Member).join(
+            other := aliased(Member), other.tenant_id == Member.email
+        ),
+        "members.email",
+    ),
     "union over union all": (
         lambda: sa.union(
             sa.union_all(sa.select(Member.name), sa.select(Member.name)).subquery().select(),
@@ -307,3 +364,17 @@ def test_order_by_plain_columns_still_works(members: sa.Engine) -> None:
     with Session(members) as session:
         names = session.scalars(sa.select(Member.name).order_by(Member.id.desc())).all()
     assert names == ["Bravo", "Alpha", "Charlie"]
+
+
+def test_raw_stored_values_can_be_selected(members: sa.Engine) -> None:
+    # Reading the stored bytes under the storage type compares nothing.
+    with Session(members) as session:
+        stored = session.scalars(sa.select(sa.type_coerce(Member.email, sa.LargeBinary))).all()
+        nulls = session.scalars(sa.select(Member.id).where(Member.email.is_not(None))).all()
+        plain = session.scalars(
+            sa.select(Member.id).where(sa.literal("t-acme") == Member.tenant_id)
+        ).all()
+    assert len(stored) == 3
+    assert all(isinstance(value, bytes) for value in stored)
+    assert len(nulls) == 3
+    assert len(plain) == 3
