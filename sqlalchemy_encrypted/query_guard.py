@@ -4,8 +4,9 @@ Operators such as ``==`` or LIKE are rejected by the column types' comparators
 when the expression is built. ORDER BY, GROUP BY, casts, SQL functions and
 comparisons with the encrypted column on the right (or inside ``tuple_()``,
 ``type_coerce()`` or a subquery) reach a column without calling its
-operators, so they are checked here, when a SELECT is compiled. In INSERT and UPDATE statements, values bound with
-another type than the column's are retyped, so they are encrypted too.
+operators, so they are checked here, when a SELECT is compiled. In INSERT
+and UPDATE statements, values bound with another type than the column's are
+retyped, so they are encrypted too.
 Compilation happens before any SQL is sent, and a compiled statement is
 cached, so the checks run once per distinct statement.
 """
