@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.type_api import TypeEngine
 
-from .envelope import FORMAT_VERSION, Algorithm
+from .envelope import FORMAT_VERSION, MIN_ENVELOPE_SIZE, Algorithm
 from .errors import StorageFormatError
 
 __all__ = [
@@ -193,6 +194,27 @@ def explain_format_error(
     return error
 
 
+# Characters of base64 text in either alphabet, with padding and line breaks.
+_LOOSE_BASE64 = re.compile(r"[A-Za-z0-9+/_=\s-]+")
+_URL_SAFE = str.maketrans("-_", "+/")
+# Base64 characters of the shortest envelope (an AES-SIV value of one byte).
+_MIN_ENVELOPE_TEXT = (min(MIN_ENVELOPE_SIZE.values()) * 4) // 3
+
+
+def _spells_an_envelope(text: str) -> bool:
+    """Return True for text that is an envelope in non-canonical base64:
+    wrapped, URL-safe, or with other padding. Such a value was damaged or
+    rewritten, and is not legacy plaintext."""
+    if len(text) < _MIN_ENVELOPE_TEXT or not _LOOSE_BASE64.fullmatch(text):
+        return False
+    compact = "".join(text.split()).translate(_URL_SAFE).rstrip("=")
+    try:
+        start = base64.b64decode(compact[:4])
+    except binascii.Error:
+        return False
+    return is_envelope_start(start)
+
+
 def legacy_text(stored: Any) -> str | None:
     """Return ``stored`` as legacy plaintext, or None if it may be an envelope.
 
@@ -202,6 +224,8 @@ def legacy_text(stored: Any) -> str | None:
     if isinstance(stored, str):
         decoded = from_base64(stored)
         if decoded is not None and is_envelope_start(decoded):
+            return None
+        if _spells_an_envelope(stored):
             return None
         return stored
     if not isinstance(stored, (bytes, bytearray, memoryview)):

@@ -560,3 +560,30 @@ def test_base64_reads_after_the_first(keyring: InMemoryKeyring) -> None:
 
         with pytest.raises(StorageFormatError, match=r"persons\.note"):
             column.decrypt("Plain text with spaces")
+
+
+def test_transition_mode_rejects_respelled_envelopes(keyring: InMemoryKeyring) -> None:
+    # With allow_plaintext_reads, text that is not an envelope is returned as
+    # legacy plaintext. An envelope spelled in non-canonical base64 is a
+    # damaged value, never plaintext: returning it would hand ciphertext to
+    # the application as if it were the value.
+    column = Encrypted(
+        sa.String(40), storage="base64", allow_plaintext_reads=True, context="persons.note"
+    )
+    stored = base64.b64encode(column.seal("Private value", tenant_id="t-acme")).decode()
+    respelled = [
+        stored + "\n",
+        stored[:30] + "\n" + stored[30:],
+        stored.replace("+", "-").replace("/", "_") if "+" in stored or "/" in stored else None,
+        stored.rstrip("=") if stored.endswith("=") else None,
+    ]
+    with se.tenant_scope("t-acme"):
+        assert column.decrypt(stored) == "Private value"
+        for text in respelled:
+            if text is None:
+                continue
+            with pytest.raises(StorageFormatError, match=r"persons\.note"):
+                column.decrypt(text)
+        # Real legacy plaintext still reads, also text in the base64 alphabet.
+        assert column.decrypt("Legacy plaintext value") == "Legacy plaintext value"
+        assert column.decrypt("HelloWorld2024") == "HelloWorld2024"
