@@ -38,7 +38,6 @@ from sqlalchemy.sql.elements import (
     _textual_label_reference,
 )
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.sql.operators import is_, is_not
 from sqlalchemy.sql.selectable import CompoundSelect, ScalarSelect, Select
 from sqlalchemy.util import immutabledict
 
@@ -277,7 +276,8 @@ def _check_comparison(binary: BinaryExpression[Any]) -> None:
         encrypted = [t for t in _compared_types(side) if isinstance(t, EncryptedType)]
         if not encrypted:
             continue
-        if binary.operator in (is_, is_not) and isinstance(other, Null):
+        if isinstance(other, Null):
+            # IS NULL and its variants look at no bytes of the value.
             continue
         if isinstance(other, BindParameter) and isinstance(other.type, EncryptedType):
             continue
