@@ -244,8 +244,9 @@ def _compared_types(side: Any) -> list[Any]:
         side = side.element
     if isinstance(side, TypeCoerce):
         # type_coerce(column, String) compares the stored bytes under another type.
-        inner: list[Any] = _encrypted_columns(side.clause)
-        return inner or [side.type]
+        return _compared_types(side.clause) or [side.type]
+    if isinstance(side, Tuple):
+        return [found for clause in side.clauses for found in _compared_types(clause)]
     if isinstance(side, (ClauseList, ExpressionClauseList)):
         # The bounds of BETWEEN, or the list of an IN over expressions.
         return [found for clause in side.clauses for found in _compared_types(clause)]
@@ -428,7 +429,10 @@ def encrypting_dml(statement: Insert | Update) -> Insert | Update:
 
 @compiles(Insert)
 def _compile_checked_insert(element: Insert, compiler: Any, **kw: Any) -> str:
-    return str(compiler.visit_insert(encrypting_dml(element), **kw))
+    encrypting = encrypting_dml(element)
+    # ON CONFLICT clauses and RETURNING can compare or call functions too.
+    check_expressions(encrypting)
+    return str(compiler.visit_insert(encrypting, **kw))
 
 
 @compiles(Update)

@@ -1024,7 +1024,10 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         def operate(self, op: Any, *other: Any, **kwargs: Any) -> ColumnElement[Any]:
             column_type = cast("EncryptedType[Any]", self.type)
             if op in _NULL_TESTS:
-                return super().operate(op, *other, **kwargs)
+                # IS NULL only: is_(True) or is_("x") would compare ciphertext.
+                if not other or other[0] is None or isinstance(other[0], sa.sql.elements.Null):
+                    return super().operate(op, *other, **kwargs)
+                raise self._reject(op)
             if op in (operators.eq, operators.ne) and other:
                 value = other[0]
                 if value is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
@@ -229,6 +229,24 @@ REJECTED: dict[str, tuple[Callable[[], Any], str]] = {
         ),
         "members.email",
     ),
+    "is true randomized": (
+        lambda: sa.select(Member).where(Member.name.is_(True)),
+        "members.name",
+    ),
+    "is value deterministic": (
+        lambda: sa.select(Member).where(Member.email.is_("x@example.test")),
+        "members.email",
+    ),
+    "is not value randomized": (
+        lambda: sa.select(Member).where(Member.name.is_not("x")),
+        "members.name",
+    ),
+    "insert returning function": (
+        lambda: sa.insert(Member)
+        .values(id=99, tenant_id="t-acme", name="n", email="n@example.test")
+        .returning(sa.func.lower(Member.email)),
+        "members.email",
+    ),
     "union over union all": (
         lambda: sa.union(
             sa.union_all(sa.select(Member.name), sa.select(Member.name)).subquery().select(),
@@ -378,3 +396,41 @@ def test_raw_stored_values_can_be_selected(members: sa.Engine) -> None:
     assert all(isinstance(value, bytes) for value in stored)
     assert len(nulls) == 3
     assert len(plain) == 3
+
+
+def test_type_coerce_around_safe_expressions(members: sa.Engine) -> None:
+    # type_coerce() over a count, or over a subquery that only filters on a
+    # deterministic column, compares no ciphertext.
+    other = aliased(Member)
+    matches = (
+        sa.select(sa.func.count())
+        .where(other.tenant_id == Member.tenant_id, other.email == "x@example.test")
+        .scalar_subquery()
+    )
+    with Session(members) as session, se.tenant_scope("t-acme"):
+        ids = session.scalars(
+            sa.select(Member.id).where(sa.type_coerce(matches, sa.Integer) > 0)
+        ).all()
+        grouped = session.execute(
+            sa.select(Member.tenant_id)
+            .group_by(Member.tenant_id)
+            .having(sa.type_coerce(sa.func.count(Member.name), sa.Integer) > 0)
+        ).all()
+    assert sorted(ids) == [1, 2, 3]
+    assert grouped == [("t-acme",)]
+
+
+@pytest.mark.parametrize("dialect_name", ["postgresql", "sqlite"])
+def test_insert_on_conflict_is_checked(dialect_name: str) -> None:
+    module = postgresql if dialect_name == "postgresql" else sqlite
+    statement = module.insert(Member).values(
+        id=1, tenant_id="t-acme", name="n", email="n@example.test"
+    )
+    upsert = statement.on_conflict_do_update(
+        index_elements=[Member.id],
+        set_={"tenant_id": "t-acme"},
+        where=sa.literal("n@example.test") == Member.email,
+    )
+
+    with pytest.raises(UnsupportedOperationError, match=r"members\.email"):
+        upsert.compile(dialect=module.dialect())
