@@ -1023,6 +1023,16 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
 
         def operate(self, op: Any, *other: Any, **kwargs: Any) -> ColumnElement[Any]:
             column_type = cast("EncryptedType[Any]", self.type)
+            if (
+                op in (operators.eq, operators.ne)
+                and other
+                and isinstance(self.expr, BindParameter)
+                and isinstance(other[0], BindParameter)
+            ):
+                # SQLAlchemy matches bound parameters up with == and bool() of
+                # the result (for example in the parameters of a relationship's
+                # and_() criteria), which only a plain comparison supports.
+                return super().operate(op, *other, **kwargs)
             if op in _NULL_TESTS:
                 # IS NULL only: is_(True) or is_("x") would compare ciphertext.
                 if not other or other[0] is None or isinstance(other[0], sa.sql.elements.Null):
@@ -1030,7 +1040,7 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 raise self._reject(op)
             if op in (operators.eq, operators.ne) and other:
                 value = other[0]
-                if value is None:
+                if value is None or isinstance(value, sa.sql.elements.Null):
                     return super().operate(op, *other, **kwargs)
                 if _is_column_expression(value):
                     binary = super().operate(op, *other, **kwargs)

@@ -315,3 +315,50 @@ def test_deterministic_length_leak_is_documented(keyring: InMemoryKeyring) -> No
     short = column_type.seal("O-", tenant_id="t-acme")
     longer = column_type.seal("AB+", tenant_id="t-acme")
     assert len(longer) - len(short) == 1
+
+
+class _RelBase(DeclarativeBase):
+    pass
+
+
+class _Customer(_RelBase):
+    __tablename__ = "rel_customers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    addresses: Mapped[list[_Address]] = sa.orm.relationship(order_by="_Address.id")
+
+
+class _Address(_RelBase):
+    __tablename__ = "rel_addresses"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(sa.ForeignKey("rel_customers.id"))
+    postcode: Mapped[str] = mapped_column(DeterministicEncrypted(sa.String(10)))
+
+
+def test_relationship_criteria_on_deterministic_column(
+    engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    # The ORM matches the bound parameters of and_() criteria up with ==,
+    # and the criteria must still find values under every key version.
+    _RelBase.metadata.create_all(engine)
+    with se.tenant_scope("t-acme"), Session(engine) as session:
+        session.add_all([_Customer(id=1), _Customer(id=2)])
+        session.add(_Address(id=1, customer_id=1, postcode="111"))
+        session.commit()
+        keyring.rotate("t-acme")
+        session.add(_Address(id=2, customer_id=2, postcode="111"))
+        session.add(_Address(id=3, customer_id=2, postcode="222"))
+        session.commit()
+
+        joined = session.scalars(
+            sa.select(_Customer.id)
+            .join(_Customer.addresses.and_(_Address.postcode == "111"))
+            .order_by(_Customer.id)
+        ).all()
+        loaded = session.scalars(
+            sa.select(_Customer).options(
+                sa.orm.selectinload(_Customer.addresses.and_(_Address.postcode == "222"))
+            )
+        ).all()
+
+    assert joined == [1, 2]
+    assert {c.id: [a.id for a in c.addresses] for c in loaded} == {1: [], 2: [3]}

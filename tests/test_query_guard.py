@@ -389,12 +389,14 @@ def test_raw_stored_values_can_be_selected(members: sa.Engine) -> None:
     with Session(members) as session:
         stored = session.scalars(sa.select(sa.type_coerce(Member.email, sa.LargeBinary))).all()
         nulls = session.scalars(sa.select(Member.id).where(Member.email.is_not(None))).all()
+        not_null = session.scalars(sa.select(Member.id).where(Member.name != sa.null())).all()
         plain = session.scalars(
             sa.select(Member.id).where(sa.literal("t-acme") == Member.tenant_id)
         ).all()
     assert len(stored) == 3
     assert all(isinstance(value, bytes) for value in stored)
     assert len(nulls) == 3
+    assert len(not_null) == 3
     assert len(plain) == 3
 
 
