@@ -83,7 +83,7 @@ class SealBudget:
     Every seal takes a ticket, an integer from a counter shared by all
     threads, so no two seals get the same one. Tickets below :attr:`end` are
     covered by reservations the key provider has already recorded, for
-    example in the keyring table; a seal whose ticket is not covered calls
+    example in the keyring table. A seal whose ticket is not covered calls
     :meth:`cover`, which reserves another block. The recorded usage of a key
     is therefore never lower than the number of values sealed under it, and
     higher by at most the unused part of each process's last block.

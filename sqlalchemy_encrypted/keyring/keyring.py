@@ -388,7 +388,7 @@ class Keyring:
         Only the application's own open transaction on the same file holds the
         lock for long, and refusing to seal would fail every write of such
         an application. The seals stay within the limit as far as the table
-        and this process know; seals of a process that ends before they are
+        and this process know. Seals of a process that ends before they are
         added are not counted.
         """
         limit = self.key_usage_limit
