@@ -87,7 +87,14 @@ _T = TypeVar("_T")
 _PREFIX_CACHE_SIZE = 4096
 
 # Operators that never look inside a value, so they are safe on ciphertext.
-_NULL_TESTS = frozenset({operators.is_, operators.is_not})
+_NULL_TESTS = frozenset(
+    {
+        operators.is_,
+        operators.is_not,
+        operators.is_distinct_from,
+        operators.is_not_distinct_from,
+    }
+)
 
 # A column in plaintext transition mode logs at most one warning per interval.
 _PLAINTEXT_WARNING_INTERVAL = 60.0

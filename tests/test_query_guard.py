@@ -237,6 +237,10 @@ REJECTED: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: sa.select(Member).where(Member.email.is_("x@example.test")),
         "members.email",
     ),
+    "is distinct from value": (
+        lambda: sa.select(Member).where(Member.email.is_distinct_from("x@example.test")),
+        "members.email",
+    ),
     "is not value randomized": (
         lambda: sa.select(Member).where(Member.name.is_not("x")),
         "members.name",
@@ -390,6 +394,9 @@ def test_raw_stored_values_can_be_selected(members: sa.Engine) -> None:
         stored = session.scalars(sa.select(sa.type_coerce(Member.email, sa.LargeBinary))).all()
         nulls = session.scalars(sa.select(Member.id).where(Member.email.is_not(None))).all()
         not_null = session.scalars(sa.select(Member.id).where(Member.name != sa.null())).all()
+        distinct_from_null = session.scalars(
+            sa.select(Member.id).where(Member.email.is_distinct_from(None))
+        ).all()
         plain = session.scalars(
             sa.select(Member.id).where(sa.literal("t-acme") == Member.tenant_id)
         ).all()
@@ -397,6 +404,7 @@ def test_raw_stored_values_can_be_selected(members: sa.Engine) -> None:
     assert all(isinstance(value, bytes) for value in stored)
     assert len(nulls) == 3
     assert len(not_null) == 3
+    assert len(distinct_from_null) == 3
     assert len(plain) == 3
 
 
