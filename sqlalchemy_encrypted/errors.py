@@ -167,6 +167,16 @@ class KeyUsageLimitError(EncryptionError):
         self.version = version
         self.replaced = replaced
 
+    def with_message(self, message: str) -> KeyUsageLimitError:
+        """Return a new error about the same DEK with ``message``."""
+        return KeyUsageLimitError(
+            message,
+            tenant_id=self.tenant_id,
+            key_id=self.key_id,
+            version=self.version,
+            replaced=self.replaced,
+        )
+
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only arguments: the default reduction passes only the message.
         return _rebuild_error, (type(self), self.args[0]), self.__dict__

@@ -31,7 +31,8 @@ __all__ = [
     "LeaseGeneration",
     "LeasingKeyProvider",
     "SealBudget",
-    "check_key_usage_limit",
+    "check_key_usage_settings",
+    "full_key_error",
     "get_default_key_provider",
     "set_default_key_provider",
 ]
@@ -65,16 +66,45 @@ _FIRST_BLOCK = 4096
 _MAX_BLOCK = 65536
 
 
-def check_key_usage_limit(limit: object) -> None:
+def check_key_usage_settings(limit: object, policy: object) -> None:
     """Raise :class:`ConfigurationError` unless ``limit`` is a valid
-    ``key_usage_limit``: None, or an int from 1 to :data:`MAX_KEY_USAGE_LIMIT`."""
-    if limit is None:
-        return
-    if type(limit) is not int or not 1 <= limit <= MAX_KEY_USAGE_LIMIT:
+    ``key_usage_limit`` (None, or an int from 1 to :data:`MAX_KEY_USAGE_LIMIT`)
+    and ``policy`` a valid ``on_key_usage_limit`` ("rotate" or "raise")."""
+    if limit is not None and (type(limit) is not int or not 1 <= limit <= MAX_KEY_USAGE_LIMIT):
         raise ConfigurationError(
             f"key_usage_limit must be an int from 1 to 2**63 - 1 (the range of the "
             f"sealed_count BIGINT column), or None, not {limit!r}"
         )
+    if policy not in ("rotate", "raise"):
+        raise ConfigurationError(f"on_key_usage_limit must be 'rotate' or 'raise', not {policy!r}")
+
+
+def full_key_error(
+    key_id: uuid.UUID,
+    tenant_id: str,
+    version: int,
+    limit: int,
+    *,
+    replaced: bool,
+    rotate_hint: str = "",
+) -> KeyUsageLimitError:
+    """Return the error for a randomized DEK that has sealed ``limit`` values.
+
+    Without ``replaced``, the message requests a rotation, with
+    ``rotate_hint`` (for example a command) in brackets.
+    """
+    where = f"randomized key version {version} of tenant {tenant_id!r} (key id {key_id})"
+    if replaced:
+        message = f"{where} has sealed its limit of {limit} values; a newer version is now active"
+    else:
+        hint = f" ({rotate_hint})" if rotate_hint else ""
+        message = (
+            f"{where} has sealed its limit of {limit} values: rotate the tenant's randomized "
+            f"key to keep writing{hint}"
+        )
+    return KeyUsageLimitError(
+        message, tenant_id=tenant_id, key_id=key_id, version=version, replaced=replaced
+    )
 
 
 class SealBudget:
@@ -137,13 +167,7 @@ class SealBudget:
                 if exhausted is not None:
                     # A new error each time, so that callers' notes and
                     # tracebacks do not pile up on one object.
-                    raise KeyUsageLimitError(
-                        str(exhausted),
-                        tenant_id=exhausted.tenant_id,
-                        key_id=exhausted.key_id,
-                        version=exhausted.version,
-                        replaced=exhausted.replaced,
-                    )
+                    raise exhausted.with_message(str(exhausted))
                 assert self._reserve is not None
                 try:
                     granted = self._reserve(self._block)

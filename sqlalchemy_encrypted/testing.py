@@ -17,11 +17,9 @@ from typing import Literal
 
 from ._aead import KEY_SIZES, AeadCipher
 from .errors import (
-    ConfigurationError,
     KeyDestroyedError,
     KeyNotFoundError,
     KeyStateError,
-    KeyUsageLimitError,
     TenantContextError,
 )
 from .keys import (
@@ -32,7 +30,8 @@ from .keys import (
     KeyPurpose,
     LeaseGeneration,
     SealBudget,
-    check_key_usage_limit,
+    check_key_usage_settings,
+    full_key_error,
 )
 
 __all__ = ["InMemoryKeyring"]
@@ -73,11 +72,7 @@ class InMemoryKeyring:
         key_usage_limit: int | None = DEFAULT_KEY_USAGE_LIMIT,
         on_key_usage_limit: Literal["rotate", "raise"] = "rotate",
     ) -> None:
-        check_key_usage_limit(key_usage_limit)
-        if on_key_usage_limit not in ("rotate", "raise"):
-            raise ConfigurationError(
-                f"on_key_usage_limit must be 'rotate' or 'raise', not {on_key_usage_limit!r}"
-            )
+        check_key_usage_settings(key_usage_limit, on_key_usage_limit)
         self.key_usage_limit = key_usage_limit
         self.on_key_usage_limit = on_key_usage_limit
         self._lock = threading.RLock()
@@ -142,27 +137,11 @@ class InMemoryKeyring:
                 entry.sealed += granted
                 return granted
             key = entry.key
-            where = (
-                f"randomized key version {key.version} of tenant {key.tenant_id!r} "
-                f"(key id {key_id})"
-            )
-            if entry.state == "active" and self.on_key_usage_limit == "raise":
-                raise KeyUsageLimitError(
-                    f"{where} has sealed its limit of {limit} values: rotate the tenant's "
-                    "randomized key to keep writing",
-                    tenant_id=key.tenant_id,
-                    key_id=key_id,
-                    version=key.version,
-                )
             if entry.state == "active":
+                if self.on_key_usage_limit == "raise":
+                    raise full_key_error(key_id, key.tenant_id, key.version, limit, replaced=False)
                 self.rotate(key.tenant_id, KeyPurpose.RANDOMIZED)
-        raise KeyUsageLimitError(
-            f"{where} has sealed its limit of {limit} values; a newer version is now active",
-            tenant_id=key.tenant_id,
-            key_id=key_id,
-            version=key.version,
-            replaced=True,
-        )
+        raise full_key_error(key_id, key.tenant_id, key.version, limit, replaced=True)
 
     def active_key_lease(self, tenant_id: str, purpose: KeyPurpose) -> KeyLease:
         stamp = self._generation.value

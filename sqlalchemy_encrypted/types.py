@@ -1316,13 +1316,7 @@ class DeterministicEncrypted(EncryptedType[_T]):
 
 def _naming_column(error: KeyUsageLimitError, identity: str) -> KeyUsageLimitError:
     """Return a copy of ``error`` whose message names the column it was raised for."""
-    return KeyUsageLimitError(
-        f"could not encrypt a value for encrypted column {identity}: {error}",
-        tenant_id=error.tenant_id,
-        key_id=error.key_id,
-        version=error.version,
-        replaced=error.replaced,
-    )
+    return error.with_message(f"could not encrypt a value for encrypted column {identity}: {error}")
 
 
 def _unpickle_type(

@@ -42,7 +42,8 @@ from ..keys import (
     KeyPurpose,
     LeaseGeneration,
     SealBudget,
-    check_key_usage_limit,
+    check_key_usage_settings,
+    full_key_error,
     set_default_key_provider,
 )
 from ..kms.base import GeneratedDataKey, KmsProvider, WrapContext
@@ -151,11 +152,7 @@ class Keyring:
             raise ConfigurationError("cache_ttl and active_key_ttl must be 0 or more seconds")
         if cache_size < 1:
             raise ConfigurationError("cache_size must be at least 1")
-        check_key_usage_limit(key_usage_limit)
-        if on_key_usage_limit not in ("rotate", "raise"):
-            raise ConfigurationError(
-                f"on_key_usage_limit must be 'rotate' or 'raise', not {on_key_usage_limit!r}"
-            )
+        check_key_usage_settings(key_usage_limit, on_key_usage_limit)
         self.key_usage_limit = key_usage_limit
         self.on_key_usage_limit = on_key_usage_limit
         # key id -> the usage budget of that randomized DEK in this process. It
@@ -445,7 +442,7 @@ class Keyring:
     def _usage_limit_reached(self, key_id: uuid.UUID, tenant: str, version: int) -> int:
         """Apply ``on_key_usage_limit`` to a key that has reached its limit; always raises."""
         limit = self.key_usage_limit
-        where = f"randomized key version {version} of tenant {tenant!r} (key id {key_id})"
+        assert limit is not None
         if key_id not in self._limit_reported:
             # Once per key and process: with "raise", every later write gets here.
             self._limit_reported.add(key_id)
@@ -458,6 +455,7 @@ class Keyring:
                 version=version,
                 limit=limit,
             )
+
         rows = self._store.tenant_rows(tenant)
         current = next((row for row in rows if row.key_id == key_id), None)
         replaced = current is not None and current.state is not KeyState.ACTIVE
@@ -467,43 +465,43 @@ class Keyring:
             row.purpose is KeyPurpose.RANDOMIZED and row.state is KeyState.PENDING for row in rows
         )
         if not replaced and not pending and self.on_key_usage_limit == "raise":
-            raise KeyUsageLimitError(
-                f"{where} has sealed its limit of {limit} values: rotate the tenant's "
-                "randomized key to keep writing (sqlalchemy-encrypted keys rotate "
-                f"{shlex.quote(tenant)} --purpose randomized --activate-now)",
-                tenant_id=tenant,
-                key_id=key_id,
-                version=version,
+            command = (
+                f"sqlalchemy-encrypted keys rotate {shlex.quote(tenant)} "
+                "--purpose randomized --activate-now"
             )
+            raise full_key_error(
+                key_id, tenant, version, limit, replaced=False, rotate_hint=command
+            )
+
+        if replaced:
+            # Another process, or an operator, made a newer version active.
+            self._invalidate_tenant(tenant)
+        else:
+            self._replace_full_key(key_id, tenant, version, limit)
+        raise full_key_error(key_id, tenant, version, limit, replaced=True)
+
+    def _replace_full_key(self, key_id: uuid.UUID, tenant: str, version: int, limit: int) -> None:
+        """Make a newer randomized version of ``tenant`` active, unless another
+        process has just done so."""
         try:
-            if replaced:
-                # Another process, or an operator, made a newer version active.
-                self._invalidate_tenant(tenant)
-            else:
-                lifecycle.rotate(
-                    self, tenant, KeyPurpose.RANDOMIZED, activate_now=True, replacing=key_id
-                )
+            lifecycle.rotate(
+                self, tenant, KeyPurpose.RANDOMIZED, activate_now=True, replacing=key_id
+            )
         except KeyStateError:
             # Another process rotated at the same moment, or replaced the key
-            # between the read above and the rotation.
+            # between the read of the rows and the rotation.
             self._invalidate_tenant(tenant)
         except sa.exc.OperationalError as exc:
             if not self._sqlite_locked(exc):
                 raise
             raise ConfigurationError(
-                f"{where} has sealed its limit of {limit} values, and no newer version can "
-                f"be made active: the SQLite database of the keyring is locked ({exc.orig}) "
-                "by a transaction that already wrote to the same file; keep the keyring in "
-                "a separate database, or rotate the tenant's randomized key before that "
+                f"randomized key version {version} of tenant {tenant!r} (key id {key_id}) has "
+                f"sealed its limit of {limit} values, and no newer version can be made "
+                f"active: the SQLite database of the keyring is locked ({exc.orig}) by a "
+                "transaction that already wrote to the same file; keep the keyring in a "
+                "separate database, or rotate the tenant's randomized key before that "
                 "transaction"
             ) from None
-        raise KeyUsageLimitError(
-            f"{where} has sealed its limit of {limit} values; a newer version is now active",
-            tenant_id=tenant,
-            key_id=key_id,
-            version=version,
-            replaced=True,
-        )
 
     def _data_key(self, row: KeyRow) -> DataKey:
         return self.cache.get_or_load(row.key_id, lambda: self._unwrap_row(row))

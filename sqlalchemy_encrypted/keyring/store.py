@@ -303,10 +303,12 @@ class KeyStore:
 
     @contextlib.contextmanager
     def _counting(self) -> Iterator[sa.Connection]:
-        """A transaction for the usage counter. On SQLite it waits at most
-        :data:`SQLITE_COUNTER_WAIT_MS` for the write lock, because the lock may
-        be held by the application's own open transaction on the same file,
-        which no wait would end."""
+        """Open a transaction for the usage counter.
+
+        On SQLite it waits at most :data:`SQLITE_COUNTER_WAIT_MS` for the write
+        lock, because the application's own open transaction on the same file
+        may hold it, and no wait would end that.
+        """
         with self.engine.begin() as conn:
             if conn.dialect.name != "sqlite":
                 yield conn
