@@ -42,7 +42,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeEngine
 
 from sqlalchemy_encrypted.keyring import keyring_table
-from sqlalchemy_encrypted.keyring.schema import SEALED_COUNT
+from sqlalchemy_encrypted.keyring.schema import MYSQL_ACTIVE_SLOT, SEALED_COUNT
 from sqlalchemy_encrypted.rotation import checkpoint_table
 from sqlalchemy_encrypted.row_tenant import tenant_column_of
 from sqlalchemy_encrypted.types import EncryptedType
@@ -210,7 +210,8 @@ def _matches_storage_or_unknown(
 
 
 def _is_encryption_table(operation: alembic_ops.DropTableOp) -> bool:
-    names = frozenset(operation.to_table().c.keys())
+    # MySQL and MariaDB keyring tables have a generated column more.
+    names = frozenset(operation.to_table().c.keys()) - {MYSQL_ACTIVE_SLOT}
     # A keyring table made before the usage counter column existed counts too.
     return names in (_KEYRING_COLUMNS, _KEYRING_COLUMNS - {SEALED_COUNT}, _CHECKPOINT_COLUMNS)
 

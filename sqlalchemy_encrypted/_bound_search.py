@@ -251,8 +251,15 @@ def _compile_packed_token_search(element: PackedTokenSearch, compiler: Any, **kw
     column = compiler.process(element.left, **kw)
     operator = "NOT IN" if element.operator is operators.not_in_op else "IN"
     casts = list(element.right.element.clauses)
+    if compiler.dialect.name in ("mysql", "mariadb"):
+        # MySQL types a bound NULL as it needs, and a cast of a base64 value
+        # would take the connection's collation, which MySQL cannot compare
+        # with the column's ("Illegal mix of collations").
+        casts = [cast_.clause for cast_ in casts]
     count = MAX_BOUND_LOOKUP_VERSIONS
-    if not compiler.positional:
+    if not compiler.positional or compiler.dialect.name not in _VALUES_DIALECTS:
+        # NOTE: a positional driver outside the VALUES dialects (mysqlclient)
+        # binds and seals each of the slices' mentions of a parameter again.
         slices = [
             compiler.process(expression, **kw) for cast_ in casts for expression in _slices(cast_)
         ]

@@ -34,8 +34,10 @@ __all__ = [
 
 StorageMode = Literal["binary", "base64"]
 
-# MySQL limits: VARBINARY stores at most 65,535 bytes, and a utf8mb4 VARCHAR at
-# most 16,383 characters (65,535 bytes at 4 bytes per character).
+# MySQL limits: VARBINARY stores at most 65,535 bytes. Base64 VARCHAR columns
+# stop at 16,383 characters, the limit of a utf8mb4 VARCHAR, although their
+# ascii charset would allow more, because the row size limit (65,535 bytes)
+# is shared by all of a row's VARCHAR and VARBINARY columns.
 _MYSQL_MAX_VARBINARY = 65_535
 _MYSQL_MAX_VARCHAR = 16_383
 
@@ -64,9 +66,11 @@ def dialect_impl(dialect: Dialect, storage: StorageMode, length: int | None) -> 
         from sqlalchemy.dialects import mysql
 
         if storage == "base64":
+            # Base64 is ASCII and case-sensitive: a binary ASCII collation
+            # stores one byte per character and compares exactly.
             if length is not None and length <= _MYSQL_MAX_VARCHAR:
-                return sa.String(length)
-            return mysql.LONGTEXT()
+                return mysql.VARCHAR(length, charset="ascii", collation="ascii_bin")
+            return mysql.LONGTEXT(charset="ascii", collation="ascii_bin")
         if length is not None and length <= _MYSQL_MAX_VARBINARY:
             return mysql.VARBINARY(length)
         return mysql.LONGBLOB()

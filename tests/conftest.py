@@ -24,11 +24,19 @@ from sqlalchemy_encrypted.keyring import Keyring
 from sqlalchemy_encrypted.kms import LocalKms
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
-from . import pgcluster
+from . import mariadbserver, pgcluster
 from .motoserver import running_moto_server
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _schema_counter = itertools.count()
+# The databases of the ``engine`` fixtures. MariaDB has its own test module
+# and is left out by default, because it adds about 4 minutes to the suite.
+# NOTE: with "mariadb" in this list, about 80 tests fail for reasons of the
+# tests (REPEATABLE READ snapshots, PostgreSQL-only SQL, AUTO_INCREMENT of
+# id 0, conversions that MySQL does not support), not of the library.
+ENGINE_DIALECTS = os.environ.get(
+    "SQLALCHEMY_ENCRYPTED_TEST_DIALECTS", "sqlite,postgresql"
+).split(",")
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +58,49 @@ def pg_server_url() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def mariadb_server_url() -> Iterator[str]:
+    explicit = os.environ.get("SQLALCHEMY_ENCRYPTED_TEST_MARIADB_URL")
+    if explicit:
+        yield explicit
+        return
+    try:
+        import pymysql  # noqa: F401
+    except ImportError as exc:
+        if IN_CI:
+            pytest.fail(f"PyMySQL is required in CI: {exc}")
+        pytest.skip(f"PyMySQL is not installed: {exc}")
+    try:
+        with mariadbserver.running_mariadb_server() as url:
+            yield url
+    except mariadbserver.ServerUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"MariaDB is required in CI: {exc}")
+        pytest.skip(str(exc))
+
+
+def _mariadb_engine(server_url: str) -> Iterator[sa.Engine]:
+    database = f"test_{os.getpid()}_{next(_schema_counter)}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE `{database}`")
+    engine = sa.create_engine(sa.make_url(server_url).set(database=database))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE `{database}`")
+        admin.dispose()
+
+
+def _server_engine(request: pytest.FixtureRequest, dialect: str) -> Iterator[sa.Engine]:
+    if dialect == "mariadb":
+        yield from _mariadb_engine(request.getfixturevalue("mariadb_server_url"))
+    else:
+        yield from _postgres_engine(request.getfixturevalue("pg_server_url"))
+
+
 def _postgres_engine(server_url: str) -> Iterator[sa.Engine]:
     schema = f"test_{os.getpid()}_{next(_schema_counter)}"
     admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
@@ -65,7 +116,7 @@ def _postgres_engine(server_url: str) -> Iterator[sa.Engine]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=ENGINE_DIALECTS)
 def engine(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[sa.Engine]:
     """An empty database, once on SQLite (a file) and once on PostgreSQL."""
     if request.param == "sqlite":
@@ -73,11 +124,16 @@ def engine(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[sa.Engi
         yield sqlite_engine
         sqlite_engine.dispose()
         return
-    server_url = request.getfixturevalue("pg_server_url")
-    yield from _postgres_engine(server_url)
+    yield from _server_engine(request, request.param)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+@pytest.fixture
+def mariadb_engine(mariadb_server_url: str) -> Iterator[sa.Engine]:
+    """An empty MariaDB database, for the tests of MySQL-family support."""
+    yield from _mariadb_engine(mariadb_server_url)
+
+
+@pytest.fixture(scope="module", params=ENGINE_DIALECTS)
 def module_engine(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[sa.Engine]:
@@ -89,8 +145,7 @@ def module_engine(
         yield sqlite_engine
         sqlite_engine.dispose()
         return
-    server_url = request.getfixturevalue("pg_server_url")
-    yield from _postgres_engine(server_url)
+    yield from _server_engine(request, request.param)
 
 
 @pytest.fixture

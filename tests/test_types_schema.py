@@ -95,8 +95,13 @@ def test_mysql_varbinary_sized_from_inner_length(dialect_name: str) -> None:
 def test_base64_storage_ddl_is_sized_text(dialect_name: str) -> None:
     columns = _column_ddl(dialect_name)
     envelope = GCM_OVERHEAD + 4 * 50
-    assert columns["code"] == f"VARCHAR({4 * ((envelope + 2) // 3)})"
-    assert columns["memo"] == ("LONGTEXT" if dialect_name in ("mysql", "mariadb") else "TEXT")
+    if dialect_name in ("mysql", "mariadb"):
+        exact = " CHARACTER SET ascii COLLATE ascii_bin"
+        assert columns["code"] == f"VARCHAR({4 * ((envelope + 2) // 3)}){exact}"
+        assert columns["memo"] == f"LONGTEXT{exact}"
+    else:
+        assert columns["code"] == f"VARCHAR({4 * ((envelope + 2) // 3)})"
+        assert columns["memo"] == "TEXT"
 
 
 def test_max_stored_length_matches_ddl() -> None:

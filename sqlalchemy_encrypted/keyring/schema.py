@@ -23,7 +23,14 @@ from sqlalchemy.engine import Dialect
 
 from ..keys import KeyPurpose
 
-__all__ = ["SEALED_COUNT", "KeyState", "UTCDateTime", "keyring_table"]
+__all__ = [
+    "MYSQL_ACTIVE_SLOT",
+    "SEALED_COUNT",
+    "ExactString",
+    "KeyState",
+    "UTCDateTime",
+    "keyring_table",
+]
 
 # Longest KEK id stored: AWS key ARNs are well under this.
 KEK_ID_LENGTH = 2048
@@ -31,6 +38,9 @@ TENANT_ID_LENGTH = 255
 # The usage counter column. Added after the first release of the table, so
 # the keyring reads it only when it counts seals (see Keyring.key_usage_limit).
 SEALED_COUNT = "sealed_count"
+# The generated column that enforces one active key on MySQL and MariaDB.
+MYSQL_ACTIVE_SLOT = "active_slot"
+_MYSQL_DIALECTS = ("mysql", "mariadb")
 
 
 class KeyState(enum.StrEnum):
@@ -83,6 +93,41 @@ def _values(enum_type: type[enum.StrEnum]) -> str:
     return ", ".join(f"'{member.value}'" for member in enum_type)
 
 
+class ExactString(sa.types.TypeDecorator[str]):
+    """A string column compared code point for code point on every database.
+
+    MySQL and MariaDB compare VARCHAR values with the column's collation,
+    whose defaults ignore case and trailing spaces, so a lookup of tenant
+    ``"acme"`` would find the keys of tenant ``"Acme "``. There the column is
+    a VARBINARY holding the UTF-8 bytes, which compare exactly.
+    """
+
+    impl = sa.String
+    cache_ok = True
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in _MYSQL_DIALECTS:
+            from sqlalchemy.dialects import mysql
+
+            # Up to 4 bytes per code point in UTF-8.
+            return dialect.type_descriptor(mysql.VARBINARY(4 * self.length))
+        return dialect.type_descriptor(sa.String(self.length))
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> Any:
+        if value is not None and dialect.name in _MYSQL_DIALECTS:
+            return value.encode("utf-8")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> str | None:
+        if isinstance(value, bytes | bytearray | memoryview):
+            return bytes(value).decode("utf-8")
+        return value  # type: ignore[no-any-return]
+
+
 def keyring_table(
     metadata: sa.MetaData, name: str = "encryption_keys", schema: str | None = None
 ) -> sa.Table:
@@ -94,7 +139,7 @@ def keyring_table(
         name,
         metadata,
         sa.Column("key_id", sa.Uuid(), primary_key=True),
-        sa.Column("tenant_id", sa.String(TENANT_ID_LENGTH), nullable=False),
+        sa.Column("tenant_id", ExactString(TENANT_ID_LENGTH), nullable=False),
         sa.Column("purpose", sa.String(16), nullable=False),
         sa.Column("key_version", sa.Integer(), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
@@ -135,9 +180,9 @@ def _add_mysql_active_slot(table: sa.Table, name: str) -> None:
     qualified = f"{table.schema}.{name}" if table.schema else name
     statement = (
         f"ALTER TABLE {qualified} "
-        f"ADD COLUMN active_slot TINYINT AS (CASE WHEN state = '{KeyState.ACTIVE.value}' "
+        f"ADD COLUMN {MYSQL_ACTIVE_SLOT} TINYINT AS (CASE WHEN state = '{KeyState.ACTIVE.value}' "
         "THEN 1 END) STORED, "
-        f"ADD UNIQUE INDEX uq_{name}_one_active (tenant_id, purpose, active_slot)"
+        f"ADD UNIQUE INDEX uq_{name}_one_active (tenant_id, purpose, {MYSQL_ACTIVE_SLOT})"
     )
     ddl: Any = sa.DDL(statement)  # type: ignore[no-untyped-call]
-    sa.event.listen(table, "after_create", ddl.execute_if(dialect=("mysql", "mariadb")))
+    sa.event.listen(table, "after_create", ddl.execute_if(dialect=_MYSQL_DIALECTS))
