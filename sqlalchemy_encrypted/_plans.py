@@ -149,7 +149,7 @@ class ColumnState:
         self.write_plans: dict[str, WritePlan] = {}
         self.read_plans: dict[bytes, ReadPlan] = {}
         # Plans of a column without keyring= contain keys of the default provider.
-        keys._column_states.add(self)
+        keys.register_column_state(self)
 
     def forget_plans(self) -> None:
         """Drop every plan, after a change of the settings plans were built from."""
@@ -157,12 +157,19 @@ class ColumnState:
         self.read_plans = {}
 
     def forget_expired_plans(self) -> None:
-        """Drop the plans whose leases have expired, and with them their DEKs."""
+        """Drop the plans whose leases have expired, and with them their DEKs.
+
+        Other threads add plans meanwhile, so this filters copies: a plan
+        added during the filtering is dropped with the old dict, which only
+        costs its thread one lookup more.
+        """
+        write_plans = self.write_plans.copy()
         self.write_plans = {
-            tenant: plan for tenant, plan in self.write_plans.items() if plan.is_current()
+            tenant: plan for tenant, plan in write_plans.items() if plan.is_current()
         }
+        read_plans = self.read_plans.copy()
         self.read_plans = {
-            header: plan for header, plan in self.read_plans.items() if plan.is_current()
+            header: plan for header, plan in read_plans.items() if plan.is_current()
         }
 
     def __repr__(self) -> str:

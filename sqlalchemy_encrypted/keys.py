@@ -349,13 +349,27 @@ _default_provider: KeyProvider | None = None
 # They forget all plans when the default provider changes, and expired ones
 # when Keyring.purge_expired() runs.
 _column_states: weakref.WeakSet[Any] = weakref.WeakSet()
+# Taken to add to the set and to copy it, because iterating a WeakSet while
+# another thread adds to it raises RuntimeError.
+_column_states_lock = threading.Lock()
+
+
+def register_column_state(state: Any) -> None:
+    with _column_states_lock:
+        _column_states.add(state)
+
+
+def column_states() -> list[Any]:
+    """Return the state objects of the live encrypted column types."""
+    with _column_states_lock:
+        return list(_column_states)
 
 
 def set_default_key_provider(provider: KeyProvider | None) -> None:
     """Make ``provider`` the key source of every encrypted column that names none."""
     global _default_provider
     _default_provider = provider
-    for state in list(_column_states):
+    for state in column_states():
         state.forget_plans()
 
 

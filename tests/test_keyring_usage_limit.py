@@ -636,3 +636,21 @@ def test_budget_block_sizes(limit: int, expected: list[int]) -> None:
 
     assert requests == expected
     assert budget.end == sum(expected)
+
+
+def test_more_keys_than_cache_reserve_once(
+    engine: sa.Engine, keyring_factory: type[Keyring]
+) -> None:
+    # Each write unwraps its tenant's DEK again, because the cache has room for one.
+    keyring = keyring_factory(cache_size=1)
+    Base.metadata.create_all(engine)
+    tenants = [f"t-{number}" for number in range(10)]
+    for round_number in range(3):
+        for tenant_number, tenant in enumerate(tenants):
+            _add(engine, 1, first=100 * round_number + tenant_number, tenant=tenant)
+
+    counts = keyring.sealed_counts()
+    assert counts is not None
+    randomized = [k for k in keyring.list_keys() if k.purpose is KeyPurpose.RANDOMIZED]
+    assert len(randomized) == len(tenants)
+    assert [counts[key.key_id] for key in randomized] == [4096] * len(tenants)

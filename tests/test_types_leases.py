@@ -348,3 +348,42 @@ def test_purge_drops_expired_deks(
     counting.calls.clear()
     assert _names(engine, "t-acme") == ["Ada"]
     assert counting.calls["unwrap"] == 2
+
+
+class _GrowingLease:
+    """A lease that adds an entry to ``leases`` when its expiry is read,
+    as another thread would while the purge filters the dict."""
+
+    def __init__(self, leases: dict[object, object]) -> None:
+        self.leases = leases
+
+    @property
+    def expires_at(self) -> float:
+        self.leases[object()] = self
+        return float("inf")
+
+    def is_current(self) -> bool:
+        self.leases[object()] = self
+        return True
+
+
+def test_purge_tolerates_concurrent_additions(
+    engine: sa.Engine, keyring_factory: type[Keyring]
+) -> None:
+    keyring = keyring_factory()
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(Person(id=1, tenant_id="t-acme", name="Ada", email="ada@example.com"))
+        session.commit()
+    name_type = Person.__table__.c.name.type.dialect_impl(engine.dialect)
+    name_type._hot.read_plans[b"growing"] = _GrowingLease(name_type._hot.read_plans)
+    keyring._active_leases[("t-growing", KeyPurpose.RANDOMIZED)] = _GrowingLease(
+        keyring._active_leases  # type: ignore[arg-type]
+    )
+    keyring._id_leases[0] = _GrowingLease(keyring._id_leases)  # type: ignore[arg-type]
+
+    assert keyring.purge_expired() == 0
+
+    assert b"growing" in name_type._hot.read_plans
+    assert ("t-growing", KeyPurpose.RANDOMIZED) in keyring._active_leases
+    assert _names(engine, "t-acme") == ["Ada"]

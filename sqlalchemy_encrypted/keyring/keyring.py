@@ -16,6 +16,7 @@ import shlex
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -60,9 +61,18 @@ logger = logging.getLogger("sqlalchemy_encrypted.keyring")
 
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _DECRYPTABLE_STATES = (KeyState.ACTIVE, KeyState.PENDING, KeyState.DECRYPT_ONLY)
+_ENDED_STATES = (KeyState.RETIRED, KeyState.DESTROYED)
+# The minimum number of usage budgets a keyring keeps, whatever its cache
+# size, because each one dropped wastes the rest of its key's reserved block
+# (up to 65,536 seals).
+_MIN_BUDGETS = 10_000
 
 # Expiry of a lease that must not be reused, because the caching it depends on is off.
 _EXPIRED = float("-inf")
+
+
+class _StaleRow(Exception):
+    """A cached keyring row whose key was retired or destroyed since it was read."""
 
 
 def _check_tenant(tenant_id: object) -> str:
@@ -156,9 +166,11 @@ class Keyring:
         self.key_usage_limit = key_usage_limit
         self.on_key_usage_limit = on_key_usage_limit
         # key id -> the usage budget of that randomized DEK in this process. It
-        # outlives the cached DEK, so an unwrap after the TTL keeps the seals
-        # this process already reserved.
-        self._budgets: dict[uuid.UUID, SealBudget] = {}
+        # outlives the cached DEK, so an unwrap after the TTL or an eviction
+        # keeps the seals this process already reserved. Least recently
+        # unwrapped first.
+        self._budgets: OrderedDict[uuid.UUID, SealBudget] = OrderedDict()
+        self._max_budgets = max(4 * cache_size, _MIN_BUDGETS)
         self._budgets_lock = threading.Lock()
         # key id -> seals handed out while a SQLite keyring file was locked by
         # the application's own transaction, not yet added to the table.
@@ -323,10 +335,13 @@ class Keyring:
             return UNLIMITED_SEALS
         with self._budgets_lock:
             budget = self._budgets.get(row.key_id)
-            if budget is None:
-                if len(self._budgets) >= 4 * self.cache.max_entries:
-                    # Dropping budgets only makes their keys reserve again.
-                    self._budgets.clear()
+            if budget is not None:
+                self._budgets.move_to_end(row.key_id)
+            else:
+                if len(self._budgets) >= self._max_budgets:
+                    # The dropped budget's unused seals stay counted in the
+                    # table, and its key reserves a new block when it seals again.
+                    self._budgets.popitem(last=False)
                 reserve = functools.partial(
                     self._reserve_seals, row.key_id, row.tenant_id, row.version
                 )
@@ -503,8 +518,33 @@ class Keyring:
                 "transaction"
             ) from None
 
-    def _data_key(self, row: KeyRow) -> DataKey:
-        return self.cache.get_or_load(row.key_id, lambda: self._unwrap_row(row))
+    def _data_key(self, row: KeyRow, *, fresh: bool = False) -> DataKey:
+        """Return the DEK of ``row`` from the cache, or unwrap it.
+
+        The row is read again before unwrapping (see :meth:`_current_row`),
+        unless ``fresh`` is true because ``row`` was just read from the table.
+        """
+        if fresh:
+            return self.cache.get_or_load(row.key_id, lambda: self._unwrap_row(row))
+        return self.cache.get_or_load(
+            row.key_id, lambda: self._unwrap_row(self._current_row(row))
+        )
+
+    def _current_row(self, row: KeyRow) -> KeyRow:
+        """Return ``row`` as the keyring table has it now.
+
+        The lookups of the active and the decryptable keys cache rows for
+        ``active_key_ttl``, which can outlast the cached DEK. Unwrapping from
+        such a row after another process shredded or retired the key would
+        keep the DEK for another ``cache_ttl``. For such a key this drops the
+        tenant's cached lookups and raises :class:`_StaleRow`.
+        """
+        current = self._store.get(row.key_id)
+        if current is not None and current.state not in _ENDED_STATES:
+            return current
+        self._active.invalidate((row.tenant_id, row.purpose))
+        self._decryptable.invalidate((row.tenant_id, row.purpose))
+        raise _StaleRow(row.key_id)
 
     # -- KeyProvider ----------------------------------------------------------
 
@@ -539,7 +579,14 @@ class Keyring:
         row = self._active.get_or_load(
             (tenant, purpose), lambda: self._find_or_create_active(tenant, purpose)
         )
-        key = self._data_key(row)
+        try:
+            key = self._data_key(row)
+        except _StaleRow:
+            # Looked up again: a shredded tenant raises KeyDestroyedError here.
+            row = self._active.get_or_load(
+                (tenant, purpose), lambda: self._find_or_create_active(tenant, purpose)
+            )
+            key = self._data_key(row, fresh=True)
         row_expiry = self._active.expires_at((tenant, purpose))
         key_expiry = self.cache.expires_at(row.key_id)
         expires_at = _EXPIRED
@@ -593,7 +640,7 @@ class Keyring:
             raise KeyNotFoundError(
                 f"the DEK of {row.describe()} is retired and no longer decrypts values"
             )
-        return self._lease_by_id(self._data_key(row), stamp)
+        return self._lease_by_id(self._data_key(row, fresh=True), stamp)
 
     def _lease_by_id(self, key: DataKey, stamp: int) -> KeyLease:
         expiry = self.cache.expires_at(key.key_id)
@@ -630,7 +677,13 @@ class Keyring:
             # the tenant's first key at any moment and it is active at once.
             if rows:
                 self._decryptable.put(cache_key, rows)
-        keys = tuple(self._data_key(row) for row in rows)
+        try:
+            keys = tuple(self._data_key(row) for row in rows)
+        except _StaleRow:
+            rows = self._load_decryptable(tenant, purpose)
+            if rows:
+                self._decryptable.put(cache_key, rows)
+            keys = tuple(self._data_key(row, fresh=True) for row in rows)
         expiries = [self._decryptable.expires_at(cache_key)]
         expiries.extend(self.cache.expires_at(row.key_id) for row in rows)
         if keys and None not in expiries:
@@ -840,16 +893,20 @@ class Keyring:
         self._active.purge_expired()
         self._decryptable.purge_expired()
         now = self._clock()
+        # Other threads add leases meanwhile, so the dicts are filtered as copies.
+        active_leases = self._active_leases.copy()
         self._active_leases = {
-            slot: lease for slot, lease in self._active_leases.items() if now < lease.expires_at
+            slot: lease for slot, lease in active_leases.items() if now < lease.expires_at
         }
+        id_leases = self._id_leases.copy()
         self._id_leases = {
-            key_id: lease for key_id, lease in self._id_leases.items() if now < lease.expires_at
+            key_id: lease for key_id, lease in id_leases.items() if now < lease.expires_at
         }
+        decryptable_leases = self._decryptable_leases.copy()
         self._decryptable_leases = {
-            slot: entry for slot, entry in self._decryptable_leases.items() if now < entry[0]
+            slot: entry for slot, entry in decryptable_leases.items() if now < entry[0]
         }
-        for state in list(_keys._column_states):
+        for state in _keys.column_states():
             state.forget_expired_plans()
         if dropped:
             logger.debug("dropped %d expired DEK(s) from the DEK cache", dropped)
