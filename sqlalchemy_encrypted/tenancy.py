@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 from collections.abc import Iterator
 
 from .errors import TenantContextError
+
+logger = logging.getLogger("sqlalchemy_encrypted")
 
 __all__ = [
     "TenantBound",
@@ -21,6 +24,11 @@ _scope: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "sqlalchemy_encrypted_tenant", default=None
 )
 _default_tenant: str | None = None
+# The scopes open in this context, innermost last: (marker, tenant id) pairs.
+# _scope contains the innermost tenant, for the per-value paths.
+_open_scopes: contextvars.ContextVar[tuple[tuple[object, str], ...]] = contextvars.ContextVar(
+    "sqlalchemy_encrypted_open_scopes", default=()
+)
 
 
 def _validate(tenant_id: object) -> str:
@@ -36,13 +44,61 @@ def tenant_scope(tenant_id: str) -> Iterator[str]:
     """Set the tenant for writes and deterministic lookups inside the block.
 
     The scope is a context variable, so it follows threads and asyncio tasks
-    the way ``contextvars`` does and nests cleanly.
+    the way ``contextvars`` does, and scopes nest. A generator shares the
+    context of the code that iterates it, so a generator that yields inside
+    ``tenant_scope()`` hands its scope to that code. When a scope ends while
+    a scope opened inside it is still open, it raises
+    :class:`TenantContextError` (after restoring the scope it was opened in),
+    because the code in between ran under the wrong tenant.
     """
-    token = _scope.set(_validate(tenant_id))
+    tenant = _validate(tenant_id)
+    entry = (object(), tenant)
+    _open_scopes.set((*_open_scopes.get(), entry))
+    _scope.set(tenant)
     try:
         yield tenant_id
-    finally:
-        _scope.reset(token)
+    except BaseException:
+        # The block raised, or a generator holding the scope is being closed
+        # (GeneratorExit), maybe in another context: report, do not replace.
+        _close_scope(entry, strict=False)
+        raise
+    _close_scope(entry, strict=True)
+
+
+def _close_scope(entry: tuple[object, str], *, strict: bool) -> None:
+    """End the scope ``entry`` and any scope opened inside it and left open.
+
+    With ``strict``, a scope left open raises; otherwise it is logged,
+    because an exception is already on its way.
+    """
+    scopes = _open_scopes.get()
+    tenant = entry[1]
+    if entry not in scopes:
+        # Closed in another context than it was opened in, or already ended
+        # by an outer scope that found it left open: nothing to restore here.
+        logger.warning(
+            "tenant_scope(%r) ended outside the context it was opened in, so the scope stays "
+            "set there. A generator that yields inside tenant_scope() leaves its scope in "
+            "the context that iterated it",
+            tenant,
+        )
+        return
+    position = scopes.index(entry)
+    remaining = scopes[:position]
+    _open_scopes.set(remaining)
+    _scope.set(remaining[-1][1] if remaining else None)
+    left_open = [scope[1] for scope in scopes[position + 1 :]]
+    if not left_open:
+        return
+    message = (
+        f"tenant_scope({tenant!r}) ended while tenant_scope({left_open[-1]!r}), opened "
+        f"inside it, was still open, so the code between them ran in tenant "
+        f"{left_open[-1]!r}: do not yield inside tenant_scope() in a generator; open the "
+        "scope around the loop that iterates it instead"
+    )
+    if strict:
+        raise TenantContextError(message)
+    logger.error(message)
 
 
 def set_default_tenant(tenant_id: str | None) -> None:
