@@ -179,6 +179,11 @@ class InMemoryKeyring:
             return cached[1]
         stamp = self._generation.value
         with self._lock:
+            if tenant_id in self._shredded:
+                raise KeyDestroyedError(
+                    f"the keys of tenant {tenant_id!r} were destroyed (crypto-shredded): its "
+                    "values can no longer be decrypted or searched"
+                )
             versions = self._versions.get((tenant_id, purpose), [])
             usable = [e.key for e in versions if e.state in ("active", "decrypt_only")]
         keys = tuple(sorted(usable, key=lambda key: -key.version))

@@ -220,6 +220,13 @@ def test_shred_tenant(engine: sa.Engine, keyring_factory: type[Keyring]) -> None
         assert session.get(Person, globex_id).name == "Other Person"  # type: ignore[union-attr]
     with pytest.raises(KeyDestroyedError, match="t-acme"):
         _add(engine, "t-acme", "New Person", "n@example.test")
+    # A lookup fails as a read does, rather than finding no row.
+    with Session(engine) as session, tenant_scope("t-acme"):
+        with pytest.raises(KeyDestroyedError, match="t-acme"):
+            session.scalars(sa.select(Person).where(Person.email == "a@example.test")).all()
+        statement = sa.select(Person).where(Person.email == sa.bindparam("e"))
+        with pytest.raises(KeyDestroyedError, match="t-acme"):
+            session.scalars(statement, {"e": "a@example.test"}).all()
     with pytest.raises(KeyDestroyedError):
         keyring.rotate("t-acme")
     cold = keyring_factory()
@@ -253,6 +260,41 @@ def test_retire_version(engine: sa.Engine, keyring_factory: type[Keyring]) -> No
     assert keyring.retire("t-acme", 1, KeyPurpose.RANDOMIZED) == []
     with pytest.raises(KeyNotFoundError):
         keyring.retire("t-acme", 9)
+
+
+def test_reinstate_retired_version(engine: sa.Engine, keyring_factory: type[Keyring]) -> None:
+    keyring = keyring_factory()
+    Base.metadata.create_all(engine)
+    person_id = _add(engine, "t-acme", "Test Person", "a@example.test")
+    keyring.rotate("t-acme", activate_now=True)
+    keyring.retire("t-acme", 1)
+    elsewhere = keyring_factory()
+    with Session(engine) as session:
+        with pytest.raises(KeyNotFoundError) as retired:
+            session.get(Person, person_id)
+    assert "keyring.reinstate('t-acme', 1)" in str(retired.value)
+
+    reinstated = keyring.reinstate("t-acme", 1)
+
+    assert sorted((k.purpose.value, k.state) for k in reinstated) == [
+        ("deterministic", KeyState.DECRYPT_ONLY),
+        ("randomized", KeyState.DECRYPT_ONLY),
+    ]
+    assert all(k.retired_at is None for k in reinstated)
+    for reader in (keyring, elsewhere):
+        se.set_default_key_provider(reader)
+        with Session(engine) as session:
+            assert session.get(Person, person_id).name == "Test Person"  # type: ignore[union-attr]
+    with tenant_scope("t-acme"), Session(engine) as session:
+        found = session.scalars(sa.select(Person).where(Person.email == "a@example.test")).all()
+        assert [p.id for p in found] == [person_id]
+    with pytest.raises(KeyStateError, match="not retired"):
+        keyring.reinstate("t-acme", 1)
+    with pytest.raises(KeyNotFoundError, match="no randomized key version 7"):
+        keyring.reinstate("t-acme", 7, KeyPurpose.RANDOMIZED)
+    keyring.shred("t-acme")
+    with pytest.raises(KeyDestroyedError, match="crypto-shredded"):
+        keyring.reinstate("t-acme", 1)
 
 
 def test_rotate_only_used_purposes(engine: sa.Engine, keyring_factory: type[Keyring]) -> None:
@@ -343,10 +385,11 @@ def test_audit_log_has_ids_only(
     keyring.rotate("t-acme")
     keyring.promote_pending()
     keyring.retire("t-acme", 1)
-    keyring.rewrap(LocalKms.create(tmp_path / "next.key"))
+    next_kms = LocalKms.create(tmp_path / "next.key")
+    keyring.rewrap(next_kms)
     failing = CountingKms(local_kms)
     failing.fail_with = se.KmsUnavailableError("local test failure")
-    broken = keyring_factory(engine, failing)
+    broken = keyring_factory(engine, failing, previous_kms=[next_kms])
     with pytest.raises(se.KmsUnavailableError):
         broken.active_key("t-new", KeyPurpose.RANDOMIZED)
     secrets: list[bytes] = []

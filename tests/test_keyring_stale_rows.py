@@ -58,9 +58,10 @@ def test_shred_elsewhere_ends_lookup_keys_after_cache_ttl(
     clock.advance(2.5)
     unwraps = kms.calls["unwrap"]
 
-    # As for a process that starts after the shred: no key, so no match.
-    assert app.decryptable_keys(TENANT, KeyPurpose.DETERMINISTIC) == ()
-    assert admin.decryptable_keys(TENANT, KeyPurpose.DETERMINISTIC) == ()
+    with pytest.raises(KeyDestroyedError, match=TENANT):
+        app.decryptable_keys(TENANT, KeyPurpose.DETERMINISTIC)
+    with pytest.raises(KeyDestroyedError, match=TENANT):
+        admin.decryptable_keys(TENANT, KeyPurpose.DETERMINISTIC)
     assert kms.calls["unwrap"] == unwraps
 
 

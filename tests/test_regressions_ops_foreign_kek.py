@@ -45,6 +45,38 @@ def test_keyring_refuses_rotation_under_foreign_kek(
     assert with_previous.active_key("t-acme", KeyPurpose.RANDOMIZED).version == 2
 
 
+def test_keyring_refuses_first_key_under_foreign_kek(
+    engine: sa.Engine, local_kms: LocalKms, tmp_path: Path
+) -> None:
+    Keyring(engine, local_kms).create_table()
+    Keyring(engine, local_kms).provision("t-acme")
+    foreign = LocalKms.create(tmp_path / "staging.key", kek="kek-a")
+    keyring = Keyring(engine, foreign, set_default=False)
+
+    with pytest.raises(ConfigurationError) as refused:
+        keyring.active_key("t-new", KeyPurpose.RANDOMIZED)
+
+    message = str(refused.value)
+    assert "first randomized key of tenant 't-new'" in message
+    assert local_kms.kek_id in message
+    assert "another environment" in message
+    assert keyring.list_keys("t-new") == []
+    with pytest.raises(ConfigurationError, match="another environment"):
+        keyring.rotate("t-new")
+    with_previous = Keyring(engine, foreign, previous_kms=[local_kms], set_default=False)
+    assert with_previous.active_key("t-new", KeyPurpose.RANDOMIZED).version == 1
+
+
+def test_first_key_of_empty_keyring(
+    engine: sa.Engine, local_kms: LocalKms, tmp_path: Path
+) -> None:
+    keyring = Keyring(engine, LocalKms.create(tmp_path / "other.key"), set_default=False)
+    keyring.create_table()
+
+    assert keyring.active_key("t-acme", KeyPurpose.RANDOMIZED).version == 1
+    assert keyring.active_key("t-globex", KeyPurpose.DETERMINISTIC).version == 1
+
+
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[CliApp]:
     app = make_cli_app(tmp_path)

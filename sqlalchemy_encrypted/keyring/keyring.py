@@ -62,6 +62,9 @@ logger = logging.getLogger("sqlalchemy_encrypted.keyring")
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _DECRYPTABLE_STATES = (KeyState.ACTIVE, KeyState.PENDING, KeyState.DECRYPT_ONLY)
 _ENDED_STATES = (KeyState.RETIRED, KeyState.DESTROYED)
+# The number of keyring rows whose KEKs are compared with this keyring's
+# providers before it creates a tenant's first key.
+_KEK_SAMPLE_SIZE = 50
 # The minimum number of usage budgets a keyring keeps, whatever its cache
 # size, because each one dropped wastes the rest of its key's reserved block
 # (up to 65,536 seals).
@@ -69,6 +72,13 @@ _MIN_BUDGETS = 10_000
 
 # Expiry of a lease that must not be reused, because the caching it depends on is off.
 _EXPIRED = float("-inf")
+
+
+def _shredded_search(tenant: str) -> str:
+    return (
+        f"the keys of tenant {tenant!r} were destroyed (crypto-shredded): its values can no "
+        "longer be decrypted or searched"
+    )
 
 
 class _StaleRow(Exception):
@@ -186,6 +196,8 @@ class Keyring:
         self._providers_lock = threading.Lock()
         self._kms = kms
         self._providers: list[KmsProvider] = [kms, *previous_kms]
+        # Set once a first key's creation found a KEK of this keyring in the table.
+        self._kms_matches_table = False
         # Bumped by the three caches below whenever an entry leaves early,
         # so that every lease this keyring handed out goes stale.
         self._lease_generation = LeaseGeneration()
@@ -638,7 +650,9 @@ class Keyring:
             )
         if row.state is KeyState.RETIRED:
             raise KeyNotFoundError(
-                f"the DEK of {row.describe()} is retired and no longer decrypts values"
+                f"the DEK of {row.describe()} is retired and no longer decrypts values; if "
+                "values still need it (for example data restored from a backup), reinstate "
+                f"it with keyring.reinstate({row.tenant_id!r}, {row.version}) and re-encrypt"
             )
         return self._lease_by_id(self._data_key(row, fresh=True), stamp)
 
@@ -654,7 +668,12 @@ class Keyring:
         return lease
 
     def decryptable_keys(self, tenant_id: str, purpose: KeyPurpose) -> Sequence[DataKey]:
-        """Return the tenant's active, pending and decrypt-only DEKs, active first."""
+        """Return the tenant's active, pending and decrypt-only DEKs, active first.
+
+        Raises :class:`KeyDestroyedError` for a crypto-shredded tenant, so that
+        a lookup of its values fails as reading them does, instead of
+        finding no row.
+        """
         if type(tenant_id) is str:
             # Every deterministic lookup calls this when it executes, so the
             # last result is kept like a lease: until one of the cache
@@ -705,9 +724,12 @@ class Keyring:
             )
 
     def _load_decryptable(self, tenant: str, purpose: KeyPurpose) -> tuple[KeyRow, ...]:
+        tenant_rows = self._store.tenant_rows(tenant)
+        if any(row.state is KeyState.DESTROYED for row in tenant_rows):
+            raise KeyDestroyedError(_shredded_search(tenant))
         rows = [
             row
-            for row in self._store.tenant_rows(tenant)
+            for row in tenant_rows
             if row.purpose is purpose and row.state in _DECRYPTABLE_STATES
         ]
         rows.sort(key=lambda row: (row.state is not KeyState.ACTIVE, -row.version))
@@ -769,7 +791,37 @@ class Keyring:
         )
         self.cache.put(row.key_id, key)
 
+    def _check_kms_matches_table(self, tenant: str, purpose: KeyPurpose) -> None:
+        """Raise unless this keyring's providers have a KEK the table's keys use.
+
+        A process configured for another environment (another key file, for
+        example) would otherwise wrap a new tenant's first DEK with a KEK that
+        the other processes reading that tenant's values do not have. The
+        check reads a sample of the table once per keyring object.
+
+        NOTE: ``AwsKms.can_unwrap`` accepts every key ARN, so an AWS KMS key of
+        another account or environment passes this check.
+        """
+        if self._kms_matches_table:
+            return
+        keks = self._store.sample_keks(_KEK_SAMPLE_SIZE)
+        providers = self.providers
+        if not keks or any(
+            provider.can_unwrap(name, kek_id) for name, kek_id in keks for provider in providers
+        ):
+            self._kms_matches_table = True
+            return
+        found = ", ".join(sorted({kek_id for _, kek_id in keks}))
+        raise ConfigurationError(
+            f"cannot create the first {purpose.value} key of tenant {tenant!r}: the keys in "
+            f"keyring table {self.table.fullname} are wrapped by KEK {found}, which none of "
+            "this keyring's KMS providers has, so the KMS configuration may belong to another "
+            "environment; configure the KMS the application uses (previous_kms=, or "
+            "--previous-kms on the command line, adds a KEK that only unwraps)"
+        )
+
     def _create_first_key(self, tenant: str, purpose: KeyPurpose) -> KeyRow:
+        self._check_kms_matches_table(tenant, purpose)
         context = WrapContext(uuid.uuid4(), tenant, purpose, 1)
         generated = self._generate(context)
         row = self._new_row(context, generated, KeyState.ACTIVE)
@@ -854,6 +906,19 @@ class Keyring:
         Retire a version only after a census shows no value uses it any more.
         """
         return lifecycle.retire(self, _check_tenant(tenant_id), version, purpose)
+
+    def reinstate(
+        self, tenant_id: str, version: int, purpose: KeyPurpose | None = None
+    ) -> list[KeyInfo]:
+        """Make a retired version decrypt-only again; return the reinstated keys.
+
+        Retiring keeps the wrapped DEK, so a version retired too early, or
+        needed again by data restored from a backup, can decrypt again. Its
+        values can then be re-encrypted. Raises :class:`KeyStateError` when
+        the version is not retired, and :class:`KeyDestroyedError` for a
+        shredded tenant.
+        """
+        return lifecycle.reinstate(self, _check_tenant(tenant_id), version, purpose)
 
     def shred(self, tenant_id: str) -> int:
         """Destroy every DEK of the tenant (crypto-shredding); return the count.

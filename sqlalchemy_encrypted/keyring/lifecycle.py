@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from ..errors import (
     ConfigurationError,
+    KeyDestroyedError,
     KeyNotFoundError,
     KeyPendingError,
     KeyStateError,
@@ -360,6 +361,53 @@ def retire(
         audit_event("key.retired", **row_fields(row))
     keyring._invalidate_tenant(tenant)
     return [row.info() for row in retired]
+
+
+def reinstate(
+    keyring: Keyring, tenant: str, version: int, purpose: KeyPurpose | None
+) -> list[KeyInfo]:
+    """Make a retired version decrypt-only again; see :meth:`Keyring.reinstate`."""
+    wanted = {KeyPurpose(purpose)} if purpose is not None else set(KeyPurpose)
+    rows = [
+        row
+        for row in keyring._store.tenant_rows(tenant)
+        if row.version == version and row.purpose in wanted
+    ]
+    if not rows:
+        purpose_text = f"{purpose.value} " if purpose is not None else ""
+        raise KeyNotFoundError(
+            f"tenant {tenant!r} has no {purpose_text}key version {version} to reinstate"
+        )
+
+    destroyed = [row for row in rows if row.state is KeyState.DESTROYED]
+    if destroyed:
+        raise KeyDestroyedError(
+            f"cannot reinstate key version {version} of tenant {tenant!r}: the tenant was "
+            "crypto-shredded and its DEKs no longer exist"
+        )
+    retired = [row for row in rows if row.state is KeyState.RETIRED]
+    if not retired:
+        states = ", ".join(f"{row.purpose.value}: {row.state.value}" for row in rows)
+        raise KeyStateError(
+            f"key version {version} of tenant {tenant!r} is not retired ({states}), so it "
+            "still decrypts; there is nothing to reinstate"
+        )
+
+    reinstated = []
+    with keyring.engine.begin() as conn:
+        for row in retired:
+            updated = keyring._store.compare_and_set(
+                conn, row, state=KeyState.DECRYPT_ONLY, retired_at=None
+            )
+            if updated is None:
+                raise KeyStateError(
+                    f"the keyring row of {row.describe()} changed during reinstate; retry"
+                )
+            reinstated.append(updated)
+    for row in reinstated:
+        audit_event("key.reinstated", **row_fields(row))
+    keyring._invalidate_tenant(tenant)
+    return [row.info() for row in reinstated]
 
 
 def _in_use_message(tenant: str, version: int, rows: Sequence[KeyRow]) -> str:

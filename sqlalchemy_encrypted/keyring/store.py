@@ -160,6 +160,21 @@ class KeyStore:
                 "'sqlalchemy-encrypted init'"
             ) from None
 
+    def sample_keks(self, limit: int) -> list[tuple[str, str]]:
+        """Return (provider name, KEK id) of up to ``limit`` rows that hold a wrapped DEK."""
+        table = self.table
+        stmt = (
+            sa.select(table.c.kms_provider, table.c.kek_id)
+            .where(table.c.wrapped_dek.is_not(None))
+            .limit(limit)
+        )
+        try:
+            with self.engine.connect() as conn:
+                return [(row[0], row[1]) for row in conn.execute(stmt)]
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+            self._raise_if_table_missing()
+            raise
+
     def get(self, key_id: uuid.UUID) -> KeyRow | None:
         with self.engine.connect() as conn:
             rows = self._select(conn, self.table.c.key_id == key_id)

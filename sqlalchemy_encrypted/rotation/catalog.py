@@ -155,6 +155,9 @@ class KeyCatalog:
             if self._listed or not isinstance(self._provider, KeyProvider):
                 self._active[slot] = None
             else:
-                keys = self._provider.decryptable_keys(tenant_id, purpose)
+                try:
+                    keys = self._provider.decryptable_keys(tenant_id, purpose)
+                except KeyDestroyedError:
+                    keys = ()
                 self._active[slot] = keys[0].version if keys else None
         return self._active[slot]
