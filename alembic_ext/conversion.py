@@ -32,10 +32,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.types import NullType
 
-from sqlalchemy_encrypted.errors import MigrationError, MixedValuesError, TenantContextError
+from sqlalchemy_encrypted.errors import (
+    ConversionBatchError,
+    MigrationError,
+    MixedValuesError,
+    TenantContextError,
+)
 from sqlalchemy_encrypted.tenancy import current_tenant
 
-from .ddl import TableInfo
+from .ddl import TableInfo, database_message
 from .directions import RowState, SourceValue, Strategy
 
 __all__ = ["ColumnConversion", "Counts", "Target"]
@@ -82,6 +87,28 @@ class Counts:
                 self.already_keys.append(key)
         else:
             self.converted += 1
+
+
+@dataclass
+class _Progress:
+    """Where a pass is, for the error raised when the database fails it."""
+
+    rows_done: int = 0
+    first_key: tuple[Any, ...] | None = None
+    last_key: tuple[Any, ...] | None = None
+    last_done_key: tuple[Any, ...] | None = None
+
+    def start(self, first_key: tuple[Any, ...], last_key: tuple[Any, ...]) -> None:
+        self.first_key, self.last_key = first_key, last_key
+
+    def finish(self, rows: int) -> None:
+        self.rows_done += rows
+        self.last_done_key = self.last_key
+        self.first_key = self.last_key = None
+
+
+def _shown(key: tuple[Any, ...]) -> str:
+    return repr(key[0] if len(key) == 1 else key)
 
 
 class ColumnConversion:
@@ -207,27 +234,74 @@ class ColumnConversion:
         )
 
     def fill(self, commit_each_batch: bool) -> Counts:
-        """Write every missing or stale shadow value."""
+        """Write every missing or stale shadow value.
+
+        A database error raises :class:`ConversionBatchError`.
+        """
         counts = Counts()
-        for number, rows in enumerate(self._batches(with_shadow=True), start=1):
-            updates: list[dict[str, Any]] = []
-            for row in rows:
-                key = self._key(row)
-                source, tenant, where = self._source(row)
-                counts.add(source.state, key)
-                shadow_raw = row[self._shadow_index]
-                if self.strategy.shadow_matches(source, shadow_raw, tenant, where):
-                    if source.state is not RowState.NULL:
-                        counts.resumed += 1
-                    continue
-                value = self.strategy.shadow_value(source, tenant, where)
-                updates.append(self._params(key, value))
-            self._update(updates)
-            counts.written += len(updates)
-            if commit_each_batch:
-                self.conn.commit()
-            logger.debug("%s: batch %d, %d row(s) written", self.target.label, number, len(updates))
+        progress = _Progress()
+        try:
+            for number, rows in enumerate(self._batches(with_shadow=True), start=1):
+                progress.start(self._key(rows[0]), self._key(rows[-1]))
+                updates: list[dict[str, Any]] = []
+                for row in rows:
+                    key = self._key(row)
+                    source, tenant, where = self._source(row)
+                    counts.add(source.state, key)
+                    shadow_raw = row[self._shadow_index]
+                    if self.strategy.shadow_matches(source, shadow_raw, tenant, where):
+                        if source.state is not RowState.NULL:
+                            counts.resumed += 1
+                        continue
+                    value = self.strategy.shadow_value(source, tenant, where)
+                    updates.append(self._params(key, value))
+                self._update(updates)
+                counts.written += len(updates)
+                if commit_each_batch:
+                    self.conn.commit()
+                progress.finish(len(rows))
+                logger.debug(
+                    "%s: batch %d, %d row(s) written", self.target.label, number, len(updates)
+                )
+        except sa.exc.DBAPIError as exc:
+            raise self._batch_error(exc, progress, committed=commit_each_batch) from exc
         return counts
+
+    def _batch_error(
+        self, error: sa.exc.DBAPIError, progress: _Progress, committed: bool
+    ) -> ConversionBatchError:
+        """Describe a database error of a pass: where it stopped, what is kept, what to do."""
+        if progress.first_key is not None and progress.last_key is not None:
+            where = (
+                f"writing the batch of primary keys {_shown(progress.first_key)} to "
+                f"{_shown(progress.last_key)}"
+            )
+        elif progress.last_done_key is not None:
+            where = f"reading the batch after primary key {_shown(progress.last_done_key)}"
+        else:
+            where = "reading the first batch"
+        if committed:
+            kept = (
+                f"The {progress.rows_done} row(s) of the earlier batches are converted and "
+                f"committed in the temporary column {self.shadow!r}, and the next run keeps "
+                "them. The original column is unchanged"
+            )
+        else:
+            kept = (
+                f"{progress.rows_done} row(s) of the earlier batches were done in the "
+                "migration's transaction, which is rolled back, so the original column "
+                "is unchanged"
+            )
+        label = self.target.label
+        return ConversionBatchError(
+            f"{label}: the database failed while {where}: {database_message(error)}. "
+            f"{kept}. Fix the cause and run the migration again",
+            table=self.target.table.qualified_name,
+            column=self.target.column,
+            first_key=progress.first_key,
+            last_key=progress.last_key,
+            rows_done=progress.rows_done,
+        )
 
     def verify(self) -> Counts:
         """Check every shadow value against its source and fix the ones that differ.
@@ -236,23 +310,32 @@ class ColumnConversion:
         checked again; a row that still differs raises :class:`MigrationError`.
         """
         counts = Counts()
-        for rows in self._batches(with_shadow=True):
-            fixes: dict[tuple[Any, ...], dict[str, Any]] = {}
-            for row in rows:
-                key = self._key(row)
-                source, tenant, where = self._source(row)
-                counts.add(source.state, key)
-                if self.strategy.shadow_matches(source, row[self._shadow_index], tenant, where):
-                    if source.state is not RowState.NULL:
-                        counts.resumed += 1
-                    continue
-                value = self.strategy.shadow_value(source, tenant, where)
-                fixes[key] = self._params(key, value)
-            if fixes:
-                self._update(list(fixes.values()))
-                counts.written += len(fixes)
-                self._check_fixed(rows[0], rows[-1], set(fixes))
+        progress = _Progress()
+        try:
+            for rows in self._batches(with_shadow=True):
+                progress.start(self._key(rows[0]), self._key(rows[-1]))
+                self._verify_batch(rows, counts)
+                progress.finish(len(rows))
+        except sa.exc.DBAPIError as exc:
+            raise self._batch_error(exc, progress, committed=False) from exc
         return counts
+
+    def _verify_batch(self, rows: Sequence[Row[Any]], counts: Counts) -> None:
+        fixes: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for row in rows:
+            key = self._key(row)
+            source, tenant, where = self._source(row)
+            counts.add(source.state, key)
+            if self.strategy.shadow_matches(source, row[self._shadow_index], tenant, where):
+                if source.state is not RowState.NULL:
+                    counts.resumed += 1
+                continue
+            value = self.strategy.shadow_value(source, tenant, where)
+            fixes[key] = self._params(key, value)
+        if fixes:
+            self._update(list(fixes.values()))
+            counts.written += len(fixes)
+            self._check_fixed(rows[0], rows[-1], set(fixes))
 
     def _check_fixed(self, first: Row[Any], last: Row[Any], fixed: set[tuple[Any, ...]]) -> None:
         low, high = self._key(first), self._key(last)

@@ -24,6 +24,7 @@ __all__ = [
     "add_column",
     "begin_write",
     "check_swappable",
+    "database_message",
     "drop_column",
     "lock_for_writes",
     "quote_name",
@@ -169,6 +170,23 @@ def check_swappable(conn: Connection, info: TableInfo, column: str) -> None:
         )
 
 
+def database_message(error: sa.exc.DBAPIError) -> str:
+    """Return the database's own error message, without details that may quote values.
+
+    Also hides the statement's bound parameters in the text of ``error``,
+    because a conversion binds the plaintext values it writes. PostgreSQL's
+    DETAIL line can quote a row ("Key (email)=(...) already exists"), so
+    only the primary message is returned.
+    """
+    error.hide_parameters = True
+    diagnostics = getattr(error.orig, "diag", None)
+    primary = getattr(diagnostics, "message_primary", None)
+    if isinstance(primary, str) and primary:
+        return primary
+    lines = str(error.orig).strip().splitlines()
+    return lines[0] if lines else type(error.orig).__name__
+
+
 def run_step(conn: Connection, info: TableInfo, column: str, step: str, sql: str) -> None:
     """Execute one statement of the final swap, naming the step if it fails."""
     try:
@@ -176,8 +194,8 @@ def run_step(conn: Connection, info: TableInfo, column: str, step: str, sql: str
     except sa.exc.DBAPIError as exc:
         raise MigrationError(
             f"could not {step} while converting {info.qualified_name}.{column}: "
-            f"{exc.orig}. The converted values are kept in a temporary column, so "
-            "fix the cause and run the migration again"
+            f"{database_message(exc)}. The converted values are kept in a temporary "
+            "column, so fix the cause and run the migration again"
         ) from exc
 
 

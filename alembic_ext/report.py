@@ -15,7 +15,7 @@ _WORDS: dict[Direction, tuple[str, str]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class ConversionReport:
     """Result of converting one column, counted over every row of the table.
 
@@ -25,6 +25,11 @@ class ConversionReport:
     ``resumed`` of the converted rows had been converted by an earlier,
     interrupted run, and ``rewritten`` rows were converted again in the final
     check because the application changed them during the operation.
+
+    During ``alembic upgrade`` or ``downgrade`` the column is swapped at the
+    end of the migration. The operation then returns the counts of its
+    batches with ``column_swapped`` False, and the swap updates the same
+    object with the final counts.
     """
 
     table: str

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,6 +19,7 @@ from sqlalchemy_encrypted.types import EncryptedType
 
 from . import ddl, rotation, swap
 from .conversion import ColumnConversion, Counts, Target
+from .deferred import FinalStep, defer_final_step, runs_in_migration
 from .directions import Decrypting, Encrypting, Strategy
 from .ops import (
     CreateKeyringTableOp,
@@ -218,13 +221,14 @@ def _first_phase(context: MigrationContext, work: Connection, operation: _Op) ->
     return counts
 
 
-def _final_phase(
+def _final_check(
     context: MigrationContext, conn: Connection, operation: _Op, filled: Counts | None
-) -> ConversionReport:
-    """Block writers, convert what is left, verify every row and swap the columns.
+) -> Callable[[Connection], ConversionReport]:
+    """Block writers, convert what is left and verify every row.
 
-    Runs in the migration's transaction, so the swap commits together with
-    the migration's version row.
+    Returns the function that swaps the columns and returns the report. It
+    runs later on the same connection and transaction, after the other
+    columns of the migration are checked too.
     """
     ddl.lock_for_writes(conn, operation.table_name, operation.schema, operation.column_name)
     plan = _Plan(conn, operation)
@@ -239,7 +243,8 @@ def _final_phase(
             if strict_pending:
                 conversion.check_strict(counts)
             if counts.converted == 0:
-                return _report(plan, counts, resumed=0, rewritten=0, swapped=False)
+                unchanged = _report(plan, counts, resumed=0, rewritten=0, swapped=False)
+                return lambda _: unchanged
         elif strict_pending:
             conversion.check_strict(conversion.scan())
         ddl.add_column(
@@ -254,10 +259,18 @@ def _final_phase(
 
     counts = conversion.verify()
     _check_census(conn, plan, counts)
-    swap.swap_columns(conn, plan.info, plan.source, plan.shadow)
     if filled is None:
-        return _report(plan, counts, resumed=counts.resumed, rewritten=0, swapped=True)
-    return _report(plan, counts, resumed=filled.resumed, rewritten=counts.written, swapped=True)
+        resumed, rewritten = counts.resumed, 0
+    else:
+        resumed, rewritten = filled.resumed, counts.written
+
+    def swap_columns(swap_conn: Connection) -> ConversionReport:
+        # An earlier swap in the same migration may have changed the table.
+        current = _Plan(swap_conn, operation)
+        swap.swap_columns(swap_conn, current.info, current.source, current.shadow)
+        return _report(plan, counts, resumed=resumed, rewritten=rewritten, swapped=True)
+
+    return swap_columns
 
 
 def _check_census(conn: Connection, plan: _Plan, counts: Counts) -> None:
@@ -320,8 +333,54 @@ def convert_column(operations: Operations, operation: _Op) -> ConversionReport:
             operation.table_name,
             operation.column_name,
         )
-    report = _final_phase(context, operations.get_bind(), operation, filled)
+    if runs_in_migration(context):
+        return _defer_final_step(context, operation, filled)
+    bind = operations.get_bind()
+    report = _final_check(context, bind, operation, filled)(bind)
     audit.info("%s", report)
+    return report
+
+
+def _defer_final_step(
+    context: MigrationContext, operation: _Op, filled: Counts | None
+) -> ConversionReport:
+    """Queue the final step for the end of the migration; see :mod:`alembic_ext.deferred`.
+
+    Returns a report of the batches written so far, with ``column_swapped``
+    False. The same object gets the final counts when the column is swapped.
+    """
+    table = operation.table_name
+    if operation.schema:
+        table = f"{operation.schema}.{table}"
+    counts = filled or Counts()
+    report = ConversionReport(
+        table=table,
+        column=operation.column_name,
+        direction="encrypt" if isinstance(operation, EncryptColumnOp) else "decrypt",
+        converted=counts.converted,
+        already_converted=counts.already,
+        null=counts.null,
+        resumed=counts.resumed,
+        column_swapped=False,
+    )
+
+    def check(conn: Connection) -> Callable[[Connection], None]:
+        swap_columns = _final_check(context, conn, operation, filled)
+
+        def swap_and_report(swap_conn: Connection) -> None:
+            final = swap_columns(swap_conn)
+            for name in (item.name for item in dataclasses.fields(final)):
+                setattr(report, name, getattr(final, name))
+            audit.info("%s", report)
+
+        return swap_and_report
+
+    defer_final_step(context, FinalStep(f"{table}.{operation.column_name}", check))
+    logger.info(
+        "%s.%s: batches done; the column is checked and swapped at the end of the migration",
+        table,
+        operation.column_name,
+    )
     return report
 
 

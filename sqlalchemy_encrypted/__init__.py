@@ -14,6 +14,7 @@ from . import statement_errors as _statement_errors  # noqa: F401  (registers th
 from .envelope import Algorithm, EnvelopeHeader, parse_header
 from .errors import (
     ConfigurationError,
+    ConversionBatchError,
     DecryptionError,
     DuplicateValueError,
     EncryptionError,
@@ -70,6 +71,7 @@ __all__ = [
     "UNLIMITED_SEALS",
     "Algorithm",
     "ConfigurationError",
+    "ConversionBatchError",
     "DataKey",
     "DecryptionError",
     "DeterministicEncrypted",

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DontWrapMixin
 
 __all__ = [
     "ConfigurationError",
+    "ConversionBatchError",
     "DecryptionError",
     "DuplicateValueError",
     "EncryptionError",
@@ -260,6 +261,38 @@ class MigrationError(EncryptionError):
     primary key, or when the column cannot be swapped. The table is left as it
     was or in a state that running the same operation again completes.
     """
+
+
+class ConversionBatchError(MigrationError):
+    """The database rejected a batch while a column conversion read or wrote it.
+
+    ``table`` and ``column`` name the column being converted. ``first_key``
+    and ``last_key`` are the primary keys of the first and last row of the
+    failed batch, or None when the batch was not read yet. ``rows_done``
+    counts the rows of the earlier batches. The database error is the
+    ``__cause__``, with its bound parameters hidden.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        table: str,
+        column: str,
+        first_key: tuple[object, ...] | None,
+        last_key: tuple[object, ...] | None,
+        rows_done: int,
+    ) -> None:
+        super().__init__(message)
+        self.table = table
+        self.column = column
+        self.first_key = first_key
+        self.last_key = last_key
+        self.rows_done = rows_done
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments: the default reduction passes only the message.
+        return _rebuild_error, (type(self), self.args[0]), self.__dict__
 
 
 class MixedValuesError(MigrationError):

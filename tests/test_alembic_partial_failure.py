@@ -1,0 +1,266 @@
+"""Failures in the middle of a migration that converts two columns, then running it again.
+
+A swap that fails must leave every column of the migration unconverted
+under the old revision, and a database error while batches are written
+must raise ``ConversionBatchError`` naming the batch, without plaintext.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from sqlalchemy.orm import Session
+
+from sqlalchemy_encrypted import ConversionBatchError, MigrationError
+from sqlalchemy_encrypted.testing import InMemoryKeyring
+
+from .alembic_env import AlembicEnv
+from .models import Person
+from .test_alembic_encrypt_column import (
+    CREATE_PERSONS,
+    DECRYPT_PERSONS,
+    ENCRYPT_PERSONS,
+    column_names,
+    plain_rows,
+    raw_rows,
+    seed,
+)
+
+# The email CHECK passes for plaintext and fails once email holds envelopes,
+# so the swap of email, the second column of ENCRYPT_PERSONS, fails.
+# PostgreSQL casts the swapped bytea to its hex text, which has no "@".
+# SQLite calls email_guard(), which the test can switch off.
+CREATE_CHECKED_PERSONS = """
+if op.get_bind().dialect.name == "sqlite":
+    check = "email_guard(email)"
+else:
+    check = "email LIKE '%@%'"
+op.create_table(
+    "persons",
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("tenant_id", sa.String(40)),
+    sa.Column("name", sa.String(100)),
+    sa.Column("email", sa.String(254)),
+    sa.CheckConstraint(check, name="ck_persons_email"),
+)
+op.create_index("ix_persons_email", "persons", ["email"])
+"""
+
+PLAINTEXT_MARKERS = ("example.test", "Person ")
+
+
+class EmailGuard:
+    """The SQLite function behind the email CHECK: rejects bytes while armed."""
+
+    def __init__(self) -> None:
+        self.armed = True
+
+    def __call__(self, value: Any) -> int:
+        return 0 if self.armed and isinstance(value, bytes) else 1
+
+
+@pytest.fixture
+def email_guard(engine: sa.Engine) -> Iterator[EmailGuard]:
+    guard = EmailGuard()
+    if engine.dialect.name == "sqlite":
+
+        def register(dbapi_connection: Any, _: Any) -> None:
+            dbapi_connection.create_function("email_guard", 1, guard, deterministic=True)
+
+        sa.event.listen(engine, "connect", register)
+        engine.dispose()
+    yield guard
+
+
+def _disarm(engine: sa.Engine, guard: EmailGuard) -> None:
+    guard.armed = False
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE persons DROP CONSTRAINT ck_persons_email")
+
+
+def _add_failing_row_trigger(engine: sa.Engine, row_id: int) -> None:
+    """Make every UPDATE of row ``row_id`` fail, as a full disk would."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER fail_row BEFORE UPDATE ON persons WHEN NEW.id = {row_id} "
+                "BEGIN SELECT RAISE(ABORT, 'could not extend file (injected)'); END"
+            )
+            return
+        conn.exec_driver_sql(
+            "CREATE FUNCTION fail_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.id = {row_id} THEN RAISE EXCEPTION 'could not extend file (injected)' "
+            "USING ERRCODE = '53100'; END IF; RETURN NEW; END $$"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER fail_row BEFORE UPDATE ON persons "
+            "FOR EACH ROW EXECUTE FUNCTION fail_row()"
+        )
+
+
+def _drop_failing_row_trigger(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP TRIGGER fail_row")
+        else:
+            conn.exec_driver_sql("DROP TRIGGER fail_row ON persons")
+
+
+def _people(engine: sa.Engine) -> list[tuple[str | None, str | None]]:
+    with Session(engine) as session:
+        people = session.scalars(sa.select(Person).order_by(Person.id)).all()
+        return [(p.name, p.email) for p in people]
+
+
+def test_second_swap_failure_keeps_both_columns(
+    tmp_path: Path, engine: sa.Engine, keyring: InMemoryKeyring, email_guard: EmailGuard
+) -> None:
+    env = AlembicEnv(tmp_path / "migrations", engine)
+    env.write_revision("r1", None, CREATE_CHECKED_PERSONS, 'op.drop_table("persons")')
+    env.write_revision("r2", "r1", ENCRYPT_PERSONS, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    rows = plain_rows(40)
+    seed(engine, rows)
+
+    with pytest.raises(MigrationError, match=r"persons\.email") as caught:
+        env.upgrade("head")
+
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    assert "persons.name, persons.email" in notes
+    assert "none of these columns is swapped" in notes
+    assert env.current() == "r1"
+    # name, swapped before email failed, is plaintext again in its place.
+    assert column_names(engine) == [
+        "id",
+        "tenant_id",
+        "name",
+        "email",
+        "name__encrypting",
+        "email__encrypting",
+    ]
+    assert raw_rows(engine) == [(r["id"], r["name"], r["email"]) for r in rows]
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE persons SET name = CAST(:name AS VARCHAR(100)) WHERE id = 1"),
+            {"name": "Written by the old code"},
+        )
+    rows[0]["name"] = "Written by the old code"
+
+    _disarm(engine, email_guard)
+    env.upgrade("head")
+
+    assert env.current() == "r2"
+    # SQLite writes email back in place and moves name to the end.
+    assert sorted(column_names(engine)) == ["email", "id", "name", "tenant_id"]
+    name_report, email_report = env.reports[-2:]
+    assert name_report.column_swapped
+    assert email_report.column_swapped
+    assert (name_report.converted, name_report.null) == (36, 4)
+    # Row 1's converted value went stale when the old code wrote it.
+    assert name_report.resumed == 35
+    assert email_report.resumed == 38
+    assert _people(engine) == [(r["name"], r["email"]) for r in rows]
+
+
+def test_deferred_report_gets_final_counts(
+    tmp_path: Path, engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    env = AlembicEnv(tmp_path / "migrations", engine)
+    env.write_revision("r1", None, CREATE_PERSONS, 'op.drop_table("persons")')
+    upgrade = ENCRYPT_PERSONS + (
+        "\nop.get_context().config.attributes['swapped_in_upgrade'] = "
+        "[report.column_swapped for report in reports]\n"
+    )
+    env.write_revision("r2", "r1", upgrade, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    seed(engine, plain_rows(40))
+
+    config = env.config()
+    command.upgrade(config, "head")
+
+    # Inside upgrade() the swaps are still queued; afterwards both are done.
+    assert config.attributes["swapped_in_upgrade"] == [False, False]
+    assert [report.column_swapped for report in env.reports] == [True, True]
+    assert str(env.reports[0]) == "persons.name: encrypted 36, already encrypted 0, NULL 4"
+
+
+def test_fill_failure_names_batch(
+    tmp_path: Path, engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    env = AlembicEnv(tmp_path / "migrations", engine)
+    env.write_revision("r1", None, CREATE_PERSONS, 'op.drop_table("persons")')
+    env.write_revision("r2", "r1", ENCRYPT_PERSONS, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    rows = plain_rows(40)
+    seed(engine, rows)
+    _add_failing_row_trigger(engine, 19)
+
+    with pytest.raises(ConversionBatchError) as caught:
+        env.upgrade("head")
+
+    # Batches of 7: rows 1-14 are committed, the batch of rows 15-21 fails.
+    error = caught.value
+    assert isinstance(error, MigrationError)
+    assert (error.table, error.column) == ("persons", "name")
+    assert (error.first_key, error.last_key) == ((15,), (21,))
+    assert error.rows_done == 14
+    message = str(error)
+    assert message.startswith("persons.name: the database failed while writing the batch")
+    assert "primary keys 15 to 21" in message
+    assert "could not extend file (injected)" in message
+    assert "The 14 row(s) of the earlier batches are converted and committed" in message
+    assert "'name__encrypting'" in message
+    assert message.endswith("Fix the cause and run the migration again")
+    assert isinstance(error.__cause__, sa.exc.DBAPIError)
+    assert env.current() == "r1"
+    assert raw_rows(engine) == [(r["id"], r["name"], r["email"]) for r in rows]
+
+    _drop_failing_row_trigger(engine)
+    env.upgrade("head")
+
+    assert env.current() == "r2"
+    name_report = env.reports[-2]
+    assert name_report.resumed == sum(1 for r in rows[:14] if r["name"] is not None)
+    assert _people(engine) == [(r["name"], r["email"]) for r in rows]
+
+
+def test_decrypt_fill_failure_hides_plaintext(
+    tmp_path: Path, engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    env = AlembicEnv(tmp_path / "migrations", engine)
+    env.write_revision("r1", None, CREATE_PERSONS, 'op.drop_table("persons")')
+    env.write_revision("r2", "r1", ENCRYPT_PERSONS, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    rows = plain_rows(40)
+    seed(engine, rows)
+    env.upgrade("head")
+    _add_failing_row_trigger(engine, 19)
+
+    # The batches of a decryption bind plaintext values.
+    with pytest.raises(ConversionBatchError) as caught:
+        env.downgrade("r1")
+
+    error = caught.value
+    assert (error.column, error.first_key, error.last_key) == ("email", (15,), (21,))
+    cause = error.__cause__
+    assert isinstance(cause, sa.exc.DBAPIError)
+    assert "hidden" in str(cause)
+    full_text = "".join(traceback.format_exception(error))
+    for marker in PLAINTEXT_MARKERS:
+        assert marker not in str(error)
+        assert marker not in str(cause)
+        assert marker not in full_text
+    assert env.current() == "r2"
+
+    _drop_failing_row_trigger(engine)
+    env.downgrade("r1")
+
+    assert env.current() == "r1"
+    assert raw_rows(engine) == [(r["id"], r["name"], r["email"]) for r in rows]
