@@ -91,7 +91,7 @@ class Counts:
 
 @dataclass
 class _Progress:
-    """Where a pass is, for the error raised when the database fails it."""
+    """The position of a pass, for the error raised when the database fails it."""
 
     rows_done: int = 0
     first_key: tuple[Any, ...] | None = None
@@ -281,13 +281,13 @@ class ColumnConversion:
         else:
             where = "reading the first batch"
         if committed:
-            kept = (
+            outcome = (
                 f"The {progress.rows_done} row(s) of the earlier batches are converted and "
                 f"committed in the temporary column {self.shadow!r}, and the next run keeps "
                 "them. The original column is unchanged"
             )
         else:
-            kept = (
+            outcome = (
                 f"{progress.rows_done} row(s) of the earlier batches were done in the "
                 "migration's transaction, which is rolled back, so the original column "
                 "is unchanged"
@@ -295,7 +295,7 @@ class ColumnConversion:
         label = self.target.label
         return ConversionBatchError(
             f"{label}: the database failed while {where}: {database_message(error)}. "
-            f"{kept}. Fix the cause and run the migration again",
+            f"{outcome}. Fix the cause and run the migration again",
             table=self.target.table.qualified_name,
             column=self.target.column,
             first_key=progress.first_key,

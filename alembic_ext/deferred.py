@@ -3,8 +3,8 @@
 A conversion commits its batches as it goes, and Alembic's
 ``autocommit_block()`` commits the migration's transaction before the
 batches start. So if each conversion swapped its column at once, the next
-conversion in the same migration would commit that swap before the Alembic
-version row is written, and a failure after it would leave one column
+conversion in the same migration would commit that swap before Alembic
+writes the version row. A failure after that commit would leave one column
 converted under the old revision.
 
 During ``alembic upgrade`` or ``downgrade``, each conversion therefore only

@@ -108,7 +108,10 @@ class EncryptColumnOp(_ColumnConversionOp):
         The values are sealed in batches into a temporary column
         ``<column>__encrypting``. Each one is then checked by decrypting it
         while writes to the table are blocked, and the temporary column
-        replaces the original one. The column keeps its name, NOT NULL,
+        replaces the original one. During ``alembic upgrade`` or
+        ``downgrade`` this final step runs at the end of the migration, for
+        all its converted columns together, in the transaction that writes
+        the version row. The column keeps its name, NOT NULL,
         comment, indexes and constraints. NULL stays NULL. Values that already are envelopes of
         this column are kept as they are and counted.
 
@@ -136,6 +139,9 @@ class EncryptColumnOp(_ColumnConversionOp):
             in the migration's transaction with writes blocked throughout.
         :param schema: the table's schema.
         :return: the counts of encrypted, already encrypted and NULL values.
+            During a migration it contains the batches' counts until the swap at
+            the end of the migration updates it.
+        :raises ConversionBatchError: if the database fails a batch.
         """
         operation = cls(
             table_name,

@@ -344,7 +344,7 @@ def convert_column(operations: Operations, operation: _Op) -> ConversionReport:
 def _defer_final_step(
     context: MigrationContext, operation: _Op, filled: Counts | None
 ) -> ConversionReport:
-    """Queue the final step for the end of the migration; see :mod:`alembic_ext.deferred`.
+    """Queue the final step for the end of the migration (see :mod:`alembic_ext.deferred`).
 
     Returns a report of the batches written so far, with ``column_swapped``
     False. The same object gets the final counts when the column is swapped.
@@ -377,7 +377,7 @@ def _defer_final_step(
 
     defer_final_step(context, FinalStep(f"{table}.{operation.column_name}", check))
     logger.info(
-        "%s.%s: batches done; the column is checked and swapped at the end of the migration",
+        "%s.%s: batches written, so the column is checked and swapped at the end of the migration",
         table,
         operation.column_name,
     )

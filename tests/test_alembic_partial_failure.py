@@ -32,7 +32,7 @@ from .test_alembic_encrypt_column import (
     seed,
 )
 
-# The email CHECK passes for plaintext and fails once email holds envelopes,
+# The email CHECK passes for plaintext and fails once email contains envelopes,
 # so the swap of email, the second column of ENCRYPT_PERSONS, fails.
 # PostgreSQL casts the swapped bytea to its hex text, which has no "@".
 # SQLite calls email_guard(), which the test can switch off.
