@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import importlib
 import json
+import logging
 import os
 import sys
 import traceback
@@ -16,6 +17,7 @@ from urllib.parse import parse_qs, unquote
 import click
 import sqlalchemy as sa
 
+from ._cli_kms import UnusableKms
 from .errors import (
     ConfigurationError,
     EncryptionError,
@@ -39,6 +41,8 @@ __all__ = [
     "settings_of",
 ]
 
+logger = logging.getLogger("sqlalchemy_encrypted.cli")
+
 
 class ExitCode(enum.IntEnum):
     """Exit statuses of ``sqlalchemy-encrypted``; documented in ``--help``."""
@@ -51,6 +55,8 @@ class ExitCode(enum.IntEnum):
     KEY_IN_USE = 5  # keys retire: stored values still use the key version
     INCOMPLETE = 6  # reencrypt: rows failed or values remain under an old version
     ABORTED = 7  # a confirmation was not given
+    UNKNOWN_KEYS = 8  # stored values name key ids that are not in the keyring table
+    BROKEN_PIPE = 141  # stdout was closed early (128 + SIGPIPE, as a shell reports it)
 
 
 EXIT_CODES_HELP = """\b
@@ -63,6 +69,9 @@ Exit status:
   5  key version still in use (keys retire)
   6  re-encryption incomplete: rows failed or stale values remain
   7  confirmation not given (keys shred)
+  8  values name key ids missing from the keyring table (reencrypt,
+     status --fail-on-stale): restore the matching keyring table or data
+141 stdout was closed before the output was written (for example by head)
 """
 
 
@@ -101,12 +110,30 @@ class ErrorHandlingGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:
+            # The reader of stdout went away, as "| head" does: exit quietly,
+            # with the status a shell reports for a process killed by SIGPIPE.
+            _discard_stdout()
+            ctx.exit(int(ExitCode.BROKEN_PIPE))
         except Exception as exc:
             settings = ctx.find_object(CliContext)
             if settings is not None and settings.verbose:
                 traceback.print_exc(file=sys.stderr)
             click.echo(f"error: {one_line(exc)}", err=True)
             ctx.exit(int(exit_code_for(exc)))
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit
+    does not fail again and print a traceback (the approach of the "Note on
+    SIGPIPE" in the documentation of Python's signal module)."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file, as under click's CliRunner
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
 
 
 def settings_of(ctx: click.Context) -> CliContext:
@@ -253,17 +280,39 @@ class CliContext:
         return path
 
     def keyring(self) -> Keyring:
+        """Return the keyring with the --kms and --previous-kms providers."""
         if self._keyring is None:
-            self._keyring = Keyring(
-                self.keyring_engine(),
-                self.kms(),
-                previous_kms=[kms_from_uri(uri) for uri in self.previous_kms_uris],
-                table_name=self.keyring_table,
-                active_key_ttl=self.active_key_ttl,
-                key_usage_limit=self.key_usage_limit,
-                set_default=True,
+            self._keyring = self._new_keyring(
+                self.kms(), [kms_from_uri(uri) for uri in self.previous_kms_uris]
             )
         return self._keyring
+
+    def key_metadata(self) -> Keyring:
+        """Return a keyring for the commands that never unwrap a DEK.
+
+        When --kms or a --previous-kms is missing or unusable (invalid URI,
+        missing key file), its provider is an :class:`UnusableKms`, which
+        raises only if something tries to use the KMS.
+        """
+        if self._keyring is not None:
+            return self._keyring
+        try:
+            return self.keyring()
+        except (ConfigurationError, KmsError) as exc:
+            logger.info("the KMS is not usable (%s); this command does not need it", exc)
+            self._keyring = self._new_keyring(UnusableKms(one_line(exc)), [])
+        return self._keyring
+
+    def _new_keyring(self, kms: KmsProvider, previous: list[KmsProvider]) -> Keyring:
+        return Keyring(
+            self.keyring_engine(),
+            kms,
+            previous_kms=previous,
+            table_name=self.keyring_table,
+            active_key_ttl=self.active_key_ttl,
+            key_usage_limit=self.key_usage_limit,
+            set_default=True,
+        )
 
     def tables(self) -> list[sa.Table]:
         if self._tables is None:

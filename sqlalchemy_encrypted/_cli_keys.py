@@ -78,13 +78,13 @@ def _print_keys(infos: Sequence[Any], sealed: dict[Any, int] | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def keys_list(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
-    """List key metadata; no key is unwrapped.
+    """List key metadata; no key is unwrapped and no KMS is needed.
 
     SEALS RESERVED is the usage count of a randomized key (seals reserved by
     processes, used or not), which the keyring compares with its
     key_usage_limit. A --tenant without keys is an error.
     """
-    keyring = settings_of(ctx).keyring()
+    keyring = settings_of(ctx).key_metadata()
     if tenant is not None:
         require_keys(keyring, keyring.table.fullname, tenant)
     infos = sorted(
@@ -251,9 +251,9 @@ def keys_rotate(
 def keys_promote(ctx: click.Context, tenant: str | None) -> None:
     """Activate pending key versions older than --active-key-ttl.
 
-    A --tenant without keys is an error.
+    No KMS is needed. A --tenant without keys is an error.
     """
-    keyring = settings_of(ctx).keyring()
+    keyring = settings_of(ctx).key_metadata()
     if tenant is not None:
         require_keys(keyring, keyring.table.fullname, tenant)
     promoted = keyring.promote_pending(tenant)
@@ -281,6 +281,12 @@ def keys_rewrap(ctx: click.Context, tenant: str | None, to_kms: str | None) -> N
     keyring = settings_of(ctx).keyring()
     if tenant is not None:
         require_keys(keyring, keyring.table.fullname, tenant)
+        if _is_shredded(keyring, tenant):
+            click.echo(
+                f"tenant {tenant!r} was crypto-shredded: its keys are destroyed, so there is "
+                "nothing to rewrap"
+            )
+            return
     target = kms_from_uri(to_kms) if to_kms else None
     count = keyring.rewrap(target, tenant_id=tenant)
     kek = target.kek_id if target is not None else keyring.kms.kek_id
@@ -302,11 +308,11 @@ def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | No
     Without --purpose, VERSION is retired for each purpose where it is
     decrypt-only, and purposes where it is active or pending are skipped.
     Needs --models: every table that may hold the tenant's values must be in
-    the census. A TENANT without keys, or whose keys were destroyed by
-    'keys shred', is an error.
+    the census. No KMS is needed. A TENANT without keys, or whose keys were
+    destroyed by 'keys shred', is an error.
     """
     settings = settings_of(ctx)
-    keyring = settings.keyring()
+    keyring = settings.key_metadata()
     _check_retirable(keyring, tenant)
     try:
         retired = retire_key_version(
@@ -328,6 +334,11 @@ def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | No
     for info in retired:
         click.echo(f"tenant {tenant!r}: {info.purpose.value} key version {info.version} retired")
     _report_skipped(keyring, tenant, version, {info.purpose for info in retired})
+
+
+def _is_shredded(keyring: Keyring, tenant: str) -> bool:
+    """Return True when 'keys shred' destroyed the tenant's keys."""
+    return any(info.state is KeyState.DESTROYED for info in keyring.list_keys(tenant))
 
 
 def _check_retirable(keyring: Keyring, tenant: str) -> None:
@@ -408,9 +419,12 @@ def _report_skipped(keyring: Keyring, tenant: str, version: int, retired: set[Ke
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (for automation).")
 @click.pass_context
 def keys_shred(ctx: click.Context, tenant: str, yes: bool) -> None:
-    """Destroy every key of TENANT: its values can no longer be decrypted."""
+    """Destroy every key of TENANT: its values can no longer be decrypted.
+
+    No KMS is needed: the wrapped keys are deleted from the keyring table.
+    """
     settings = settings_of(ctx)
-    keyring = settings.keyring()
+    keyring = settings.key_metadata()
     infos = keyring.list_keys(tenant)
     if not infos:
         # Nothing would be destroyed: most likely a mistyped tenant id, whose

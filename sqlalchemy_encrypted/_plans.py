@@ -168,9 +168,7 @@ class ColumnState:
             tenant: plan for tenant, plan in write_plans.items() if plan.is_current()
         }
         read_plans = self.read_plans.copy()
-        self.read_plans = {
-            header: plan for header, plan in read_plans.items() if plan.is_current()
-        }
+        self.read_plans = {header: plan for header, plan in read_plans.items() if plan.is_current()}
 
     def __repr__(self) -> str:
         return f"<ColumnState of {self.identity}>"

@@ -25,7 +25,8 @@ from ._cli_context import (
 from ._cli_decrypt import decrypt
 from ._cli_inspect import inspect
 from ._cli_keys import keys
-from ._cli_rotation import reencrypt, status
+from ._cli_rotation import reencrypt
+from ._cli_status import status
 from .keys import DEFAULT_KEY_USAGE_LIMIT, MAX_KEY_USAGE_LIMIT
 from .rotation import CheckpointStore
 

@@ -430,7 +430,7 @@ def test_bad_models_path(filled: App) -> None:
 
 
 def test_missing_key_file(filled: App, tmp_path: Path) -> None:
-    result = filled.run("--kms", f"local://{tmp_path}/absent.key", "keys", "list")
+    result = filled.run("--kms", f"local://{tmp_path}/absent.key", "keys", "rewrap")
 
     assert result.exit_code == 3
     assert "Traceback" not in result.output
@@ -438,7 +438,7 @@ def test_missing_key_file(filled: App, tmp_path: Path) -> None:
 
 
 def test_verbose_prints_traceback(filled: App, tmp_path: Path) -> None:
-    result = filled.run("--verbose", "--kms", f"local://{tmp_path}/absent.key", "keys", "list")
+    result = filled.run("--verbose", "--kms", f"local://{tmp_path}/absent.key", "keys", "rewrap")
 
     assert result.exit_code == 3
     assert "Traceback" in result.stderr

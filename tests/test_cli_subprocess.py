@@ -63,7 +63,7 @@ def test_error_exit_status_and_one_line(tmp_path: Path) -> None:
         "SQLALCHEMY_ENCRYPTED_KMS": "vault://nowhere",
     }
 
-    result = _run([sys.executable, "-m", "sqlalchemy_encrypted", "keys", "list"], env)
+    result = _run([sys.executable, "-m", "sqlalchemy_encrypted", "keys", "rewrap"], env)
 
     assert result.returncode == 3
     assert result.stderr.startswith("error: unsupported KMS URI scheme 'vault'")

@@ -191,6 +191,7 @@ def test_status_tenant_json_totals(mixed: CliApp) -> None:
         "not_encrypted": 0,
         "tenant_mismatches": 0,
         "stale": 0,
+        "unknown_keys": 0,
     }
 
 

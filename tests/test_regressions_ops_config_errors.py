@@ -63,7 +63,7 @@ def test_key_file_that_is_a_directory(app: CliApp, tmp_path: Path) -> None:
     folder = tmp_path / "keys.d"
     folder.mkdir(mode=0o700)
 
-    result = app.run("keys", "list", SQLALCHEMY_ENCRYPTED_KMS=f"local://{folder}")
+    result = app.run("keys", "rewrap", SQLALCHEMY_ENCRYPTED_KMS=f"local://{folder}")
 
     assert result.exit_code == 3
     _assert_one_line_error(result.output)
@@ -75,7 +75,7 @@ def test_binary_key_file(app: CliApp, tmp_path: Path) -> None:
     binary.write_bytes(b"\xe8\x00\xff" * 20)
     binary.chmod(0o600)
 
-    result = app.run("keys", "list", SQLALCHEMY_ENCRYPTED_KMS=f"local://{binary}")
+    result = app.run("keys", "rewrap", SQLALCHEMY_ENCRYPTED_KMS=f"local://{binary}")
 
     assert result.exit_code == 3
     _assert_one_line_error(result.output)

@@ -538,9 +538,7 @@ class Keyring:
         """
         if fresh:
             return self.cache.get_or_load(row.key_id, lambda: self._unwrap_row(row))
-        return self.cache.get_or_load(
-            row.key_id, lambda: self._unwrap_row(self._current_row(row))
-        )
+        return self.cache.get_or_load(row.key_id, lambda: self._unwrap_row(self._current_row(row)))
 
     def _current_row(self, row: KeyRow) -> KeyRow:
         """Return ``row`` as the keyring table has it now.

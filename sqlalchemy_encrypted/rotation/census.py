@@ -81,7 +81,8 @@ class ColumnCensus:
     without a tenant column.
 
     With a tenant filter, an envelope belongs to the tenant of its key, and
-    a NULL or a non-envelope value to the tenant in its row's tenant column.
+    a NULL, a non-envelope value or an envelope whose key id no keyring row
+    has to the tenant in its row's tenant column.
     A table without a tenant column then counts no NULL or non-envelope
     value, because no column names the tenant of such a row.
     """
@@ -330,7 +331,9 @@ def census_column(
         if row_tenant is not None and row_selected:
             result.row_tenants.add(row_tenant)
         record = catalog.lookup(header.key_id)
-        if tenants is not None and record.tenant_id not in tenants:
+        # A key id missing from the keyring names no tenant, so the row does.
+        owner = record.tenant_id if record.tenant_id is not None else row_tenant
+        if tenants is not None and owner not in tenants:
             continue
         if tenant_name is not None and record.tenant_id is not None:
             if row.row_tenant != record.tenant_id:

@@ -35,6 +35,8 @@ __all__ = [
     "CheckpointStore",
     "SlotLease",
     "checkpoint_table",
+    "held_slot_locks",
+    "owner_is_running",
 ]
 
 DEFAULT_CHECKPOINT_TABLE = "encryption_reencrypt_checkpoints"
@@ -135,6 +137,24 @@ def _now() -> dt.datetime:
 def owner_name() -> str:
     """Return ``host:pid``, naming the process that owns a slot."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_is_running(owner: str) -> bool | None:
+    """Return whether the process named by an ``owner_name()`` runs, or None
+    when it runs on another host, where this process cannot tell.
+
+    NOTE: a process id reused by an unrelated process counts as running.
+    """
+    host, _, pid_text = owner.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 # -- primary key cursors ------------------------------------------------------
@@ -356,6 +376,28 @@ class CheckpointStore:
 # -- slot leases ---------------------------------------------------------------
 
 
+def held_slot_locks(conn: Connection) -> set[tuple[int, int]] | None:
+    """Return the advisory locks with two int4 keys that live sessions of the
+    database hold, as (first key, second key) pairs, or None on a database
+    without slot locks.
+
+    It reads ``pg_locks`` and takes no lock, so a worker that starts
+    meanwhile never has to pick another slot. ``pg_locks`` shows the two keys
+    as ``classid`` and ``objid``, with ``objsubid`` 2. Both are oids, so a
+    negative key appears as its unsigned 32-bit value.
+    """
+    if conn.dialect.name != "postgresql":
+        return None
+    rows = conn.execute(
+        sa.text(
+            "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND objsubid = 2 "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    )
+    return {(int(row.classid), int(row.objid)) for row in rows}
+
+
 def _lock_class(job_name: str, table_name: str) -> int:
     """Return a signed 32-bit advisory lock namespace for one job and table."""
     digest = zlib.crc32(f"sqlalchemy_encrypted:{job_name}:{table_name}".encode())
@@ -403,6 +445,10 @@ class SlotLease:
             conn.commit()
         except sa.exc.DBAPIError:
             conn.invalidate()
+
+    def lock_key(self, slot: int) -> tuple[int, int]:
+        """Return the lock of ``slot`` as :func:`held_slot_locks` lists it."""
+        return (self._lock_class & 0xFFFFFFFF, slot)
 
     def is_held(self, engine: Engine, slot: int) -> bool:
         """Return True when a live session has the lock of ``slot``."""
