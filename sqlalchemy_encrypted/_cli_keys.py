@@ -28,7 +28,7 @@ _PURPOSES = click.Choice([purpose.value for purpose in KeyPurpose])
 
 @click.group(cls=ErrorHandlingGroup)
 def keys() -> None:
-    """List, rotate, rewrap, retire and shred data keys."""
+    """List, rotate, rewrap, retire, reinstate and shred data keys."""
 
 
 def _key_dict(info: Any, sealed: dict[Any, int] | None) -> dict[str, Any]:
@@ -334,6 +334,34 @@ def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | No
     for info in retired:
         click.echo(f"tenant {tenant!r}: {info.purpose.value} key version {info.version} retired")
     _report_skipped(keyring, tenant, version, {info.purpose for info in retired})
+
+
+@keys.command("reinstate")
+@click.argument("tenant")
+@click.argument("version", type=click.IntRange(min=1))
+@click.option(
+    "--purpose",
+    type=_PURPOSES,
+    help="Reinstate this purpose only (default: each purpose where VERSION is retired).",
+)
+@click.pass_context
+def keys_reinstate(ctx: click.Context, tenant: str, version: int, purpose: str | None) -> None:
+    """Make retired key VERSION of TENANT decrypt-only again.
+
+    For values that still need the version, such as data restored from a
+    backup taken before the retirement: reinstate it, re-encrypt, then
+    retire it again. Retiring keeps the wrapped DEK, so no KMS is needed.
+    A version that is not retired, or a shredded TENANT, is an error.
+    """
+    keyring = settings_of(ctx).key_metadata()
+    require_keys(keyring, keyring.table.fullname, tenant)
+    reinstated = keyring.reinstate(tenant, version, KeyPurpose(purpose) if purpose else None)
+    for info in reinstated:
+        click.echo(
+            f"tenant {tenant!r}: {info.purpose.value} key version {info.version} is "
+            f"{info.state.value} again; run 'sqlalchemy-encrypted reencrypt --tenant {tenant}', "
+            "then retire the version again"
+        )
 
 
 def _is_shredded(keyring: Keyring, tenant: str) -> bool:

@@ -27,8 +27,9 @@ from sqlalchemy_encrypted.keyring import Keyring
 from sqlalchemy_encrypted.kms import LocalKms
 from sqlalchemy_encrypted.rotation import ReencryptionJob, ReencryptionProgress
 from sqlalchemy_encrypted.rotation.checkpoint import SlotLease
+from sqlalchemy_encrypted.rotation.columns import raw_table
 
-from .rotation_support import Base, fill_persons
+from .rotation_support import Base, Person, fill_persons
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = "tests.rotation_support:Base"
@@ -181,6 +182,48 @@ def test_matching_keyring_clears_unknown_keys(operator: Operator) -> None:
     result = operator.run("status", "--fail-on-stale")
     assert result.exit_code == 0, result.output
     assert "no value is under an old key version" in result.output
+
+
+def test_data_restored_under_retired_version(operator: Operator) -> None:
+    """Data older than a retirement: reinstate the version, re-encrypt, retire."""
+    backup = _persons(operator.engine)
+    assert operator.run("keys", "rotate", "t-acme", "--activate-now").exit_code == 0
+    assert operator.run("reencrypt").exit_code == 0
+    assert operator.run("keys", "retire", "t-acme", "1").exit_code == 0
+    _restore_persons(operator.engine, backup)
+    assert operator.run("reencrypt", "--tenant", "t-acme").exit_code == 6
+
+    reinstated = operator.run("keys", "reinstate", "t-acme", "1")
+    moved = operator.run("reencrypt", "--tenant", "t-acme")
+    retired = operator.run("keys", "retire", "t-acme", "1")
+
+    assert reinstated.exit_code == 0, reinstated.output
+    assert "randomized key version 1 is decrypt_only again" in reinstated.output
+    assert moved.exit_code == 0, moved.output
+    assert retired.exit_code == 0, retired.output
+
+
+def test_reinstate_version_not_retired(operator: Operator) -> None:
+    result = operator.run("keys", "reinstate", "t-acme", "1")
+
+    assert result.exit_code == 1
+    assert "is not retired" in result.output
+
+
+# The persons table with its stored envelopes as bytes, past the column types.
+STORED_PERSONS = raw_table(Person.__table__, ["name", "email"])
+
+
+def _persons(engine: sa.Engine) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.execute(sa.select(STORED_PERSONS)).mappings()]
+
+
+def _restore_persons(engine: sa.Engine, rows: list[dict[str, Any]]) -> None:
+    """Replace the persons rows, as restoring a backup of the table does."""
+    with engine.begin() as conn:
+        conn.execute(sa.delete(STORED_PERSONS))
+        conn.execute(sa.insert(STORED_PERSONS), rows)
 
 
 # -- a re-encryption process killed with SIGKILL ---------------------------------
