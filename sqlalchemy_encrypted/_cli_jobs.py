@@ -2,7 +2,7 @@
 
 A slot's stored status stays ``running`` when its process dies (``kill -9``,
 a lost machine), because nothing is left to update it. The job's own lock
-tells a live slot from an abandoned one: on PostgreSQL each worker holds a
+distinguishes a live slot from an abandoned one: on PostgreSQL each worker holds a
 session advisory lock on its slot, which the server releases when the
 session ends. Other databases have no such lock and run one worker per job,
 so there the slot's owner process is looked up when it runs on this host.

@@ -1,7 +1,7 @@
 """A stand-in KMS for the commands that never unwrap a DEK.
 
-``keys list``, ``keys promote``, ``keys retire``, ``keys shred`` and
-``status`` read or change key metadata only. They must keep working when
+``keys list``, ``keys promote``, ``keys retire``, ``keys reinstate``,
+``keys shred`` and ``status`` read or change key metadata only. They must keep working when
 the KMS configuration is missing or unusable, for example while a key file
 is lost during a KEK incident. They get a keyring whose provider is this
 stand-in: every KMS operation raises the configuration error that made the
