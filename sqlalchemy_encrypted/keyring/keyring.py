@@ -650,7 +650,9 @@ class Keyring:
             raise KeyNotFoundError(
                 f"the DEK of {row.describe()} is retired and no longer decrypts values; if "
                 "values still need it (for example data restored from a backup), reinstate "
-                f"it with keyring.reinstate({row.tenant_id!r}, {row.version}) and re-encrypt"
+                f"it with keyring.reinstate({row.tenant_id!r}, {row.version}) or "
+                f"'sqlalchemy-encrypted keys reinstate {shlex.quote(row.tenant_id)} "
+                f"{row.version}', then re-encrypt"
             )
         return self._lease_by_id(self._data_key(row, fresh=True), stamp)
 
