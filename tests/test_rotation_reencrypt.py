@@ -302,6 +302,28 @@ def test_failed_rows_are_reported(
         result.raise_for_failures()
 
 
+def test_unknown_key_ids_fail_raise_for_failures(
+    schema: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    fill_persons(schema, 4)
+    foreign = InMemoryKeyring().active_key("t-acme", KeyPurpose.RANDOMIZED)
+    envelope = Person.__table__.c.name.type.seal("Ghost", key=foreign)
+    with schema.begin() as conn:
+        conn.execute(sa.text("UPDATE persons SET name = :v WHERE id = 2"), {"v": envelope})
+    keyring.rotate("t-acme")
+    keyring.rotate("t-globex")
+
+    result = reencrypt(schema, Base, tables=["persons"])
+
+    assert result.status == "succeeded"
+    assert result.unknown_keys == {"persons.name": 1}
+    assert result.values_reencrypted == 7
+    with pytest.raises(ReencryptionError) as raised:
+        result.raise_for_failures()
+    assert "missing from the keyring table (persons.name: 1)" in str(raised.value)
+    assert "Ghost" not in str(raised.value)
+
+
 def test_value_of_other_tenant_is_not_resealed(schema: sa.Engine, keyring: InMemoryKeyring) -> None:
     fill_persons(schema, 4)
     with schema.begin() as conn:

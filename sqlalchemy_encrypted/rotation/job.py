@@ -90,12 +90,28 @@ class ReencryptionResult:
 
     @property
     def ok(self) -> bool:
-        """True when the run succeeded (or was a dry run)."""
+        """True when the run succeeded (or was a dry run).
+
+        Values whose key id no keyring row has (see :attr:`unknown_keys`)
+        cannot be moved and do not make a run fail, but
+        :meth:`raise_for_failures` reports them.
+        """
         return self.status != "failed"
 
+    @property
+    def unknown_keys(self) -> dict[str, int]:
+        """``{table.column: count}`` of values left under key ids missing from the keyring.
+
+        Such values usually mean that the keyring table was restored from a
+        backup older than the data, or belongs to another environment.
+        """
+        return self.after.unknown_keys if self.after is not None else {}
+
     def raise_for_failures(self) -> None:
-        """Raise :class:`ReencryptionError` unless the run succeeded."""
-        if self.ok:
+        """Raise :class:`ReencryptionError` unless the run succeeded and no
+        value is left under a key id missing from the keyring."""
+        unknown = self.unknown_keys
+        if self.ok and not unknown:
             return
         parts = []
         if self.remaining:
@@ -106,6 +122,12 @@ class ReencryptionResult:
             parts.append(
                 f"{self.failures_total} value(s) failed, the first in {first.table}."
                 f"{first.column} primary key {first.primary_key} ({first.error_class})"
+            )
+        if unknown:
+            left = ", ".join(f"{label}: {count}" for label, count in sorted(unknown.items()))
+            parts.append(
+                f"values under key ids missing from the keyring table ({left}); restore the "
+                "keyring table that matches the data before rotating or re-encrypting again"
             )
         raise ReencryptionError("re-encryption did not finish: " + "; ".join(parts))
 
