@@ -264,7 +264,8 @@ class ColumnConversion:
                     "%s: batch %d, %d row(s) written", self.target.label, number, len(updates)
                 )
         except sa.exc.DBAPIError as exc:
-            raise self._batch_error(exc, progress, committed=commit_each_batch) from exc
+            # Not chained: the database's text can quote the row, plaintext included.
+            raise self._batch_error(exc, progress, committed=commit_each_batch) from None
         return counts
 
     def _batch_error(
@@ -317,7 +318,7 @@ class ColumnConversion:
                 self._verify_batch(rows, counts)
                 progress.finish(len(rows))
         except sa.exc.DBAPIError as exc:
-            raise self._batch_error(exc, progress, committed=False) from exc
+            raise self._batch_error(exc, progress, committed=False) from None
         return counts
 
     def _verify_batch(self, rows: Sequence[Row[Any]], counts: Counts) -> None:

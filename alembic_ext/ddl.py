@@ -176,15 +176,18 @@ def database_message(error: sa.exc.DBAPIError) -> str:
     Also hides the statement's bound parameters in the text of ``error``,
     because a conversion binds the plaintext values it writes. PostgreSQL's
     DETAIL line can quote a row ("Key (email)=(...) already exists"), so
-    only the primary message is returned.
+    only the primary message and the SQLSTATE are returned. For the same
+    reason, callers raise their own error without chaining ``error``.
     """
     error.hide_parameters = True
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    code = f" (SQLSTATE {sqlstate})" if isinstance(sqlstate, str) and sqlstate else ""
     diagnostics = getattr(error.orig, "diag", None)
     primary = getattr(diagnostics, "message_primary", None)
     if isinstance(primary, str) and primary:
-        return primary
+        return primary + code
     lines = str(error.orig).strip().splitlines()
-    return lines[0] if lines else type(error.orig).__name__
+    return (lines[0] if lines else type(error.orig).__name__) + code
 
 
 def run_step(conn: Connection, info: TableInfo, column: str, step: str, sql: str) -> None:
@@ -196,7 +199,7 @@ def run_step(conn: Connection, info: TableInfo, column: str, step: str, sql: str
             f"could not {step} while converting {info.qualified_name}.{column}: "
             f"{database_message(exc)}. The converted values are kept in a temporary "
             "column, so fix the cause and run the migration again"
-        ) from exc
+        ) from None
 
 
 def add_column(
