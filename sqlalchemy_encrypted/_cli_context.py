@@ -351,7 +351,7 @@ def _display_url(engine: sa.Engine) -> str:
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Format rows as aligned text columns under a header line."""
-    cells = [[str(value) for value in row] for row in rows]
+    cells = [[_cell_text(value) for value in row] for row in rows]
     widths = [len(header) for header in headers]
     for row in cells:
         for i, value in enumerate(row):
@@ -360,6 +360,15 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     for row in cells:
         lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return "\n".join(lines)
+
+
+def _cell_text(value: Any) -> str:
+    """Return ``value`` as table text, quoted when it has surrounding
+    whitespace or unprintable characters, so tenant ids "acme" and "acme "
+    stay apart."""
+    if isinstance(value, str) and value and (value != value.strip() or not value.isprintable()):
+        return repr(value)
+    return str(value)
 
 
 def print_json(data: Any) -> None:

@@ -24,10 +24,10 @@ _scope: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "sqlalchemy_encrypted_tenant", default=None
 )
 _default_tenant: str | None = None
-# The scopes open in this context, innermost last: (marker, tenant id) pairs.
-# _scope contains the innermost tenant, for the per-value paths.
-_open_scopes: contextvars.ContextVar[tuple[tuple[object, str], ...]] = contextvars.ContextVar(
-    "sqlalchemy_encrypted_open_scopes", default=()
+# The innermost open scope of this context, linked to the ones it is nested
+# in. _scope contains its tenant, for the per-value paths.
+_innermost: contextvars.ContextVar[_OpenScope | None] = contextvars.ContextVar(
+    "sqlalchemy_encrypted_open_scope", default=None
 )
 
 
@@ -49,51 +49,70 @@ def tenant_scope(tenant_id: str) -> Iterator[str]:
     ``tenant_scope()`` hands its scope to that code. When a scope ends while
     a scope opened inside it is still open, it raises
     :class:`TenantContextError` (after restoring the scope it was opened in),
-    because the code in between ran under the wrong tenant.
+    because the code in between ran under the wrong tenant. A generator read
+    to the end closes its own scope, so that case goes unnoticed.
     """
     tenant = _validate(tenant_id)
-    entry = (object(), tenant)
-    _open_scopes.set((*_open_scopes.get(), entry))
-    _scope.set(tenant)
+    token = _scope.set(tenant)
+    scope = _OpenScope(tenant, token, _innermost.get())
+    _innermost.set(scope)
     try:
         yield tenant_id
     except BaseException:
         # The block raised, or a generator holding the scope is being closed
         # (GeneratorExit), maybe in another context: report, do not replace.
-        _close_scope(entry, strict=False)
+        _close_scope(scope, strict=False)
         raise
-    _close_scope(entry, strict=True)
+    _close_scope(scope, strict=True)
 
 
-def _close_scope(entry: tuple[object, str], *, strict: bool) -> None:
-    """End the scope ``entry`` and any scope opened inside it and left open.
+class _OpenScope:
+    """One open :func:`tenant_scope`, linked to the scope it was opened in."""
+
+    __slots__ = ("outer", "tenant", "token")
+
+    def __init__(
+        self, tenant: str, token: contextvars.Token[str | None], outer: _OpenScope | None
+    ) -> None:
+        self.tenant = tenant
+        self.token = token
+        self.outer = outer
+
+
+def _close_scope(scope: _OpenScope, *, strict: bool) -> None:
+    """End ``scope`` and any scope opened inside it and left open.
 
     With ``strict``, a scope left open raises; otherwise it is logged,
     because an exception is already on its way.
     """
-    scopes = _open_scopes.get()
-    tenant = entry[1]
-    if entry not in scopes:
-        # Closed in another context than it was opened in, or already ended
-        # by an outer scope that found it left open: nothing to restore here.
+    left_open: list[str] = []
+    current = _innermost.get()
+    while current is not None and current is not scope:
+        left_open.append(current.tenant)
+        current = current.outer
+    if current is not None:
+        try:
+            _scope.reset(scope.token)
+        except ValueError:
+            # The scope is open here only because this context is a copy of
+            # the one it was opened in (another asyncio task, a callback,
+            # copy_context().run()), where it stays open.
+            current = None
+    if current is None:
         logger.warning(
             "tenant_scope(%r) ended outside the context it was opened in, so the scope stays "
-            "set there. A generator that yields inside tenant_scope() leaves its scope in "
-            "the context that iterated it",
-            tenant,
+            "set there. A generator that yields inside tenant_scope(), or an ExitStack closed "
+            "by another task or callback, leaves its scope in the original context",
+            scope.tenant,
         )
         return
-    position = scopes.index(entry)
-    remaining = scopes[:position]
-    _open_scopes.set(remaining)
-    _scope.set(remaining[-1][1] if remaining else None)
-    left_open = [scope[1] for scope in scopes[position + 1 :]]
+    _innermost.set(scope.outer)
     if not left_open:
         return
     message = (
-        f"tenant_scope({tenant!r}) ended while tenant_scope({left_open[-1]!r}), opened "
+        f"tenant_scope({scope.tenant!r}) ended while tenant_scope({left_open[0]!r}), opened "
         f"inside it, was still open, so the code between them ran in tenant "
-        f"{left_open[-1]!r}: do not yield inside tenant_scope() in a generator; open the "
+        f"{left_open[0]!r}: do not yield inside tenant_scope() in a generator; open the "
         "scope around the loop that iterates it instead"
     )
     if strict:

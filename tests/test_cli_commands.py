@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from sqlalchemy_encrypted import KeyPurpose, tenant_scope
 from sqlalchemy_encrypted import _cli_rotation as cli_rotation
+from sqlalchemy_encrypted._cli_context import render_table
 from sqlalchemy_encrypted.cli import cli
 from sqlalchemy_encrypted.keyring import Keyring
 from sqlalchemy_encrypted.kms import LocalKms
@@ -510,3 +511,12 @@ def test_key_usage_limit_option_counts(filled: App) -> None:
     randomized = [k for k in listed if k["purpose"] == "randomized"]
     assert len(randomized) > 2
     assert all(k["sealed_count"] <= 2 for k in randomized if k["version"] > 1)
+
+
+def test_table_quotes_ambiguous_tenant_ids() -> None:
+    table = render_table(("TENANT", "VERSION"), [("acme", 1), ("acme ", 2), ("a\tb", 3)])
+
+    lines = table.splitlines()
+    assert lines[1].split() == ["acme", "1"]
+    assert lines[2].startswith("'acme '")
+    assert lines[3].startswith("'a\\tb'")

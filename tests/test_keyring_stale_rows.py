@@ -9,10 +9,13 @@ the table now, not from a cached row that predates a shred or retirement.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import sqlalchemy as sa
 
-from sqlalchemy_encrypted import KeyDestroyedError, KeyPurpose, tenant_scope
+from sqlalchemy_encrypted import KeyDestroyedError, KeyNotFoundError, KeyPurpose, tenant_scope
 from sqlalchemy_encrypted.keyring import Keyring
 
 from .keyring_helpers import CountingKms, FakeClock
@@ -94,3 +97,57 @@ def test_unchanged_keys_unwrap_again_after_cache_ttl(
 
     assert again.key_id == first.key_id
     assert kms.calls["unwrap"] == unwraps + 1
+
+
+def test_waiting_thread_gets_public_error(
+    two_processes: tuple[Keyring, Keyring, FakeClock, CountingKms],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The loader thread reloads the DEK from a cached row and finds it
+    # retired. The waiter thread read the row before the retirement, and
+    # waits for the loader's load of the same key.
+    app, admin, clock, _ = two_processes
+    admin.provision(TENANT)
+    admin.rotate(TENANT, KeyPurpose.DETERMINISTIC, activate_now=True)
+    cached = [k for k in app.decryptable_keys(TENANT, KeyPurpose.DETERMINISTIC)]
+    old = next(key for key in cached if key.version == 1)
+    snapshot = app._store.get(old.key_id)
+    assert snapshot is not None
+    admin.retire(TENANT, 1, KeyPurpose.DETERMINISTIC)
+    clock.advance(2.5)
+    app.cache.invalidate(old.key_id)
+
+    started = threading.Event()
+    release = threading.Event()
+    real_get = app._store.get
+
+    def slow_get(key_id: object) -> object:
+        if threading.current_thread().name == "loader":
+            started.set()
+            release.wait(10)
+        return real_get(key_id)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(app._store, "get", slow_get)
+    errors: dict[str, BaseException] = {}
+
+    def run(name: str, fresh: bool) -> None:
+        try:
+            app._data_key(snapshot, fresh=fresh)
+        except BaseException as exc:
+            errors[name] = exc
+
+    loader = threading.Thread(target=run, args=("loader", False), name="loader")
+    loader.start()
+    assert started.wait(10)
+    hits = app.cache.stats.hits
+    waiter = threading.Thread(target=run, args=("waiter", True), name="waiter")
+    waiter.start()
+    while app.cache.stats.hits == hits:
+        time.sleep(0.001)
+    release.set()
+    loader.join(10)
+    waiter.join(10)
+
+    assert type(errors["waiter"]) is KeyNotFoundError
+    assert "is retired" in str(errors["waiter"])
+    assert TENANT in str(errors["waiter"])

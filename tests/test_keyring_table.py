@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from sqlalchemy_encrypted import ConfigurationError, KeyPurpose, TenantContextError
 from sqlalchemy_encrypted.keyring import Keyring, KeyState, keyring_table
 from sqlalchemy_encrypted.keyring.store import utcnow
 
@@ -123,3 +124,47 @@ def test_mysql_types() -> None:
     ddl = str(sa.schema.CreateTable(table).compile(dialect=mysql.dialect()))
     assert "key_id CHAR(32) NOT NULL" in ddl
     assert "kek_id VARCHAR(2048) NOT NULL" in ddl
+    assert "tenant_id VARBINARY(1020) NOT NULL" in ddl
+
+
+def test_long_tenant_id_rejected_before_sql(
+    engine: sa.Engine, keyring_factory: type[Keyring]
+) -> None:
+    keyring = keyring_factory()
+    statements: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+
+    with pytest.raises(TenantContextError, match="256 characters, but the keyring table"):
+        keyring.active_key("t" * 256, KeyPurpose.RANDOMIZED)
+
+    assert statements == []
+    assert keyring.active_key("t" * 255, KeyPurpose.RANDOMIZED).tenant_id == "t" * 255
+
+
+def _nocase_keyring_table(engine: sa.Engine, keyring: Keyring) -> None:
+    """Create the keyring table with a tenant_id that ignores case, as a
+    table made by hand or by an older version could have."""
+    ddl = str(sa.schema.CreateTable(keyring.table).compile(dialect=engine.dialect))
+    exact = "tenant_id VARCHAR(255) NOT NULL"
+    ddl = ddl.replace(exact, "tenant_id VARCHAR(255) COLLATE NOCASE NOT NULL")
+    assert "COLLATE NOCASE" in ddl
+    with engine.begin() as conn:
+        conn.exec_driver_sql(ddl)
+
+
+def test_inexact_tenant_column_raises(tmp_path: Any, local_kms: Any) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/keys.db")
+    keyring = Keyring(engine, local_kms, set_default=False)
+    _nocase_keyring_table(engine, keyring)
+    acme = keyring.active_key("Acme", KeyPurpose.RANDOMIZED)
+
+    with pytest.raises(ConfigurationError) as raised:
+        keyring.active_key("acme", KeyPurpose.RANDOMIZED)
+    message = str(raised.value)
+    assert "returned the keys of tenant(s) 'Acme' for tenant 'acme'" in message
+    assert "VARBINARY(1020)" in message
+    with pytest.raises(ConfigurationError, match="for tenant 'ACME'"):
+        keyring.shred("ACME")
+
+    assert keyring.active_key("Acme", KeyPurpose.RANDOMIZED).key_id == acme.key_id
+    assert [info.state for info in keyring.list_keys("Acme")] == [KeyState.ACTIVE]

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_encrypted import (
+    ConfigurationError,
     DeterministicEncrypted,
     Encrypted,
     KeyDestroyedError,
@@ -410,3 +411,22 @@ def test_positional_driver_binds_slices_directly(keyring: InMemoryKeyring) -> No
 
     assert "VALUES" not in sql
     assert sql.count("substr(") == 4
+
+
+def test_keyring_table_of_older_version(
+    mariadb_keyring: Keyring, mariadb_engine: sa.Engine
+) -> None:
+    # Earlier versions made tenant_id a VARCHAR with the server's collation.
+    table = mariadb_keyring.table.fullname
+    with mariadb_engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER TABLE {table} MODIFY tenant_id VARCHAR(255) NOT NULL")
+    mariadb_keyring.active_key("Acme", KeyPurpose.RANDOMIZED)
+
+    with pytest.raises(ConfigurationError, match="for tenant 'acme '"):
+        mariadb_keyring.active_key("acme ", KeyPurpose.RANDOMIZED)
+
+    with mariadb_engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER TABLE {table} MODIFY tenant_id VARBINARY(1020) NOT NULL")
+    acme = mariadb_keyring.active_key("acme ", KeyPurpose.RANDOMIZED)
+    assert acme.tenant_id == "acme "
+    assert mariadb_keyring.active_key("Acme", KeyPurpose.RANDOMIZED).key_id != acme.key_id

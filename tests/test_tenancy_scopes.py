@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
 import threading
@@ -100,3 +102,48 @@ def test_copied_context_keeps_own_scope() -> None:
         assert scoped_tenant() == "a"
     assert context.run(scoped_tenant) == "a"
     assert scoped_tenant() is None
+
+
+def test_scope_closed_in_copied_context(caplog: pytest.LogCaptureFixture) -> None:
+    stack = contextlib.ExitStack()
+    stack.enter_context(tenant_scope("a"))
+    copy = contextvars.copy_context()
+
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_encrypted"):
+        copy.run(stack.close)
+
+    assert "tenant_scope('a') ended outside the context it was opened in" in caplog.text
+    # The scope stays open where it was opened, and nested scopes still work.
+    assert scoped_tenant() == "a"
+    with tenant_scope("b"):
+        assert scoped_tenant() == "b"
+    assert scoped_tenant() == "a"
+    _close_leftover_scope()
+    assert scoped_tenant() is None
+
+
+def test_scope_closed_by_other_task(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> str | None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(tenant_scope("a"))
+        await asyncio.create_task(asyncio.to_thread(lambda: None))
+        await asyncio.create_task(_close_later(stack))
+        return scoped_tenant()
+
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_encrypted"):
+        assert asyncio.run(main()) == "a"
+
+    assert "ended outside the context it was opened in" in caplog.text
+
+
+async def _close_later(stack: contextlib.ExitStack) -> None:
+    stack.close()
+
+
+def _close_leftover_scope() -> None:
+    """End the scope the copied-context test left open in this context."""
+    from sqlalchemy_encrypted import tenancy
+
+    leftover = tenancy._innermost.get()
+    assert leftover is not None
+    tenancy._close_scope(leftover, strict=True)

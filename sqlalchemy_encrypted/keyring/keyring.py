@@ -52,7 +52,7 @@ from . import lifecycle
 from .audit import audit_event, row_fields
 from .cache import TtlCache
 from .check import key_check_matches, key_check_value
-from .schema import KeyState, keyring_table
+from .schema import TENANT_ID_LENGTH, KeyState, keyring_table
 from .store import KeyInfo, KeyRow, KeyStore, utcnow
 
 __all__ = ["Keyring"]
@@ -89,6 +89,11 @@ def _check_tenant(tenant_id: object) -> str:
     if not isinstance(tenant_id, str) or not tenant_id:
         raise TenantContextError(
             f"invalid tenant id of type {type(tenant_id).__name__}: a tenant id is a non-empty str"
+        )
+    if len(tenant_id) > TENANT_ID_LENGTH:
+        raise TenantContextError(
+            f"invalid tenant id {tenant_id[:40]!r}...: it has {len(tenant_id)} characters, "
+            f"but the keyring table stores at most {TENANT_ID_LENGTH}"
         )
     return tenant_id
 
@@ -536,9 +541,22 @@ class Keyring:
         The row is read again before unwrapping (see :meth:`_current_row`),
         unless ``fresh`` is true because ``row`` was just read from the table.
         """
-        if fresh:
+        if not fresh:
+            return self.cache.get_or_load(
+                row.key_id, lambda: self._unwrap_row(self._current_row(row))
+            )
+        try:
             return self.cache.get_or_load(row.key_id, lambda: self._unwrap_row(row))
-        return self.cache.get_or_load(row.key_id, lambda: self._unwrap_row(self._current_row(row)))
+        except _StaleRow:
+            # This thread waited for another thread's load of the key, which
+            # found the key retired or destroyed since ``row`` was read.
+            current = self._store.get(row.key_id)
+            if current is None:
+                raise self._missing_key_error(row.key_id) from None
+            if current.state in _ENDED_STATES:
+                raise self._ended_key_error(current) from None
+            # Reinstated meanwhile: load it from the row as it is now.
+            return self.cache.get_or_load(row.key_id, lambda: self._unwrap_row(current))
 
     def _current_row(self, row: KeyRow) -> KeyRow:
         """Return ``row`` as the keyring table has it now.
@@ -636,25 +654,33 @@ class Keyring:
             return self._lease_by_id(cached, stamp)
         row = self._store.get(key_id)
         if row is None:
-            raise KeyNotFoundError(
-                f"key id {key_id} is not in keyring table {self.table.fullname}: the value was "
-                "sealed with a key of another keyring, or its keyring row was deleted"
-            )
+            raise self._missing_key_error(key_id)
         self._check_expected_tenant(key_id, row.tenant_id, expected_tenant)
+        if row.state in _ENDED_STATES:
+            raise self._ended_key_error(row)
+        return self._lease_by_id(self._data_key(row, fresh=True), stamp)
+
+    def _missing_key_error(self, key_id: uuid.UUID) -> KeyNotFoundError:
+        return KeyNotFoundError(
+            f"key id {key_id} is not in keyring table {self.table.fullname}: the value was "
+            "sealed with a key of another keyring, or its keyring row was deleted"
+        )
+
+    @staticmethod
+    def _ended_key_error(row: KeyRow) -> KeyNotFoundError:
+        """Return the error for using the DEK of a destroyed or retired ``row``."""
         if row.state is KeyState.DESTROYED:
-            raise KeyDestroyedError(
+            return KeyDestroyedError(
                 f"the DEK of {row.describe()} was destroyed (the tenant was crypto-shredded): "
                 f"values of tenant {row.tenant_id!r} under it cannot be decrypted"
             )
-        if row.state is KeyState.RETIRED:
-            raise KeyNotFoundError(
-                f"the DEK of {row.describe()} is retired and no longer decrypts values; if "
-                "values still need it (for example data restored from a backup), reinstate "
-                f"it with keyring.reinstate({row.tenant_id!r}, {row.version}) or "
-                f"'sqlalchemy-encrypted keys reinstate {shlex.quote(row.tenant_id)} "
-                f"{row.version}', then re-encrypt"
-            )
-        return self._lease_by_id(self._data_key(row, fresh=True), stamp)
+        return KeyNotFoundError(
+            f"the DEK of {row.describe()} is retired and no longer decrypts values; if "
+            "values still need it (for example data restored from a backup), reinstate "
+            f"it with keyring.reinstate({row.tenant_id!r}, {row.version}) or "
+            f"'sqlalchemy-encrypted keys reinstate {shlex.quote(row.tenant_id)} "
+            f"{row.version}', then re-encrypt"
+        )
 
     def _lease_by_id(self, key: DataKey, stamp: int) -> KeyLease:
         expiry = self.cache.expires_at(key.key_id)

@@ -185,9 +185,27 @@ class KeyStore:
     ) -> list[KeyRow]:
         where = self.table.c.tenant_id == tenant_id
         if conn is not None:
-            return self._select(conn, where, for_update)
+            return self._exact_tenant(self._select(conn, where, for_update), tenant_id)
         with self.engine.connect() as own:
-            return self._select(own, where)
+            return self._exact_tenant(self._select(own, where), tenant_id)
+
+    def _exact_tenant(self, rows: list[KeyRow], tenant_id: str) -> list[KeyRow]:
+        """Return ``rows`` after checking that they all belong to ``tenant_id``.
+
+        A tenant_id column whose collation ignores case or trailing spaces
+        (the MySQL default, or a table made before this library used a
+        binary type there) would return other tenants' keys.
+        """
+        others = sorted({row.tenant_id for row in rows if row.tenant_id != tenant_id})
+        if not others:
+            return rows
+        raise ConfigurationError(
+            f"keyring table {self.table.fullname} returned the keys of tenant(s) "
+            f"{', '.join(repr(other) for other in others)} for tenant {tenant_id!r}: its "
+            "tenant_id column compares ids without regard to case or trailing spaces. Change "
+            "the column to an exact type before using these tenants (on MySQL and MariaDB: "
+            f"ALTER TABLE {self.table.fullname} MODIFY tenant_id VARBINARY(1020) NOT NULL)"
+        )
 
     def rows(
         self, tenant_id: str | None = None, states: Iterable[KeyState] | None = None
