@@ -321,6 +321,17 @@ def convert_column(operations: Operations, operation: _Op) -> ConversionReport:
     conn = operations.get_bind()
     if conn.dialect.name not in ddl.SUPPORTED_DIALECTS:
         raise MigrationError(f"op.{name}() supports PostgreSQL and SQLite, not {conn.dialect.name}")
+    if runs_in_migration(context) and conn.get_execution_options().get("isolation_level") == (
+        "AUTOCOMMIT"
+    ):
+        raise MigrationError(
+            f"op.{name}() on {operation.table_name}.{operation.column_name}: the migration's "
+            "connection is in AUTOCOMMIT mode, so Alembic would commit the new version before "
+            "the column is swapped at the end of the migration, and a failure in between "
+            "would leave the column unconverted under the new version. Run migrations on a "
+            "connection with transactions, and use op.get_context().autocommit_block() only "
+            "around the statements that need autocommit. Nothing was written"
+        )
 
     filled: Counts | None = None
     if operation.commit_batches and _separate_connection_usable(context, conn):
@@ -365,7 +376,17 @@ def _defer_final_step(
     )
 
     def check(conn: Connection) -> Callable[[Connection], None]:
-        swap_columns = _final_check(context, conn, operation, filled)
+        try:
+            swap_columns = _final_check(context, conn, operation, filled)
+        except (MigrationError, sa.exc.DBAPIError):
+            if not _column_missing(conn, operation):
+                raise
+            raise MigrationError(
+                f"{table}.{operation.column_name}: the column is gone at the end of the "
+                "migration, where its conversion swaps it, so an operation later in the same "
+                "migration renamed or dropped it. Move that operation to a later revision, "
+                "then run the migration again"
+            ) from None
 
         def swap_and_report(swap_conn: Connection) -> None:
             final = swap_columns(swap_conn)
@@ -382,6 +403,17 @@ def _defer_final_step(
         operation.column_name,
     )
     return report
+
+
+def _column_missing(conn: Connection, operation: _Op) -> bool:
+    """Return True if the table exists without the operation's column."""
+    try:
+        inspector = sa.inspect(conn)
+        columns = inspector.get_columns(operation.table_name, schema=operation.schema)
+    except sa.exc.SQLAlchemyError:
+        # PostgreSQL refuses queries in a failed transaction; keep the first error.
+        return False
+    return not any(column["name"] == operation.column_name for column in columns)
 
 
 @Operations.implementation_for(EncryptColumnOp)

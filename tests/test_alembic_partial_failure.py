@@ -269,3 +269,47 @@ def test_decrypt_fill_failure_hides_plaintext(
 
     assert env.current() == "r1"
     assert raw_rows(engine) == [(r["id"], r["name"], r["email"]) for r in rows]
+
+
+def test_autocommit_connection_rejected(
+    tmp_path: Path, engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    env = AlembicEnv(tmp_path / "migrations", autocommit)  # type: ignore[arg-type]
+    env.write_revision("r1", None, CREATE_PERSONS, 'op.drop_table("persons")')
+    env.write_revision("r2", "r1", ENCRYPT_PERSONS, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    rows = plain_rows(10)
+    seed(engine, rows)
+
+    with pytest.raises(MigrationError) as caught:
+        env.upgrade("head")
+
+    message = str(caught.value)
+    assert "persons.name" in message
+    assert "AUTOCOMMIT" in message
+    assert message.endswith("Nothing was written")
+    assert env.current() == "r1"
+    assert raw_rows(engine) == [(r["id"], r["name"], r["email"]) for r in rows]
+    assert "name__encrypting" not in column_names(engine, "persons")
+
+
+def test_rename_in_same_revision_named(
+    tmp_path: Path, engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    env = AlembicEnv(tmp_path / "migrations", engine)
+    env.write_revision("r1", None, CREATE_PERSONS, 'op.drop_table("persons")')
+    renamed = ENCRYPT_PERSONS + (
+        '\nwith op.batch_alter_table("persons") as batch:\n'
+        '    batch.alter_column("email", new_column_name="email_address")\n'
+    )
+    env.write_revision("r2", "r1", renamed, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    seed(engine, plain_rows(10))
+
+    with pytest.raises(MigrationError) as caught:
+        env.upgrade("head")
+
+    message = str(caught.value)
+    assert "persons.email: the column is gone at the end of the migration" in message
+    assert "Move that operation to a later revision" in message
