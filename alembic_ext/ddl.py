@@ -192,6 +192,10 @@ def database_message(error: sa.exc.DBAPIError) -> str:
 
 def run_step(conn: Connection, info: TableInfo, column: str, step: str, sql: str) -> None:
     """Execute one statement of the final swap, naming the step if it fails."""
+    if conn.dialect.paramstyle in ("format", "pyformat"):
+        # The driver reads "%" as a placeholder, and reflected constraint
+        # SQL can hold one (LIKE '%@%').
+        sql = sql.replace("%", "%%")
     try:
         conn.exec_driver_sql(sql)
     except sa.exc.DBAPIError as exc:

@@ -321,9 +321,7 @@ def convert_column(operations: Operations, operation: _Op) -> ConversionReport:
     conn = operations.get_bind()
     if conn.dialect.name not in ddl.SUPPORTED_DIALECTS:
         raise MigrationError(f"op.{name}() supports PostgreSQL and SQLite, not {conn.dialect.name}")
-    if runs_in_migration(context) and conn.get_execution_options().get("isolation_level") == (
-        "AUTOCOMMIT"
-    ):
+    if runs_in_migration(context) and _in_autocommit(conn):
         raise MigrationError(
             f"op.{name}() on {operation.table_name}.{operation.column_name}: the migration's "
             "connection is in AUTOCOMMIT mode, so Alembic would commit the new version before "
@@ -403,6 +401,24 @@ def _defer_final_step(
         operation.column_name,
     )
     return report
+
+
+def _in_autocommit(conn: Connection) -> bool:
+    """Return True if ``conn`` commits every statement on its own.
+
+    AUTOCOMMIT can be an execution option of the connection or engine, or
+    set on the driver's connection by ``create_engine(isolation_level=...)``:
+    psycopg's ``autocommit`` is then True, and sqlite3's ``isolation_level``
+    None.
+    """
+    if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return True
+    driver_connection = conn.connection.dbapi_connection
+    if getattr(driver_connection, "autocommit", None) is True:
+        return True
+    return conn.dialect.name == "sqlite" and (
+        getattr(driver_connection, "isolation_level", "") is None
+    )
 
 
 def _column_missing(conn: Connection, operation: _Op) -> bool:

@@ -15,6 +15,7 @@ from ._cli_context import (
 from ._cli_jobs import job_slots, print_job_slots
 from ._cli_tenants import check_tenants_known
 from .rotation import Census, census
+from .rotation.catalog import KeyStateName
 
 __all__ = ["status", "unknown_keys_message"]
 
@@ -72,16 +73,34 @@ def _print_census(result: Census, keyring_table: str) -> None:
     if totals["not_encrypted"]:
         summary += f", {totals['not_encrypted']} not encrypted"
     click.echo(summary)
+
     stale = result.stale()
     if stale:
         total = sum(stale.values())
         click.echo(
             f"{total} value(s) under an old key version: run 'sqlalchemy-encrypted reencrypt'"
         )
-    elif not result.unknown_keys:
+    retired = _retired_versions(result)
+    if retired:
+        versions = ", ".join(f"{tenant!r} version {version}" for tenant, version in retired)
+        click.echo(
+            f"values are under retired key versions ({versions}), which no longer decrypt: "
+            "run 'sqlalchemy-encrypted keys reinstate TENANT VERSION' for each before "
+            "re-encrypting, then retire the version again"
+        )
+    elif not stale and not result.unknown_keys:
         click.echo("no value is under an old key version")
     if result.unknown_keys:
         click.echo(unknown_keys_message(result.unknown_keys, keyring_table))
+
+
+def _retired_versions(result: Census) -> list[tuple[str, int]]:
+    """Return the (tenant, version) pairs of retired keys that values still use."""
+    found: set[tuple[str, int]] = set()
+    for entry in result:
+        if entry.key_state == KeyStateName.RETIRED and entry.tenant_id is not None:
+            found.add((entry.tenant_id, entry.key_version))
+    return sorted(found)
 
 
 def unknown_keys_message(unknown: dict[str, int], keyring_table: str) -> str:

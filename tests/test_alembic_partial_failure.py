@@ -271,13 +271,31 @@ def test_decrypt_fill_failure_hides_plaintext(
     assert raw_rows(engine) == [(r["id"], r["name"], r["email"]) for r in rows]
 
 
+def _autocommit_engine(engine: sa.Engine, where: str) -> sa.Engine:
+    """Return an engine on ``engine``'s database in AUTOCOMMIT mode, set
+    ``where``: as an execution option, or on the driver's connections."""
+    if where == "execution option":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")  # type: ignore[return-value]
+    connect_args = {}
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            schema = conn.exec_driver_sql("SHOW search_path").scalar_one()
+        connect_args["options"] = f"-c search_path={schema}"
+    return sa.create_engine(engine.url, isolation_level="AUTOCOMMIT", connect_args=connect_args)
+
+
+@pytest.mark.parametrize("where", ["execution option", "create_engine"])
+@pytest.mark.parametrize("commit_batches", [True, False])
 def test_autocommit_connection_rejected(
-    tmp_path: Path, engine: sa.Engine, keyring: InMemoryKeyring
+    tmp_path: Path, engine: sa.Engine, keyring: InMemoryKeyring, where: str, commit_batches: bool
 ) -> None:
-    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
-    env = AlembicEnv(tmp_path / "migrations", autocommit)  # type: ignore[arg-type]
+    autocommit = _autocommit_engine(engine, where)
+    env = AlembicEnv(tmp_path / "migrations", autocommit)
     env.write_revision("r1", None, CREATE_PERSONS, 'op.drop_table("persons")')
-    env.write_revision("r2", "r1", ENCRYPT_PERSONS, DECRYPT_PERSONS)
+    encrypt = ENCRYPT_PERSONS.replace(
+        "batch_size=7,", f"batch_size=7, commit_batches={commit_batches},"
+    )
+    env.write_revision("r2", "r1", encrypt, DECRYPT_PERSONS)
     env.upgrade("r1")
     rows = plain_rows(10)
     seed(engine, rows)

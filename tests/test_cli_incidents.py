@@ -191,6 +191,9 @@ def test_data_restored_under_retired_version(operator: Operator) -> None:
     assert operator.run("reencrypt").exit_code == 0
     assert operator.run("keys", "retire", "t-acme", "1").exit_code == 0
     _restore_persons(operator.engine, backup)
+    status = operator.run("status")
+    assert "values are under retired key versions ('t-acme' version 1)" in status.output
+    assert "keys reinstate TENANT VERSION" in status.output
     assert operator.run("reencrypt", "--tenant", "t-acme").exit_code == 6
 
     reinstated = operator.run("keys", "reinstate", "t-acme", "1")
@@ -201,6 +204,7 @@ def test_data_restored_under_retired_version(operator: Operator) -> None:
     assert "randomized key version 1 is decrypt_only again" in reinstated.output
     assert moved.exit_code == 0, moved.output
     assert retired.exit_code == 0, retired.output
+    assert "retired key versions" not in operator.run("status").output
 
 
 def test_reinstate_version_not_retired(operator: Operator) -> None:

@@ -434,7 +434,8 @@ class Keyring:
                     logger.warning(
                         "the SQLite keyring file is locked by an open transaction; the "
                         "values sealed under randomized key version %d of tenant %r are "
-                        "added to its usage counter later",
+                        "added to its usage counter later (a keyring in its own database "
+                        "file avoids this)",
                         version,
                         tenant,
                     )
