@@ -208,9 +208,14 @@ def keys_rotate(
     if all_tenants == bool(tenants):
         raise click.UsageError("name one or more tenants, or pass --all-tenants")
     if all_tenants:
-        tenants = tuple(
-            sorted({i.tenant_id for i in keyring.list_keys() if i.state.value != "destroyed"})
-        )
+        infos = keyring.list_keys()
+        shredded = sorted({i.tenant_id for i in infos if i.state is KeyState.DESTROYED})
+        tenants = tuple(sorted({i.tenant_id for i in infos} - set(shredded)))
+        for tenant in shredded:
+            click.echo(
+                f"tenant {tenant!r}: crypto-shredded, so it has no keys to rotate; skipped",
+                err=True,
+            )
     tenants = tuple(dict.fromkeys(tenants))
     planned, skipped = _plan_rotation(
         keyring, tenants, purpose, activate_now, skip_pending=all_tenants

@@ -157,6 +157,16 @@ def test_keys_rotate_all_tenants(filled: App) -> None:
     assert "tenant 't-globex': randomized key version 2 is active" in result.output
 
 
+def test_keys_rotate_all_tenants_names_shredded(filled: App) -> None:
+    filled.keyring().shred("t-globex")
+
+    result = filled.run("keys", "rotate", "--all-tenants", "--activate-now")
+
+    assert result.exit_code == 0, result.output
+    assert "tenant 't-globex': crypto-shredded, so it has no keys to rotate" in result.output
+    assert "tenant 't-acme': randomized key version 2 is active" in result.output
+
+
 def test_keys_rewrap(filled: App, tmp_path: Path) -> None:
     new_key = tmp_path / "new.key"
     LocalKms.create(new_key, kek="kek-2025")
