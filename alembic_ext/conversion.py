@@ -210,12 +210,21 @@ class ColumnConversion:
     # -- passes -------------------------------------------------------------
 
     def scan(self) -> Counts:
-        """Classify every source value without writing anything."""
+        """Classify every source value without writing anything.
+
+        A database error raises :class:`ConversionBatchError`.
+        """
         counts = Counts()
-        for rows in self._batches(with_shadow=False):
-            for row in rows:
-                source, _, _ = self._source(row)
-                counts.add(source.state, self._key(row))
+        progress = _Progress()
+        try:
+            for rows in self._batches(with_shadow=False):
+                for row in rows:
+                    source, _, _ = self._source(row)
+                    counts.add(source.state, self._key(row))
+                progress.start(self._key(rows[0]), self._key(rows[-1]))
+                progress.finish(len(rows))
+        except sa.exc.DBAPIError as exc:
+            raise self._batch_error(exc, progress, committed=False, wrote=False) from None
         return counts
 
     def check_strict(self, counts: Counts) -> None:
@@ -269,7 +278,7 @@ class ColumnConversion:
         return counts
 
     def _batch_error(
-        self, error: sa.exc.DBAPIError, progress: _Progress, committed: bool
+        self, error: sa.exc.DBAPIError, progress: _Progress, committed: bool, wrote: bool = True
     ) -> ConversionBatchError:
         """Describe a database error of a pass: where it stopped, what is kept, what to do."""
         if progress.first_key is not None and progress.last_key is not None:
@@ -281,7 +290,9 @@ class ColumnConversion:
             where = f"reading the batch after primary key {_shown(progress.last_done_key)}"
         else:
             where = "reading the first batch"
-        if committed:
+        if not wrote:
+            outcome = "Nothing was written, so the original column is unchanged"
+        elif committed:
             outcome = (
                 f"The {progress.rows_done} row(s) of the earlier batches are converted and "
                 f"committed in the temporary column {self.shadow!r}, and the next run keeps "

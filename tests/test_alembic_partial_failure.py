@@ -7,6 +7,7 @@ must raise ``ConversionBatchError`` naming the batch, without plaintext.
 
 from __future__ import annotations
 
+import sqlite3
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -331,3 +332,39 @@ def test_rename_in_same_revision_named(
     message = str(caught.value)
     assert "persons.email: the column is gone at the end of the migration" in message
     assert "Move that operation to a later revision" in message
+
+
+def test_scan_failure_names_column(
+    tmp_path: Path, engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's authorizer stands in for a failing read")
+    env = AlembicEnv(tmp_path / "migrations", engine)
+    env.write_revision("r1", None, CREATE_PERSONS, 'op.drop_table("persons")')
+    strict = ENCRYPT_PERSONS.replace("batch_size=7,", "batch_size=7, strict=True,", 1)
+    env.write_revision("r2", "r1", strict, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    rows = plain_rows(10)
+    seed(engine, rows)
+
+    def deny_name(action: int, table: str | None, column: str | None, *_: object) -> int:
+        denied = action == sqlite3.SQLITE_READ and (table, column) == ("persons", "name")
+        return sqlite3.SQLITE_DENY if denied else sqlite3.SQLITE_OK
+
+    def install(dbapi_connection: Any, _: object) -> None:
+        dbapi_connection.set_authorizer(deny_name)
+
+    sa.event.listen(engine, "connect", install)
+    engine.dispose()
+    try:
+        with pytest.raises(ConversionBatchError) as caught:
+            env.upgrade("head")
+    finally:
+        sa.event.remove(engine, "connect", install)
+        engine.dispose()
+
+    message = str(caught.value)
+    assert message.startswith("persons.name: the database failed while reading the first batch")
+    assert "Nothing was written, so the original column is unchanged" in message
+    assert env.current() == "r1"
+    assert raw_rows(engine) == [(r["id"], r["name"], r["email"]) for r in rows]
