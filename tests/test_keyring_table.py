@@ -165,6 +165,8 @@ def test_inexact_tenant_column_raises(tmp_path: Any, local_kms: Any) -> None:
     assert "VARBINARY(1020)" in message
     with pytest.raises(ConfigurationError, match="for tenant 'ACME'"):
         keyring.shred("ACME")
+    with pytest.raises(ConfigurationError, match="for tenant 'acme'"):
+        keyring.list_keys("acme")
 
     assert keyring.active_key("Acme", KeyPurpose.RANDOMIZED).key_id == acme.key_id
     assert [info.state for info in keyring.list_keys("Acme")] == [KeyState.ACTIVE]

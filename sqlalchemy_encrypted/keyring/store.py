@@ -216,7 +216,8 @@ class KeyStore:
         if states is not None:
             clauses.append(self.table.c.state.in_([state.value for state in states]))
         with self.engine.connect() as conn:
-            return self._select(conn, sa.and_(sa.true(), *clauses))
+            rows = self._select(conn, sa.and_(sa.true(), *clauses))
+        return rows if tenant_id is None else self._exact_tenant(rows, tenant_id)
 
     def insert(self, conn: sa.Connection, row: KeyRow) -> None:
         conn.execute(
