@@ -32,6 +32,7 @@ from sqlalchemy_encrypted import (
     KmsContextMismatchError,
     KmsError,
     KmsKeyDisabledError,
+    KmsKeyNotFoundError,
     KmsThrottlingError,
     KmsUnavailableError,
 )
@@ -319,6 +320,21 @@ def test_kms_from_uri(tmp_path: Path, moto_server: str, aws_credentials: None) -
             kms_from_uri(bad)
 
 
+def test_kms_uri_sets_timeouts(aws_credentials: None) -> None:
+    kms = kms_from_uri(
+        f"aws-kms://alias/app?region={REGION}&connect_timeout=0.5&read_timeout=1.5&max_attempts=2"
+    )
+
+    assert isinstance(kms, AwsKms)
+    config = kms.client.meta.config
+    assert config.connect_timeout == 0.5
+    assert config.read_timeout == 1.5
+    assert config.retries["total_max_attempts"] == 2
+    for bad in ("read_timeout=0", "read_timeout=soon", "max_attempts=1.5", "connect_timeout=inf"):
+        with pytest.raises(ConfigurationError, match="in KMS URI aws-kms://"):
+            kms_from_uri(f"aws-kms://alias/app?region={REGION}&{bad}")
+
+
 # -- the keyring on AWS KMS ---------------------------------------------------
 
 
@@ -449,3 +465,15 @@ def test_provider_change_local_to_aws(
     rewrapped = [r for r in caplog.records if getattr(r, "audit_event", "") == "key.rewrapped"]
     assert len(rewrapped) == 4
     assert "t-acme" in log_text(rewrapped)
+
+
+def test_region_mismatch_named(moto_server: str, aws_credentials: None) -> None:
+    _, arn = _new_key(_client(moto_server))
+    elsewhere = AwsKms(arn, region_name="eu-west-1", endpoint_url=moto_server)
+
+    with pytest.raises(KmsKeyNotFoundError) as raised:
+        elsewhere.describe_kek(arn)
+
+    message = str(raised.value)
+    assert f"the key is in region {REGION}, but the client calls region eu-west-1" in message
+    assert f"region_name={REGION!r}" in message

@@ -69,6 +69,14 @@ _HINTS: dict[type[KmsError], str] = {
 }
 
 
+def _arn_region(reference: str) -> str | None:
+    """Return the region of an ARN (``arn:aws:kms:REGION:...``), or None."""
+    parts = reference.split(":")
+    if len(parts) > 4 and parts[0] == "arn" and parts[2] == "kms" and parts[3]:
+        return parts[3]
+    return None
+
+
 def _check_reference(key: str) -> str:
     if not isinstance(key, str) or not key.strip():
         raise ConfigurationError("AwsKms needs a KMS key ARN, alias or key id")
@@ -172,6 +180,13 @@ class AwsKms(KmsProvider):
             error_class = _ERRORS.get(code, KmsError)
             attempts = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
             hint = _HINTS.get(error_class, "AWS KMS returned an error")
+            key_region = _arn_region(kek)
+            client_region = self.client.meta.region_name
+            if key_region is not None and client_region and key_region != client_region:
+                hint += (
+                    f"; the key is in region {key_region}, but the client calls region "
+                    f"{client_region}: pass region_name={key_region!r} (?region= in a KMS URI)"
+                )
             raise error_class(
                 f"AWS KMS {operation} failed for {where}: {code} after {attempts} "
                 f"attempt(s); {hint}"
