@@ -654,3 +654,27 @@ def test_more_keys_than_cache_reserve_once(
     randomized = [k for k in keyring.list_keys() if k.purpose is KeyPurpose.RANDOMIZED]
     assert len(randomized) == len(tenants)
     assert [counts[key.key_id] for key in randomized] == [4096] * len(tenants)
+
+
+def test_provision_reserves_first_block(
+    tmp_path: Path, local_kms: LocalKms, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The keyring shares the SQLite file with the data, as in the demo.
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/one.db", connect_args={"timeout": 0.2})
+    keyring = Keyring(engine, local_kms)
+    keyring.create_table()
+    Base.metadata.create_all(engine)
+
+    keyring.provision("t-acme")
+
+    assert _counters(engine, KeyPurpose.RANDOMIZED) == {1: 4096}
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_encrypted"):
+        with Session(engine) as session:
+            for index in range(5):
+                session.add(Person(tenant_id="t-acme", name=f"P{index}", email=f"p{index}@x.test"))
+                session.flush()
+            session.commit()
+    assert "locked" not in caplog.text
+    assert _counters(engine, KeyPurpose.RANDOMIZED) == {1: 4096}
+    assert len(_all_names(engine)) == 5
+    engine.dispose()

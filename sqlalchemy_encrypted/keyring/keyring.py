@@ -961,10 +961,16 @@ class Keyring:
 
         Writes create them on their own. Calling this ahead helps when the
         keyring shares a SQLite database with the data, because SQLite lets
-        only one transaction write at a time.
+        only one transaction write at a time. For the same reason it also
+        reserves the first block of the randomized DEK's usage count (see
+        ``key_usage_limit``), which the first writes would otherwise reserve.
         """
         tenant = _check_tenant(tenant_id)
-        return [self._find_or_create_active(tenant, purpose).info() for purpose in KeyPurpose]
+        rows = [self._find_or_create_active(tenant, purpose) for purpose in KeyPurpose]
+        for row in rows:
+            if row.purpose is KeyPurpose.RANDOMIZED:
+                self._data_key(row, fresh=True).budget.cover(0)
+        return [row.info() for row in rows]
 
     def purge_expired(self) -> int:
         """Drop unwrapped DEKs whose ``cache_ttl`` has passed; return how many.
