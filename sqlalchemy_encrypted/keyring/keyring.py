@@ -717,6 +717,8 @@ class Keyring:
         cache_key = (tenant, purpose)
         stamp = self._lease_generation.value
         rows = self._decryptable.get(cache_key)
+        # Rows read from the table just now need no second read before an unwrap.
+        fresh = rows is None
         if rows is None:
             rows = self._load_decryptable(tenant, purpose)
             # An empty result is not cached, because another process may create
@@ -724,7 +726,7 @@ class Keyring:
             if rows:
                 self._decryptable.put(cache_key, rows)
         try:
-            keys = tuple(self._data_key(row) for row in rows)
+            keys = tuple(self._data_key(row, fresh=fresh) for row in rows)
         except _StaleRow:
             rows = self._load_decryptable(tenant, purpose)
             if rows:

@@ -322,20 +322,29 @@ def _new_wrapping(keyring: Keyring, row: KeyRow, target: KmsProvider) -> bytes:
 # -- retiring and shredding ---------------------------------------------------
 
 
-def retire(
-    keyring: Keyring, tenant: str, version: int, purpose: KeyPurpose | None
-) -> list[KeyInfo]:
-    wanted = set(_purposes(purpose))
+def _version_rows(
+    keyring: Keyring, tenant: str, version: int, purpose: KeyPurpose | None, action: str
+) -> list[KeyRow]:
+    """Return the tenant's rows of ``version`` (of ``purpose`` only, if given),
+    or raise :class:`KeyNotFoundError` naming ``action`` if there are none."""
+    purposes = set(_purposes(purpose))
     rows = [
         row
         for row in keyring._store.tenant_rows(tenant)
-        if row.version == version and row.purpose in wanted
+        if row.version == version and row.purpose in purposes
     ]
     if not rows:
         purpose_text = f"{purpose.value} " if purpose is not None else ""
         raise KeyNotFoundError(
-            f"tenant {tenant!r} has no {purpose_text}key version {version} to retire"
+            f"tenant {tenant!r} has no {purpose_text}key version {version} to {action}"
         )
+    return rows
+
+
+def retire(
+    keyring: Keyring, tenant: str, version: int, purpose: KeyPurpose | None
+) -> list[KeyInfo]:
+    rows = _version_rows(keyring, tenant, version, purpose, "retire")
     in_use = [row for row in rows if row.state in (KeyState.ACTIVE, KeyState.PENDING)]
     if purpose is not None and in_use:
         raise KeyStateError(_in_use_message(tenant, version, in_use))
@@ -367,18 +376,7 @@ def reinstate(
     keyring: Keyring, tenant: str, version: int, purpose: KeyPurpose | None
 ) -> list[KeyInfo]:
     """Make a retired version decrypt-only again; see :meth:`Keyring.reinstate`."""
-    wanted = {KeyPurpose(purpose)} if purpose is not None else set(KeyPurpose)
-    rows = [
-        row
-        for row in keyring._store.tenant_rows(tenant)
-        if row.version == version and row.purpose in wanted
-    ]
-    if not rows:
-        purpose_text = f"{purpose.value} " if purpose is not None else ""
-        raise KeyNotFoundError(
-            f"tenant {tenant!r} has no {purpose_text}key version {version} to reinstate"
-        )
-
+    rows = _version_rows(keyring, tenant, version, purpose, "reinstate")
     destroyed = [row for row in rows if row.state is KeyState.DESTROYED]
     if destroyed:
         raise KeyDestroyedError(
