@@ -7,7 +7,10 @@ names and run statements for both.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,7 @@ __all__ = [
     "add_column",
     "begin_write",
     "check_swappable",
+    "conversion_step",
     "database_message",
     "drop_column",
     "lock_for_writes",
@@ -190,20 +194,72 @@ def database_message(error: sa.exc.DBAPIError) -> str:
     return (lines[0] if lines else type(error.orig).__name__) + code
 
 
+# SQLSTATEs of a lock that could not be taken: lock_not_available (lock_timeout
+# or NOWAIT) and deadlock_detected.
+_LOCK_SQLSTATES = ("55P03", "40P01")
+_READ_ONLY_SQLSTATE = "25006"
+_DUPLICATE_COLUMN_SQLSTATE = "42701"
+
+
+def _sqlite_error_code(error: sa.exc.DBAPIError) -> int | None:
+    """Return the primary SQLite result code of ``error``, such as SQLITE_BUSY."""
+    code = getattr(error.orig, "sqlite_errorcode", None)
+    # Extended result codes keep the primary code in their low byte.
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _advice(error: sa.exc.DBAPIError) -> str:
+    """Return what the operator should do about ``error`` before running the migration again."""
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    sqlite_code = _sqlite_error_code(error)
+    if sqlstate in _LOCK_SQLSTATES or sqlite_code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return (
+            "Another transaction holds a lock that this step needs. Wait until it ends, or "
+            "stop the application's writers to the table, then run the migration again. "
+            "PostgreSQL's lock_timeout and SQLite's busy timeout set how long a step waits"
+        )
+    if sqlstate == _READ_ONLY_SQLSTATE or sqlite_code == sqlite3.SQLITE_READONLY:
+        return (
+            "The database is read-only for this connection: run the migration on one that can write"
+        )
+    message = str(error.orig)
+    if sqlstate == _DUPLICATE_COLUMN_SQLSTATE or message.startswith("duplicate column name"):
+        return (
+            "A column of that name exists already: another run of this migration may have "
+            "added it at the same time, or, on SQLite, a column whose name differs only in "
+            "case. Run the migration again, and if it fails the same way, rename or drop "
+            "that column"
+        )
+    return "Fix the cause and run the migration again"
+
+
+@contextlib.contextmanager
+def conversion_step(label: str, step: str, outcome: str) -> Iterator[None]:
+    """Raise :class:`MigrationError` for a database error of one schema step of a conversion.
+
+    ``label`` names the table and column, ``step`` completes "could not ...",
+    and ``outcome`` is a sentence stating what the failure leaves. The message quotes only the
+    database's primary message and SQLSTATE (see :func:`database_message`),
+    and the database error is not chained, because its parameters and
+    PostgreSQL's DETAIL line can quote stored values.
+    """
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        raise MigrationError(
+            f"{label}: could not {step}: {database_message(exc)}. {outcome}. {_advice(exc)}"
+        ) from None
+
+
 def run_step(conn: Connection, info: TableInfo, column: str, step: str, sql: str) -> None:
     """Execute one statement of the final swap, naming the step if it fails."""
     if conn.dialect.paramstyle in ("format", "pyformat"):
         # The driver reads "%" as a placeholder, and reflected constraint
         # SQL can hold one (LIKE '%@%').
         sql = sql.replace("%", "%%")
-    try:
+    label = f"{info.qualified_name}.{column}"
+    with conversion_step(label, step, "The converted values are kept in a temporary column"):
         conn.exec_driver_sql(sql)
-    except sa.exc.DBAPIError as exc:
-        raise MigrationError(
-            f"could not {step} while converting {info.qualified_name}.{column}: "
-            f"{database_message(exc)}. The converted values are kept in a temporary "
-            "column, so fix the cause and run the migration again"
-        ) from None
 
 
 def add_column(

@@ -19,6 +19,7 @@ from sqlalchemy_encrypted.types import EncryptedType
 
 from . import ddl, rotation, swap
 from .conversion import ColumnConversion, Counts, Target
+from .ddl import conversion_step
 from .deferred import FinalStep, defer_final_step, runs_in_migration
 from .directions import Decrypting, Encrypting, Strategy
 from .ops import (
@@ -36,6 +37,9 @@ logger = logging.getLogger("sqlalchemy_encrypted.alembic")
 audit = logging.getLogger("sqlalchemy_encrypted.audit")
 
 _Op = EncryptColumnOp | DecryptColumnOp
+
+# The outcome of a failed step before the swap: until the swap, the source column is only read.
+_SOURCE_UNCHANGED = "The original column is unchanged"
 
 
 def _offline_error(name: str) -> MigrationError:
@@ -84,14 +88,26 @@ def _same_type(context: MigrationContext, reflected: ddl.ColumnInfo, target: Any
     return not context.impl.compare_type(inspected, wanted)
 
 
+def _qualified_table(operation: _Op) -> str:
+    if operation.schema:
+        return f"{operation.schema}.{operation.table_name}"
+    return operation.table_name
+
+
+def _label(operation: _Op) -> str:
+    return f"{_qualified_table(operation)}.{operation.column_name}"
+
+
 class _Plan:
     """Everything one run needs, derived from the operation and a reflection of the table."""
 
     def __init__(self, conn: Connection, operation: _Op) -> None:
         self.operation = operation
-        info = ddl.reflect_table(conn, operation.table_name, operation.schema)
-        self.source = info.column(operation.column_name)
-        ddl.check_swappable(conn, info, operation.column_name)
+        step = f"read the definition of table {_qualified_table(operation)}"
+        with conversion_step(_label(operation), step, _SOURCE_UNCHANGED):
+            info = ddl.reflect_table(conn, operation.table_name, operation.schema)
+            self.source = info.column(operation.column_name)
+            ddl.check_swappable(conn, info, operation.column_name)
         self.strategy = _strategy(operation, conn.dialect, self.source)
         self.shadow = ddl.shadow_column_name(operation.column_name, self.strategy.shadow_suffix)
         opposite = "decrypting" if self.strategy.direction == "encrypt" else "encrypting"
@@ -133,6 +149,17 @@ class _Plan:
     def conversion(self, conn: Connection) -> ColumnConversion:
         return ColumnConversion(conn, self.target, self.strategy, self.shadow)
 
+    def add_shadow(self, conn: Connection, commit: bool) -> None:
+        """Add the temporary column, and commit it if ``commit`` is True."""
+        with conversion_step(
+            self.target.label, f"add the temporary column {self.shadow!r}", _SOURCE_UNCHANGED
+        ):
+            ddl.add_column(
+                conn, self.info.name, self.info.schema, self.shadow, self.strategy.target_type
+            )
+            if commit:
+                conn.commit()
+
     def check_shadow_type(self, context: MigrationContext) -> None:
         shadow = self.info.column(self.shadow)
         if not _same_type(context, shadow, self.strategy.target_type):
@@ -155,7 +182,9 @@ def _drop_leftover(conn: Connection, plan: _Plan) -> bool:
         plan.info.qualified_name,
         plan.leftover,
     )
-    ddl.drop_column(conn, plan.info.name, plan.info.schema, plan.leftover)
+    step = f"drop the column {plan.leftover!r} that an interrupted run in the other direction left"
+    with conversion_step(plan.target.label, step, _SOURCE_UNCHANGED):
+        ddl.drop_column(conn, plan.info.name, plan.info.schema, plan.leftover)
     return True
 
 
@@ -200,10 +229,7 @@ def _first_phase(context: MigrationContext, work: Connection, operation: _Op) ->
             if same_type and counts.converted == 0:
                 work.rollback()
                 return None
-        ddl.add_column(
-            work, plan.info.name, plan.info.schema, plan.shadow, plan.strategy.target_type
-        )
-        work.commit()
+        plan.add_shadow(work, commit=True)
         plan = _Plan(work, operation)
         conversion = plan.conversion(work)
     else:
@@ -230,7 +256,9 @@ def _final_check(
     runs later on the same connection and transaction, after the other
     columns of the migration are checked too.
     """
-    ddl.lock_for_writes(conn, operation.table_name, operation.schema, operation.column_name)
+    step = f"lock table {_qualified_table(operation)} against writes"
+    with conversion_step(_label(operation), step, _SOURCE_UNCHANGED):
+        ddl.lock_for_writes(conn, operation.table_name, operation.schema, operation.column_name)
     plan = _Plan(conn, operation)
     _drop_leftover(conn, plan)
     plan = _Plan(conn, operation)
@@ -247,9 +275,7 @@ def _final_check(
                 return lambda _: unchanged
         elif strict_pending:
             conversion.check_strict(conversion.scan())
-        ddl.add_column(
-            conn, plan.info.name, plan.info.schema, plan.shadow, plan.strategy.target_type
-        )
+        plan.add_shadow(conn, commit=False)
         plan = _Plan(conn, operation)
         conversion = plan.conversion(conn)
     else:
@@ -267,7 +293,13 @@ def _final_check(
     def swap_columns(swap_conn: Connection) -> ConversionReport:
         # An earlier swap in the same migration may have changed the table.
         current = _Plan(swap_conn, operation)
-        swap.swap_columns(swap_conn, current.info, current.source, current.shadow)
+        # A failed statement of the swap names its own step, and this covers the rest.
+        with conversion_step(
+            plan.target.label,
+            "swap the converted column into place",
+            "The converted values are kept in a temporary column",
+        ):
+            swap.swap_columns(swap_conn, current.info, current.source, current.shadow)
         return _report(plan, counts, resumed=resumed, rewritten=rewritten, swapped=True)
 
     return swap_columns
@@ -283,13 +315,15 @@ def _check_census(conn: Connection, plan: _Plan, counts: Counts) -> None:
         plan.target.primary_key,
         plan.target.tenant_column,
     )
-    rotation.check_census(
-        conn,
-        column,
-        **rotation.expected_counts(strategy.direction, counts),
-        nulls=counts.null,
-        label=plan.target.label,
-    )
+    step = "count the column's values by their stored headers (the census)"
+    with conversion_step(plan.target.label, step, _SOURCE_UNCHANGED):
+        rotation.check_census(
+            conn,
+            column,
+            **rotation.expected_counts(strategy.direction, counts),
+            nulls=counts.null,
+            label=plan.target.label,
+        )
 
 
 def _report(
@@ -358,9 +392,7 @@ def _defer_final_step(
     Returns a report of the batches written so far, with ``column_swapped``
     False. The same object gets the final counts when the column is swapped.
     """
-    table = operation.table_name
-    if operation.schema:
-        table = f"{operation.schema}.{table}"
+    table = _qualified_table(operation)
     counts = filled or Counts()
     report = ConversionReport(
         table=table,

@@ -260,6 +260,12 @@ class MigrationError(EncryptionError):
     Raised, for example, in offline (``--sql``) mode, for a table without a
     primary key, or when the column cannot be swapped. The table is left as it
     was or in a state that running the same operation again completes.
+
+    When the database rejects a schema step of a conversion (adding the
+    temporary column, locking the table, the census or the swap), the message
+    names the table, column and step, and quotes only the database's primary
+    message and SQLSTATE. The database error is not chained, because its
+    parameters and PostgreSQL's DETAIL line can quote stored values.
     """
 
 
@@ -269,8 +275,8 @@ class ConversionBatchError(MigrationError):
     ``table`` and ``column`` name the column being converted. ``first_key``
     and ``last_key`` are the primary keys of the first and last row of the
     failed batch, or None when the batch was not read yet. ``rows_done``
-    counts the rows of the earlier batches. The database error is the
-    ``__cause__``, with its bound parameters hidden.
+    counts the rows of the earlier batches. The message quotes the database's
+    primary message and SQLSTATE, and the database error is not chained.
     """
 
     def __init__(
