@@ -13,7 +13,7 @@ from alembic.operations import Operations
 from sqlalchemy.engine import Connection
 
 from sqlalchemy_encrypted.errors import ConfigurationError, MigrationError
-from sqlalchemy_encrypted.keyring import keyring_table
+from sqlalchemy_encrypted.keyring import Keyring, keyring_table
 from sqlalchemy_encrypted.rotation import ReencryptionResult
 from sqlalchemy_encrypted.types import EncryptedType
 
@@ -88,13 +88,13 @@ def _same_type(context: MigrationContext, reflected: ddl.ColumnInfo, target: Any
     return not context.impl.compare_type(inspected, wanted)
 
 
-def _qualified_table(operation: _Op) -> str:
+def _qualified_table(operation: _Op | ReencryptColumnOp) -> str:
     if operation.schema:
         return f"{operation.schema}.{operation.table_name}"
     return operation.table_name
 
 
-def _label(operation: _Op) -> str:
+def _label(operation: _Op | ReencryptColumnOp) -> str:
     return f"{_qualified_table(operation)}.{operation.column_name}"
 
 
@@ -188,12 +188,25 @@ def _drop_leftover(conn: Connection, plan: _Plan) -> bool:
     return True
 
 
+def _single_connection_pool(pool: sa.Pool) -> bool:
+    """Return True if ``pool`` cannot give a second connection while one is checked out.
+
+    StaticPool hands every checkout the same DBAPI connection, and
+    SingletonThreadPool (the default for in-memory SQLite) does so within a
+    thread. AssertionPool raises on a second checkout.
+    """
+    return isinstance(
+        pool, (sa.pool.StaticPool, sa.pool.SingletonThreadPool, sa.pool.AssertionPool)
+    )
+
+
 def _separate_connection_usable(context: MigrationContext, conn: Connection) -> bool:
     """Return True if batches may be committed on a second connection from the same engine.
 
     Not when the connection is inside a transaction Alembic did not begin
-    (Alembic cannot commit it), and not for an in-memory SQLite database,
-    which a second connection would not see.
+    (Alembic cannot commit it), not when the engine's pool has only the
+    migration's own connection to give, and not for an in-memory SQLite
+    database, which a second connection would not see.
     """
     # MigrationContext has no public flag for "the caller owns the
     # transaction". autocommit_block() can only commit a transaction that
@@ -202,12 +215,49 @@ def _separate_connection_usable(context: MigrationContext, conn: Connection) -> 
         return False
     if conn.in_transaction() and getattr(context, "_transaction", None) is None:
         return False
+    if _single_connection_pool(conn.engine.pool):
+        return False
     url = conn.engine.url
     if url.get_backend_name() == "sqlite":
         database = url.database or ""
         if database in ("", ":memory:") or "mode=memory" in str(url):
             return False
     return True
+
+
+def _check_keyring_connection(
+    conn: Connection, column_type: Any, label: str, operation_name: str
+) -> None:
+    """Raise before anything is written if the keyring would use the migration's connection.
+
+    A Keyring reads and writes its table on connections from its own
+    engine, and ends the transaction of each. When that engine is the
+    migration's and its pool has one connection, that connection is the
+    migration's own. A key lookup would then commit or roll back the
+    migration's transaction, so the temporary column could vanish mid-run,
+    or the swaps could commit without the Alembic version row.
+    """
+    if not isinstance(column_type, EncryptedType):
+        return
+    try:
+        provider = column_type.key_provider
+    except ConfigurationError:
+        # The conversion raises this error itself when it needs a key.
+        return
+    pool = conn.engine.pool
+    if not isinstance(provider, Keyring) or provider.engine.pool is not pool:
+        return
+    if not _single_connection_pool(pool):
+        return
+    raise MigrationError(
+        f"op.{operation_name}() on {label}: the Keyring uses the migration's engine, whose "
+        f"{type(pool).__name__} has no connection to give it but the migration's own. The "
+        "keyring commits or rolls back its work on each connection it uses, which would end "
+        "the migration's transaction in the middle of the operation. Nothing was written. "
+        "Create the Keyring on an engine of its own, such as a second "
+        "sa.create_engine('sqlite://', poolclass=StaticPool) in tests, or use InMemoryKeyring "
+        "in tests"
+    )
 
 
 def _first_phase(context: MigrationContext, work: Connection, operation: _Op) -> Counts | None:
@@ -364,6 +414,10 @@ def convert_column(operations: Operations, operation: _Op) -> ConversionReport:
             "connection with transactions, and use op.get_context().autocommit_block() only "
             "around the statements that need autocommit. Nothing was written"
         )
+    encrypted_type = (
+        operation.type_ if isinstance(operation, EncryptColumnOp) else operation.from_type
+    )
+    _check_keyring_connection(conn, encrypted_type, _label(operation), name)
 
     filled: Counts | None = None
     if operation.commit_batches and _separate_connection_usable(context, conn):
@@ -485,6 +539,7 @@ def reencrypt_column(operations: Operations, operation: ReencryptColumnOp) -> Re
         )
 
     conn = operations.get_bind()
+    _check_keyring_connection(conn, operation.type_, _label(operation), "reencrypt_column")
     table, column = operation.table_name, operation.column_name
     info = ddl.reflect_table(conn, table, operation.schema)
     info.column(column)
