@@ -103,6 +103,13 @@ def raw_rows(engine: sa.Engine, columns: str = "id, name, email") -> list[tuple[
         return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in result]
 
 
+def read_people(engine: sa.Engine) -> list[tuple[str | None, str | None]]:
+    """Return (name, email) of every person in id order, decrypted through the model."""
+    with Session(engine) as session:
+        people = session.scalars(sa.select(Person).order_by(Person.id)).all()
+        return [(person.name, person.email) for person in people]
+
+
 def column_names(engine: sa.Engine, table: str = "persons") -> list[str]:
     return [c["name"] for c in sa.inspect(engine).get_columns(table)]
 

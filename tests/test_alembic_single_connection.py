@@ -18,7 +18,6 @@ import pytest
 import sqlalchemy as sa
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
-from sqlalchemy.orm import Session
 from sqlalchemy.pool import AssertionPool, StaticPool
 
 import alembic_ext  # noqa: F401  (registers the operations)
@@ -28,7 +27,6 @@ from sqlalchemy_encrypted.kms import LocalKms
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
 from .alembic_env import AlembicEnv
-from .models import Person
 from .test_alembic_encrypt_column import (
     CREATE_PERSONS,
     DECRYPT_PERSONS,
@@ -36,6 +34,7 @@ from .test_alembic_encrypt_column import (
     column_names,
     plain_rows,
     raw_rows,
+    read_people,
     seed,
 )
 
@@ -61,12 +60,6 @@ def _env(tmp_path: Path, engine: sa.Engine) -> AlembicEnv:
     env.write_revision("r1", None, CREATE_PERSONS, 'op.drop_table("persons")')
     env.write_revision("r2", "r1", ENCRYPT_PERSONS, DECRYPT_PERSONS)
     return env
-
-
-def _people(engine: sa.Engine) -> list[tuple[str | None, str | None]]:
-    with Session(engine) as session:
-        people = session.scalars(sa.select(Person).order_by(Person.id)).all()
-        return [(p.name, p.email) for p in people]
 
 
 def _key_count(keyring: Keyring) -> int:
@@ -174,7 +167,7 @@ def test_single_connection_engine_converts(
 
     assert env.current() == "r2"
     assert [report.column_swapped for report in env.reports] == [True, True]
-    assert _people(engine) == [(r["name"], r["email"]) for r in rows]
+    assert read_people(engine) == [(r["name"], r["email"]) for r in rows]
 
     env.downgrade("r1")
 
@@ -194,5 +187,5 @@ def test_assertion_pool_converts(tmp_path: Path, keyring: InMemoryKeyring) -> No
     env.upgrade("head")
 
     assert env.current() == "r2"
-    assert _people(engine) == [(r["name"], r["email"]) for r in rows]
+    assert read_people(engine) == [(r["name"], r["email"]) for r in rows]
     engine.dispose()

@@ -20,14 +20,12 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
-from sqlalchemy.orm import Session
 
 import alembic_ext  # noqa: F401  (registers the operations)
 from sqlalchemy_encrypted import ConversionBatchError, Encrypted, MigrationError
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
 from .alembic_env import AlembicEnv
-from .models import Person
 from .test_alembic_encrypt_column import (
     CREATE_PERSONS,
     DECRYPT_PERSONS,
@@ -35,6 +33,7 @@ from .test_alembic_encrypt_column import (
     column_names,
     plain_rows,
     raw_rows,
+    read_people,
     seed,
 )
 
@@ -46,12 +45,6 @@ LOCK_ADVICE = "Another transaction holds a lock that this step needs"
 ENCRYPT_THEN_CALL_BACK = ENCRYPT_PERSONS + (
     "\nop.get_context().config.attributes.get('after_fill', lambda: None)()\n"
 )
-
-
-def _people(engine: sa.Engine) -> list[tuple[str | None, str | None]]:
-    with Session(engine) as session:
-        people = session.scalars(sa.select(Person).order_by(Person.id)).all()
-        return [(p.name, p.email) for p in people]
 
 
 def _expected_people(rows: list[dict[str, Any]]) -> list[tuple[str | None, str | None]]:
@@ -194,7 +187,7 @@ def test_pg_lock_timeout_names_step(
 
     assert pg_env.current() == "r2"
     assert "name__decrypting" not in column_names(pg_engine)
-    assert _people(pg_engine) == _expected_people(rows)
+    assert read_people(pg_engine) == _expected_people(rows)
 
 
 def test_pg_concurrent_add_column_names_clash(
@@ -236,7 +229,7 @@ def test_pg_concurrent_add_column_names_clash(
     pg_env.upgrade("head")
 
     assert pg_env.current() == "r2"
-    assert _people(pg_engine) == _expected_people(rows)
+    assert read_people(pg_engine) == _expected_people(rows)
 
 
 # -- SQLite: a locked file, a read-only file, a name clash, a failed census ----
@@ -363,7 +356,7 @@ def test_sqlite_column_name_clash_named(
     env.upgrade("head")
 
     assert env.current() == "r2"
-    assert _people(engine) == _expected_people(rows)
+    assert read_people(engine) == _expected_people(rows)
     engine.dispose()
 
 
@@ -412,7 +405,7 @@ def test_sqlite_census_failure_names_step(tmp_path: Path, keyring: InMemoryKeyri
     env.upgrade("head")
 
     assert env.current() == "r2"
-    assert _people(engine) == _expected_people(rows)
+    assert read_people(engine) == _expected_people(rows)
     engine.dispose()
 
 
