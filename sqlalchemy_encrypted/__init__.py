@@ -42,6 +42,7 @@ from .errors import (
     TenantContextError,
     TenantMismatchError,
     TooManyKeyVersionsError,
+    UnknownKeysError,
     UnsupportedOperationError,
     ValueTypeError,
 )
@@ -111,6 +112,7 @@ __all__ = [
     "TenantMismatchError",
     "TooManyKeyVersionsError",
     "UndersizedColumn",
+    "UnknownKeysError",
     "UnsupportedOperationError",
     "ValueTypeError",
     "current_tenant",

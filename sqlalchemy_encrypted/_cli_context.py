@@ -24,6 +24,7 @@ from .errors import (
     KeyInUseError,
     KmsError,
     ReencryptionError,
+    UnknownKeysError,
 )
 from .keyring import Keyring
 from .keys import DEFAULT_KEY_USAGE_LIMIT
@@ -69,8 +70,9 @@ Exit status:
   5  key version still in use (keys retire)
   6  re-encryption incomplete: rows failed or stale values remain
   7  confirmation not given (keys shred)
-  8  values name key ids missing from the keyring table (reencrypt,
-     status --fail-on-stale): restore the matching keyring table or data
+  8  values name key ids missing from the keyring table (keys rotate,
+     reencrypt, status --fail-on-stale): restore the matching keyring
+     table or data
 141 stdout was closed before the output was written (for example by head)
 """
 
@@ -84,6 +86,8 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         return ExitCode.KEY_IN_USE
     if isinstance(exc, ReencryptionError):
         return ExitCode.INCOMPLETE
+    if isinstance(exc, UnknownKeysError):
+        return ExitCode.UNKNOWN_KEYS
     return ExitCode.ERROR
 
 

@@ -15,6 +15,7 @@ from ._cli_context import (
     settings_of,
 )
 from ._cli_tenants import no_keys_error, require_keys
+from ._cli_unknown_keys import IGNORE_UNKNOWN_KEYS, check_no_unknown_keys
 from .errors import KeyDestroyedError, KeyPendingError, KeyStateError
 from .keyring import Keyring, KeyState
 from .keys import KeyPurpose
@@ -186,6 +187,13 @@ def _plan_rotation(
     help="Activate at once instead of after --active-key-ttl; only safe when no other "
     "process is running.",
 )
+@click.option(
+    IGNORE_UNKNOWN_KEYS,
+    "ignore_unknown_keys",
+    is_flag=True,
+    help="Rotate even when stored values name key ids that are not in the keyring "
+    "table, and skip the census that finds them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def keys_rotate(
@@ -194,6 +202,7 @@ def keys_rotate(
     all_tenants: bool,
     purpose: str | None,
     activate_now: bool,
+    ignore_unknown_keys: bool,
     as_json: bool,
 ) -> None:
     """Create a new key version for each TENANT.
@@ -202,6 +211,12 @@ def keys_rotate(
     tenant's first keys, which its first write creates, so a mistyped tenant
     id is an error. Without --purpose, only the purposes the tenant has keys
     for are rotated.
+
+    With --models, a census of the encrypted columns runs first, and while
+    values of a TENANT name key ids that are not in the keyring table, no
+    key is created (status 8) unless --ignore-unknown-keys is given.
+    Without --models, the command prints a note on stderr that the values
+    were not checked.
     """
     settings = settings_of(ctx)
     keyring = settings.keyring()
@@ -226,6 +241,8 @@ def keys_rotate(
             "already pending; skipped",
             err=True,
         )
+    if planned and not ignore_unknown_keys:
+        check_no_unknown_keys(settings, keyring, list(dict.fromkeys(t for t, _ in planned)))
     created = []
     for tenant, key_purpose in planned:
         try:

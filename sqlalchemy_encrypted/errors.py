@@ -50,6 +50,7 @@ __all__ = [
     "TenantContextError",
     "TenantMismatchError",
     "TooManyKeyVersionsError",
+    "UnknownKeysError",
     "UnsupportedOperationError",
     "ValueTypeError",
 ]
@@ -118,6 +119,15 @@ class KeyNotFoundError(EncryptionError):
 
 class KeyDestroyedError(KeyNotFoundError):
     """The data encryption key was destroyed (crypto-shredded)."""
+
+
+class UnknownKeysError(KeyNotFoundError):
+    """Stored values name key ids that are not in the keyring table.
+
+    The keyring table and the data come from different points in time, as
+    after restoring one of them from a backup. ``sqlalchemy-encrypted keys
+    rotate`` raises it (exit status 8) before it creates any key.
+    """
 
 
 class KeyStateError(EncryptionError):

@@ -22,14 +22,16 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
+from sqlalchemy_encrypted import KeyPurpose, parse_header
 from sqlalchemy_encrypted.cli import cli
 from sqlalchemy_encrypted.keyring import Keyring
 from sqlalchemy_encrypted.kms import LocalKms
 from sqlalchemy_encrypted.rotation import ReencryptionJob, ReencryptionProgress
 from sqlalchemy_encrypted.rotation.checkpoint import SlotLease
 from sqlalchemy_encrypted.rotation.columns import raw_table
+from sqlalchemy_encrypted.testing import InMemoryKeyring
 
-from .rotation_support import Base, Person, fill_persons
+from .rotation_support import Base, Note, Person, fill_persons
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = "tests.rotation_support:Base"
@@ -166,6 +168,101 @@ def test_reencrypt_json_unknown_keys(restored: Operator) -> None:
 
     assert result.exit_code == UNKNOWN_KEYS, result.output
     assert json.loads(result.stdout)["unknown_keys"] == {"persons.name": 10, "persons.email": 10}
+
+
+def _stored_key_ids(engine: sa.Engine, tenant: str, column: str) -> set[str]:
+    """Return the key ids in the stored headers of one tenant's values of a persons column."""
+    return {
+        str(parse_header(bytes(row[column])).key_id)
+        for row in _persons(engine)
+        if row["tenant_id"] == tenant and row[column] is not None
+    }
+
+
+def _key_count(operator: Operator) -> int:
+    return len(operator.keyring_rows())
+
+
+def test_rotate_stops_on_unknown_keys(restored: Operator) -> None:
+    keys_before = _key_count(restored)
+
+    result = restored.run("keys", "rotate", "t-acme")
+
+    assert result.exit_code == UNKNOWN_KEYS, result.output
+    assert "not in keyring table encryption_keys (tenant 't-acme': " in result.stderr
+    for column in ("name", "email"):
+        (key_id,) = _stored_key_ids(restored.engine, "t-acme", column)
+        assert f"persons.{column}: 5 value(s) under key id {key_id}" in result.stderr
+    assert "t-globex" not in result.stderr
+    assert "Restore the keyring table that matches the data" in result.stderr
+    assert "--ignore-unknown-keys" in result.stderr
+    assert "no key was created" in result.stderr
+    assert _key_count(restored) == keys_before
+
+
+def test_rotate_all_tenants_stops_on_unknown_keys(restored: Operator) -> None:
+    keys_before = _key_count(restored)
+
+    result = restored.run("keys", "rotate", "--all-tenants", "--json")
+
+    assert result.exit_code == UNKNOWN_KEYS, result.output
+    assert "tenant 't-acme': persons.email: 5 value(s)" in result.stderr
+    assert "tenant 't-globex': persons.email: 5 value(s)" in result.stderr
+    assert result.stdout == ""
+    assert _key_count(restored) == keys_before
+
+
+def test_rotate_ignore_unknown_keys(restored: Operator) -> None:
+    keys_before = _key_count(restored)
+
+    result = restored.run("keys", "rotate", "t-acme", "--ignore-unknown-keys")
+
+    assert result.exit_code == 0, result.output
+    assert "randomized key version 2 is pending" in result.output
+    assert _key_count(restored) == keys_before + 2
+
+
+def test_rotate_other_tenant_despite_unknown_keys(operator: Operator) -> None:
+    """Only the tenant whose values name unknown key ids is stopped."""
+    backup = operator.keyring_rows()
+    assert operator.run("keys", "rotate", "t-acme", "--activate-now").exit_code == 0
+    assert operator.run("reencrypt").exit_code == 0
+    operator.restore_keyring(backup)
+
+    both = operator.run("keys", "rotate", "t-acme", "t-globex")
+    other = operator.run("keys", "rotate", "t-globex")
+
+    assert both.exit_code == UNKNOWN_KEYS, both.output
+    assert "(tenant 't-acme': persons.email: 5 value(s)" in both.stderr
+    assert "tenant 't-globex':" not in both.stderr
+    assert other.exit_code == 0, other.output
+    assert "tenant 't-globex': randomized key version 2 is pending" in other.output
+
+
+def test_rotate_stops_on_rows_without_tenant(operator: Operator) -> None:
+    """A value in a table without a tenant column may be any tenant's."""
+    foreign_key = InMemoryKeyring().active_key("t-acme", KeyPurpose.RANDOMIZED)
+    note_type = Note.__table__.c.blob.info["encrypted_type"]
+    with operator.engine.begin() as conn:
+        conn.execute(
+            sa.insert(Note.__table__), [{"id": 1, "blob": note_type.seal("x", key=foreign_key)}]
+        )
+
+    result = operator.run("keys", "rotate", "t-globex")
+
+    assert result.exit_code == UNKNOWN_KEYS, result.output
+    assert (
+        "(rows that name no tenant, so of any tenant: notes.blob: 1 value(s) under key id "
+        f"{foreign_key.key_id})" in result.stderr
+    )
+
+
+def test_rotate_without_models_notes_unchecked(restored: Operator) -> None:
+    result = restored.run("keys", "rotate", "t-acme", SQLALCHEMY_ENCRYPTED_MODELS="")
+
+    assert result.exit_code == 0, result.output
+    assert "were not checked for key ids missing from the keyring table" in result.stderr
+    assert "no --models was given" in result.stderr
 
 
 def test_matching_keyring_clears_unknown_keys(operator: Operator) -> None:

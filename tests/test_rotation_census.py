@@ -148,6 +148,41 @@ def test_census_reports_unknown_key(schema: sa.Engine, keyring: InMemoryKeyring)
     assert not any(e.stale for e in result)
 
 
+def test_census_unknown_keys_by_row_tenant(schema: sa.Engine, keyring: InMemoryKeyring) -> None:
+    """A key id missing from the keyring names no tenant, so the row's tenant
+    column does. A table without one gives None."""
+    foreign = InMemoryKeyring()
+    iban = Encrypted(sa.String(34), context="invoices.iban", keyring=foreign)
+    blob = Encrypted(sa.String(), context="notes.blob", keyring=foreign)
+    fill_persons(schema, 2)
+    with schema.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO invoices (id, tenant_id, iban) VALUES (:id, :tenant, :v)"),
+            [
+                {"id": 1, "tenant": "t-acme", "v": iban.seal("DE00", tenant_id="t-acme")},
+                {"id": 2, "tenant": "t-acme", "v": iban.seal("DE11", tenant_id="t-acme")},
+                {"id": 3, "tenant": "t-globex", "v": iban.seal("DE22", tenant_id="t-acme")},
+            ],
+        )
+        conn.execute(
+            sa.text("INSERT INTO notes (id, blob) VALUES (1, :v)"),
+            {"v": blob.seal("note", tenant_id="t-globex")},
+        )
+    acme_key = foreign.active_key("t-acme", KeyPurpose.RANDOMIZED).key_id
+    globex_key = foreign.active_key("t-globex", KeyPurpose.RANDOMIZED).key_id
+
+    result = census(schema, Base)
+
+    assert result.unknown_keys_by_tenant() == {
+        "t-acme": {"invoices.iban": {acme_key: 2}},
+        "t-globex": {"invoices.iban": {acme_key: 1}},
+        None: {"notes.blob": {globex_key: 1}},
+    }
+    assert census(schema, Base, tenants=["t-globex"]).unknown_keys_by_tenant() == {
+        "t-globex": {"invoices.iban": {acme_key: 1}}
+    }
+
+
 def test_census_of_one_tenant(schema: sa.Engine, keyring: InMemoryKeyring) -> None:
     fill_persons(schema, 6)
 

@@ -93,6 +93,11 @@ class ColumnCensus:
     not_encrypted: int = 0
     tenant_mismatches: int = 0
     row_tenants: set[str] = field(default_factory=set)
+    # Values under key ids that no keyring row has, per (row tenant, key id).
+    # The row tenant is None in a table without a tenant column, or for a NULL one.
+    unknown_key_rows: dict[tuple[str | None, uuid.UUID], int] = field(
+        default_factory=dict, repr=False
+    )
     # Stored header -> (tenant, key version, stale) for every header found.
     headers: dict[HeaderPrefix, CensusEntry] = field(default_factory=dict, repr=False)
 
@@ -211,6 +216,21 @@ class Census:
                 if entry.key_state == KeyStateName.UNKNOWN:
                     counts[column.label] = counts.get(column.label, 0) + entry.count
         return counts
+
+    def unknown_keys_by_tenant(self) -> dict[str | None, dict[str, dict[uuid.UUID, int]]]:
+        """Return ``{row tenant: {table.column: {key id: count}}}`` of the values
+        whose key id no keyring row has.
+
+        Such a key names no tenant, so the row's tenant column does. The
+        tenant is None for the values of a table without a tenant column, and
+        of rows whose tenant column is NULL: any tenant may own them.
+        """
+        found: dict[str | None, dict[str, dict[uuid.UUID, int]]] = {}
+        for column in self.columns:
+            for (tenant, key_id), count in column.unknown_key_rows.items():
+                keys = found.setdefault(tenant, {}).setdefault(column.label, {})
+                keys[key_id] = keys.get(key_id, 0) + count
+        return found
 
     def to_dict(self) -> dict[str, Any]:
         return {"columns": [column.to_dict() for column in self.columns]}
@@ -338,6 +358,9 @@ def census_column(
         if tenant_name is not None and record.tenant_id is not None:
             if row.row_tenant != record.tenant_id:
                 result.tenant_mismatches += count
+        if record.state == KeyStateName.UNKNOWN:
+            unknown = (row_tenant, header.key_id)
+            result.unknown_key_rows[unknown] = result.unknown_key_rows.get(unknown, 0) + count
         slot = (header.key_id, header.key_version)
         counts[slot] = counts.get(slot, 0) + count
         stored = bytes(row.prefix) if not is_base64 else row.prefix
