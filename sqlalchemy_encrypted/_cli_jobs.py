@@ -104,6 +104,15 @@ def print_job_slots(slots: Sequence[JobSlot]) -> None:
         "UPDATED (UTC)",
     )
     click.echo(render_table(headers, rows))
+    for slot in slots:
+        # A failed slot's error, or the note that an earlier run failed. Only
+        # the first line, because a database error continues with its SQL.
+        lines = (slot.checkpoint.error or "").strip().splitlines()
+        if lines:
+            click.echo(
+                f"job {slot.checkpoint.job_name!r}, table {slot.checkpoint.table_name}, "
+                f"slot {slot.checkpoint.slot}: {lines[0]}"
+            )
     interrupted = sorted({slot.checkpoint.job_name for slot in slots if slot.status == INTERRUPTED})
     for job in interrupted:
         click.echo(

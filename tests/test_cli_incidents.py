@@ -405,6 +405,76 @@ def test_interrupted_job_resumes(operator: Operator) -> None:
     assert _job(operator.json("status"), "drill")["status"] == "succeeded"
 
 
+def _corrupt_name(engine: sa.Engine, row_id: int) -> dict[str, Any]:
+    """Flip the last byte of one row's stored name, and return the row as it was."""
+    (row,) = [row for row in _persons(engine) if row["id"] == row_id]
+    corrupt = bytearray(row["name"])
+    corrupt[-1] ^= 0x01
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(STORED_PERSONS)
+            .where(STORED_PERSONS.c.id == row_id)
+            .values(name=bytes(corrupt))
+        )
+    return row
+
+
+def _restore_name(engine: sa.Engine, row: dict[str, Any]) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(STORED_PERSONS)
+            .where(STORED_PERSONS.c.id == row["id"])
+            .values(name=row["name"])
+        )
+
+
+def test_status_shows_earlier_failed_run(operator: Operator) -> None:
+    assert operator.run("keys", "rotate", "--all-tenants", "--activate-now").exit_code == 0
+    row = _corrupt_name(operator.engine, 3)
+    failed = operator.run("reencrypt")
+    failed_slot = _job(operator.json("status"), "default")
+    _restore_name(operator.engine, row)
+
+    resumed = operator.run("reencrypt")
+
+    slot = _job(operator.json("status"), "default")
+    text = operator.run("status").output
+    assert failed.exit_code == 6, failed.output
+    assert failed_slot["rows_failed"] == 1
+    assert resumed.exit_code == 0, resumed.output
+    assert slot["status"] == "succeeded"
+    assert slot["rows_failed"] == 0
+    assert slot["error"].startswith("an earlier run failed: ")
+    assert slot["error"].endswith("(1 row(s) failed)")
+    (line,) = [line for line in text.splitlines() if line.startswith("default ")]
+    assert line.split()[3:6] == ["succeeded", "20", "0"]
+    assert "job 'default', table persons, slot 0: an earlier run failed: " in text
+
+
+def test_killed_job_with_failed_row_resumes(operator: Operator) -> None:
+    """A killed run whose first batch failed a row: the resumed run retries it
+    and counts only its own failures."""
+    assert operator.run("keys", "rotate", "--all-tenants", "--activate-now").exit_code == 0
+    row = _corrupt_name(operator.engine, 1)
+    process = _start_paused_job(operator, "drill")
+    try:
+        live = _job(operator.json("status"), "drill")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    _wait_for_lock_release(operator.engine, "drill")
+    _restore_name(operator.engine, row)
+
+    resumed = operator.run("reencrypt", "--job-name", "drill")
+
+    slot = _job(operator.json("status"), "drill")
+    assert live["rows_failed"] == 1
+    assert resumed.exit_code == 0, resumed.output
+    assert slot["status"] == "succeeded"
+    assert slot["rows_failed"] == 0
+    assert slot["error"] == "an earlier run was interrupted after 1 row(s) failed"
+
+
 # -- a crypto-shredded tenant ------------------------------------------------------
 
 

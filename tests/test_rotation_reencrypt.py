@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import decimal
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -28,6 +29,7 @@ from sqlalchemy_encrypted.rotation import (
     census,
     reencrypt,
 )
+from sqlalchemy_encrypted.rotation.checkpoint import Checkpoint
 from sqlalchemy_encrypted.rotation.ratelimit import RateLimiter
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
@@ -258,6 +260,163 @@ def test_resume_from_checkpoint(schema: sa.Engine, keyring: InMemoryKeyring) -> 
     assert checkpoint.status == "succeeded"
     assert checkpoint.cursor is None
     assert checkpoint.values_reencrypted == 40
+
+
+def _corrupt_names(engine: sa.Engine, ids: list[int]) -> dict[int, bytes]:
+    """Flip the last byte of each row's stored name, and return the values as they were."""
+    stored = raw_values(engine, "persons", "name")
+    with engine.begin() as conn:
+        for row_id in ids:
+            corrupt = bytearray(stored[row_id])
+            corrupt[-1] ^= 0x01
+            conn.execute(
+                sa.text("UPDATE persons SET name = :v WHERE id = :id"),
+                {"v": bytes(corrupt), "id": row_id},
+            )
+    return {row_id: stored[row_id] for row_id in ids}
+
+
+def _restore_names(engine: sa.Engine, names: dict[int, bytes]) -> None:
+    with engine.begin() as conn:
+        for row_id, stored in names.items():
+            conn.execute(
+                sa.text("UPDATE persons SET name = :v WHERE id = :id"), {"v": stored, "id": row_id}
+            )
+
+
+def _checkpoints(engine: sa.Engine) -> list[Checkpoint]:
+    with engine.connect() as conn:
+        return CheckpointStore().list(conn)
+
+
+def test_checkpoint_counts_failed_row_once(schema: sa.Engine, keyring: InMemoryKeyring) -> None:
+    """The second pass tries the failed rows again without counting them twice."""
+    fill_persons(schema, 12)
+    _corrupt_names(schema, [3, 8])
+    keyring.rotate("t-acme")
+    keyring.rotate("t-globex")
+
+    result = reencrypt(schema, Base, tables=["persons"], batch_size=4)
+
+    (checkpoint,) = _checkpoints(schema)
+    assert result.passes == 2
+    assert result.failures_total == 2
+    assert checkpoint.rows_failed == 2
+
+
+def test_resumed_run_counts_own_failures(schema: sa.Engine, keyring: InMemoryKeyring) -> None:
+    fill_persons(schema, 12)
+    names = _corrupt_names(schema, [3, 8])
+    keyring.rotate("t-acme")
+    keyring.rotate("t-globex")
+    first = reencrypt(schema, Base, tables=["persons"], batch_size=4)
+    _restore_names(schema, {3: names[3]})
+
+    second = reencrypt(schema, Base, tables=["persons"], batch_size=4)
+
+    (checkpoint,) = _checkpoints(schema)
+    assert first.failures_total == 2
+    assert second.failures_total == 1
+    assert checkpoint.status == "failed"
+    assert checkpoint.rows_failed == 1
+
+
+def test_resumed_run_keeps_earlier_failure(schema: sa.Engine, keyring: InMemoryKeyring) -> None:
+    """The checkpoint counts the resumed run's failures and notes the earlier
+    run's, while the run goes on and after it succeeded, until a fresh run."""
+    fill_persons(schema, 12)
+    names = _corrupt_names(schema, [3])
+    keyring.rotate("t-acme")
+    keyring.rotate("t-globex")
+    first = reencrypt(schema, Base, tables=["persons"], batch_size=4)
+    _restore_names(schema, names)
+    running: list[Checkpoint] = []
+
+    second = reencrypt(
+        schema,
+        Base,
+        tables=["persons"],
+        batch_size=4,
+        progress=lambda progress: running.extend(_checkpoints(schema)),
+    )
+
+    (finished,) = _checkpoints(schema)
+    note = (
+        "an earlier run failed: values left under an old key version or failed rows "
+        "(1 row(s) failed)"
+    )
+    assert first.status == "failed"
+    assert second.ok
+    assert running[0].status == "running"
+    assert running[0].rows_failed == 0
+    assert running[0].error == note
+    assert finished.status == "succeeded"
+    assert finished.rows_failed == 0
+    assert finished.error == note
+    assert finished.values_reencrypted == 24
+    keyring.rotate("t-acme")
+    assert reencrypt(schema, Base, tables=["persons"]).ok
+    (fresh,) = _checkpoints(schema)
+    assert fresh.error is None
+
+
+def test_resumed_failure_after_crash(schema: sa.Engine, keyring: InMemoryKeyring) -> None:
+    """A run stopped by an error, with rows failed before it, is noted with both."""
+    fill_persons(schema, 12)
+    names = _corrupt_names(schema, [2])
+
+    def crash_after_first_batch(progress: ReencryptionProgress) -> None:
+        raise _Crash("stopped")
+
+    keyring.rotate("t-acme")
+    keyring.rotate("t-globex")
+    with pytest.raises(_Crash):
+        reencrypt(schema, Base, tables=["persons"], batch_size=4, progress=crash_after_first_batch)
+    _restore_names(schema, names)
+
+    result = reencrypt(schema, Base, tables=["persons"], batch_size=4)
+
+    (checkpoint,) = _checkpoints(schema)
+    assert result.ok
+    assert checkpoint.rows_failed == 0
+    assert checkpoint.error == "an earlier run failed: _Crash: stopped (1 row(s) failed)"
+
+
+def test_resume_with_fewer_workers_resets_failures(
+    pg_engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    """A slot that the resumed run does not use keeps no failure count of the
+    earlier run, only its note."""
+    Base.metadata.create_all(pg_engine)
+    fill_persons(pg_engine, 40)
+    names = _corrupt_names(pg_engine, [5, 15, 25, 35])
+    keyring.rotate("t-acme")
+    keyring.rotate("t-globex")
+
+    def pause(progress: ReencryptionProgress) -> None:
+        # Slow batches, so that both workers take part.
+        time.sleep(0.02)
+
+    first = ReencryptionJob(
+        pg_engine, Base, tables=["persons"], workers=2, batch_size=4, progress=pause
+    ).run()
+    after_first = _checkpoints(pg_engine)
+    _restore_names(pg_engine, names)
+
+    second = reencrypt(pg_engine, Base, tables=["persons"], batch_size=4)
+
+    after_second = _checkpoints(pg_engine)
+    assert first.failures_total == 4
+    assert [checkpoint.slot for checkpoint in after_first] == [0, 1]
+    assert sum(checkpoint.rows_failed for checkpoint in after_first) == 4
+    assert second.ok
+    assert [(c.slot, c.status, c.rows_failed) for c in after_second] == [
+        (0, "succeeded", 0),
+        (1, "succeeded", 0),
+    ]
+    for checkpoint in after_second:
+        assert checkpoint.error is not None
+        assert checkpoint.error.startswith("an earlier run failed: "), checkpoint.error
 
 
 def test_second_run_starts_afresh(schema: sa.Engine, keyring: InMemoryKeyring) -> None:

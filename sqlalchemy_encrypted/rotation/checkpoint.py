@@ -5,6 +5,11 @@ last row the worker committed, its counters and its status. A worker writes its
 row in the same transaction as the batch it describes, so after a crash the
 checkpoint never claims work that was rolled back.
 
+A run that resumes a slot keeps the values re-encrypted, rows scanned and
+rows skipped of the earlier run, because that work stays done. It counts
+failed rows afresh, because it tries them again, and keeps in ``error`` a
+note that the earlier run failed (see :func:`earlier_run_note`).
+
 The checkpoint only saves rescanning: which values still need work is always
 decided from the stored headers, and the job ends with a census, so a lost
 or stale checkpoint costs time, never correctness.
@@ -19,7 +24,7 @@ import os
 import socket
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +40,7 @@ __all__ = [
     "CheckpointStore",
     "SlotLease",
     "checkpoint_table",
+    "earlier_run_note",
     "held_slot_locks",
     "owner_is_running",
 ]
@@ -132,6 +138,40 @@ class Checkpoint:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _saved_before(checkpoint: Checkpoint, moment: dt.datetime) -> bool:
+    """Return True when the checkpoint was last saved before ``moment``.
+
+    SQLite and MariaDB return the stored UTC time without a time zone.
+    NOTE: MariaDB's DATETIME keeps whole seconds, so there a slot saved
+    shortly after ``moment``, within the same second, counts as saved
+    before it. So does a slot saved by a host whose clock runs behind.
+    """
+    saved = checkpoint.updated_at
+    if saved.tzinfo is None:
+        saved = saved.replace(tzinfo=dt.UTC)
+    return saved < moment
+
+
+def earlier_run_note(checkpoint: Checkpoint) -> str | None:
+    """Return the ``error`` that a slot keeps when a new run takes it over.
+
+    The note names the earlier run's failure, or its interruption after
+    rows failed, with its count of failed rows. Otherwise the slot keeps the
+    note it had, so a failure stays visible over several resumptions.
+    """
+    failed = checkpoint.rows_failed
+    if checkpoint.status == CheckpointStatus.FAILED:
+        note = "an earlier run failed"
+        if checkpoint.error:
+            note += f": {checkpoint.error}"
+        if failed:
+            note += f" ({failed} row(s) failed)"
+        return note[:2000]
+    if failed:
+        return f"an earlier run was interrupted after {failed} row(s) failed"
+    return checkpoint.error
 
 
 def owner_name() -> str:
@@ -288,19 +328,31 @@ class CheckpointStore:
         return [self._from_row(row) for row in conn.execute(query)]
 
     def start(
-        self, conn: Connection, job_name: str, table_name: str, slot: int, columns: str
+        self,
+        conn: Connection,
+        job_name: str,
+        table_name: str,
+        slot: int,
+        columns: str,
+        *,
+        new_run: bool = True,
     ) -> Checkpoint:
         """Take over the slot's checkpoint, or create it.
 
-        A checkpoint left running or failed by an earlier process is resumed
-        from its cursor; a succeeded one starts a new run.
+        A checkpoint left running, idle or failed is resumed from its
+        cursor, and a succeeded one starts afresh. ``new_run`` is True when the
+        caller's run has not used the slot before: the failed rows of the
+        earlier run then turn into the note of :func:`earlier_run_note`, and
+        the count starts at 0. A later pass of the same run keeps counting.
         """
         now = _now()
         existing = self.load(conn, job_name, table_name, slot)
         if existing is not None and existing.status != CheckpointStatus.SUCCEEDED:
+            if new_run:
+                existing.error = earlier_run_note(existing)
+                existing.rows_failed = 0
             existing.status = CheckpointStatus.RUNNING
             existing.owner = owner_name()
-            existing.error = None
             existing.columns = columns
             existing.finished_at = None
             self.save(conn, existing)
@@ -362,15 +414,45 @@ class CheckpointStore:
         )
 
     def finish_all(
-        self, conn: Connection, job_name: str, table_name: str, status: str, error: str | None
+        self,
+        conn: Connection,
+        job_name: str,
+        table_name: str,
+        status: str,
+        error: str | None,
+        *,
+        run_slots: Collection[int] | None = None,
+        run_started: dt.datetime | None = None,
     ) -> None:
-        """Mark every slot of the job's table finished, ready for a new run."""
+        """Mark every slot of the job's table finished, ready for a new run.
+
+        ``run_slots`` are the slots the finishing run used, and ``run_started``
+        is when it began. Another slot that is failed, or was last saved before
+        then, belongs to an earlier run, for example one with more workers,
+        or to a worker of another process that failed. Its failed rows turn
+        into the note of :func:`earlier_run_note`, as when a run resumes a
+        slot. ``error`` is stored when ``status`` is failed; otherwise each
+        slot keeps its note.
+        """
         now = _now()
-        conn.execute(
-            sa.update(self.table)
-            .where(self.table.c.job_name == job_name, self.table.c.table_name == table_name)
-            .values(status=status, error=error, cursor=None, finished_at=now, updated_at=now)
-        )
+        for checkpoint in self.list(conn, job_name, table_name):
+            if (
+                run_slots is not None
+                and checkpoint.slot not in run_slots
+                and (
+                    checkpoint.status == CheckpointStatus.FAILED
+                    or run_started is None
+                    or _saved_before(checkpoint, run_started)
+                )
+            ):
+                checkpoint.error = earlier_run_note(checkpoint)
+                checkpoint.rows_failed = 0
+            if status == CheckpointStatus.FAILED:
+                checkpoint.error = error
+            checkpoint.status = status
+            checkpoint.cursor = None
+            checkpoint.finished_at = now
+            self.save(conn, checkpoint)
 
 
 # -- slot leases ---------------------------------------------------------------

@@ -11,6 +11,7 @@ ran, or rows another worker held, are picked up by a further pass, up to
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
 import logging
 import threading
 import time
@@ -227,7 +228,12 @@ class ReencryptionJob:
         self._stop = threading.Event()
         self._totals = WorkerStats()
         self._failures: dict[tuple[str, str, tuple[Any, ...]], RowFailure] = {}
+        # Per table, the primary keys of the rows that failed in this run, and
+        # the worker slots this run used.
+        self._failed_rows: dict[str, set[tuple[Any, ...]]] = {}
+        self._run_slots: dict[str, set[int]] = {}
         self._started = 0.0
+        self._run_started = dt.datetime.now(dt.UTC)
         self._planned_total = 0
 
     # -- public -----------------------------------------------------------------
@@ -256,6 +262,7 @@ class ReencryptionJob:
     def run(self) -> ReencryptionResult:
         """Run the job to the end and return what it did."""
         self._started = time.monotonic()
+        self._run_started = dt.datetime.now(dt.UTC)
         selected = self.selected_columns()
         before = census(self.bind, selected, tenants=self.tenants)
         planned = before.stale(self.tenants, self.versions)
@@ -385,6 +392,7 @@ class ReencryptionJob:
                 rate_limiter=self.rate_limiter,
                 stop=self._stop,
                 on_batch=on_batch,
+                count_new_failures=self._count_new_failures,
             )
             return worker.run(), False
 
@@ -410,9 +418,18 @@ class ReencryptionJob:
         checkpoint = None
         cursor = None
         if store is not None:
+            with self._lock:
+                used = self._run_slots.setdefault(label, set())
+                new_run = slot not in used
+                used.add(slot)
             with conn.begin():
                 checkpoint = store.start(
-                    conn, self.job_name, label, slot, ",".join(c.name for c in group)
+                    conn,
+                    self.job_name,
+                    label,
+                    slot,
+                    ",".join(c.name for c in group),
+                    new_run=new_run,
                 )
             if pass_number == 1:
                 cursor = checkpoint.cursor
@@ -438,6 +455,7 @@ class ReencryptionJob:
             rate_limiter=self.rate_limiter,
             stop=self._stop,
             on_batch=on_batch,
+            count_new_failures=self._count_new_failures,
         )
         try:
             stats = worker.run()
@@ -469,6 +487,22 @@ class ReencryptionJob:
                 store.save(conn, checkpoint)
         except Exception:  # the database may be what failed
             logger.warning("could not record the failure in the re-encryption checkpoint")
+
+    def _count_new_failures(self, table: str, primary_keys: set[tuple[Any, ...]]) -> int:
+        """Record rows of ``table`` that failed, and return how many of them
+        had not failed before in this run.
+
+        A later pass tries a failed row again, maybe in another worker slot,
+        so the checkpoints count each failed row once per run.
+        NOTE: each process keeps its own record, so when processes on
+        several machines share a job, a row that fails in each is counted
+        by each.
+        """
+        with self._lock:
+            failed = self._failed_rows.setdefault(table, set())
+            new = primary_keys - failed
+            failed |= new
+        return len(new)
 
     def _record(self, label: str, pass_number: int, report: BatchReport) -> None:
         with self._lock:
@@ -525,7 +559,15 @@ class ReencryptionJob:
             status = CheckpointStatus.SUCCEEDED if clean else CheckpointStatus.FAILED
             error = None if clean else "values left under an old key version or failed rows"
             with self.bind.begin() as conn:
-                self.store.finish_all(conn, self.job_name, label, status, error)
+                self.store.finish_all(
+                    conn,
+                    self.job_name,
+                    label,
+                    status,
+                    error,
+                    run_slots=self._run_slots.get(label, set()),
+                    run_started=self._run_started,
+                )
 
     def _log_result(self, result: ReencryptionResult) -> None:
         message = (

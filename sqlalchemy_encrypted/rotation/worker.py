@@ -80,6 +80,7 @@ class WorkerStats:
     rows_scanned: int = 0
     values_reencrypted: int = 0
     rows_skipped: int = 0
+    # Rows that failed. With count_new_failures, only those new to the run.
     rows_failed: int = 0
     batches: int = 0
 
@@ -125,6 +126,7 @@ class TableWorker:
         rate_limiter: RateLimiter | None = None,
         stop: threading.Event | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
+        count_new_failures: Callable[[str, set[tuple[Any, ...]]], int] | None = None,
     ) -> None:
         self.conn = conn
         self.columns = [c for c in columns if stale_headers.get(c.name)]
@@ -140,6 +142,8 @@ class TableWorker:
         self.rate_limiter = rate_limiter
         self.stop = stop or threading.Event()
         self.on_batch = on_batch
+        # Returns how many of a batch's failed rows are new to the job's run.
+        self.count_new_failures = count_new_failures
         self.stats = WorkerStats()
         self.failures: list[RowFailure] = []
         self._dialect = conn.dialect.name
@@ -254,7 +258,13 @@ class TableWorker:
         rows, values = written
         batch.values_reencrypted = values
         batch.rows_skipped = len(updates) - rows
-        batch.rows_failed = len({failure.primary_key for failure in failures})
+        batch.rows_failed = self._failed_row_count(failures)
+
+    def _failed_row_count(self, failures: list[RowFailure]) -> int:
+        primary_keys = {failure.primary_key for failure in failures}
+        if self.count_new_failures is None:
+            return len(primary_keys)
+        return self.count_new_failures(self.label, primary_keys)
 
     def _save_checkpoint(self, conn: Connection, batch: WorkerStats) -> None:
         if self.checkpoint_store is None or self.checkpoint is None:
@@ -507,7 +517,7 @@ class TableWorker:
         batch.values_reencrypted = sum(
             len(update.values) for update in updates if update.primary_key in written
         )
-        batch.rows_failed = len({failure.primary_key for failure in failures})
+        batch.rows_failed = self._failed_row_count(failures)
         batch.rows_skipped = len(updates) - len(written) - len(rejected)
         with self._transaction() as conn:
             self._save_checkpoint(conn, batch)
