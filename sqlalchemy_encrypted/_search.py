@@ -109,7 +109,11 @@ class TokenSearch(BinaryExpression[bool]):
         cls, left: ColumnElement[Any], right: ColumnElement[Any], operator: Any, negate: Any
     ) -> TokenSearch:
         """Return ``left operator right`` with its negation ``negate``."""
-        return cls(BinaryExpression(left, right, operator, type_=BOOLEANTYPE, negate=negate))
+        # Initialized in place: building a BinaryExpression first and copying
+        # it costs a second construction for every comparison.
+        search = cls.__new__(cls)
+        BinaryExpression.__init__(search, left, right, operator, type_=BOOLEANTYPE, negate=negate)
+        return search
 
     def _negate(self) -> Any:
         # The stock negation returns a plain BinaryExpression, which the ORM
