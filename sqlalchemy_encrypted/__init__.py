@@ -61,7 +61,7 @@ from .keys import (
 )
 from .row_tenant import TENANT_COLUMN_INFO_KEY
 from .schema_check import UndersizedColumn, find_undersized_columns
-from .tenancy import current_tenant, set_default_tenant, tenant_scope
+from .tenancy import copy_current_tenant_scope, current_tenant, set_default_tenant, tenant_scope
 from .types import DeterministicEncrypted, Encrypted, EncryptedType, type_for_header
 
 __version__ = "0.1.0"
@@ -115,6 +115,7 @@ __all__ = [
     "UnknownKeysError",
     "UnsupportedOperationError",
     "ValueTypeError",
+    "copy_current_tenant_scope",
     "current_tenant",
     "find_undersized_columns",
     "get_default_key_provider",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import inspect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar
 
 from .errors import TenantContextError
 
@@ -13,6 +16,7 @@ logger = logging.getLogger("sqlalchemy_encrypted")
 
 __all__ = [
     "TenantBound",
+    "copy_current_tenant_scope",
     "current_tenant",
     "get_default_tenant",
     "scoped_tenant",
@@ -43,8 +47,13 @@ def _validate(tenant_id: object) -> str:
 def tenant_scope(tenant_id: str) -> Iterator[str]:
     """Set the tenant for writes and deterministic lookups inside the block.
 
-    The scope is a context variable, so it follows threads and asyncio tasks
-    the way ``contextvars`` does, and scopes nest. A generator shares the
+    The scope is a context variable, and scopes nest. An asyncio task
+    created inside the block and ``asyncio.to_thread()`` copy the context,
+    so they run in the scope. A new thread, a ``ThreadPoolExecutor`` worker
+    and ``loop.run_in_executor()`` do not, so wrap the function they run
+    with :func:`copy_current_tenant_scope`.
+
+    A generator shares the
     context of the code that iterates it, so a generator that yields inside
     ``tenant_scope()`` hands its scope to that code. When a scope ends while
     a scope opened inside it is still open, it raises
@@ -64,6 +73,47 @@ def tenant_scope(tenant_id: str) -> Iterator[str]:
         _close_scope(scope, strict=False)
         raise
     _close_scope(scope, strict=True)
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def copy_current_tenant_scope(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Wrap ``func`` to run inside the tenant scope that is active now.
+
+    A function that an executor runs in another thread starts without the
+    caller's :func:`tenant_scope`, so its writes raise
+    :class:`TenantContextError` and its reads of other tenants' values do
+    not raise :class:`TenantMismatchError`. The wrapper opens
+    ``tenant_scope()`` of the same tenant around each call, in whatever
+    thread runs it::
+
+        with tenant_scope("acme"):
+            future = executor.submit(copy_current_tenant_scope(load_report), report_id)
+
+    Raises :class:`TenantContextError` when no scope is active, and
+    ``TypeError`` for a coroutine function, whose body would run after the
+    wrapper's scope has closed (asyncio tasks copy the scope already).
+    """
+    if inspect.iscoroutinefunction(func):
+        raise TypeError(
+            f"copy_current_tenant_scope() cannot wrap coroutine function {func.__qualname__}: "
+            "an asyncio task created inside tenant_scope() already runs in that scope"
+        )
+    tenant = _scope.get()
+    if tenant is None:
+        raise TenantContextError(
+            f"copy_current_tenant_scope({func.__qualname__}) was called outside any "
+            "tenant_scope(): call it inside the scope whose tenant the function should run in"
+        )
+
+    @functools.wraps(func)
+    def run_in_scope(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with tenant_scope(tenant):
+            return func(*args, **kwargs)
+
+    return run_in_scope
 
 
 class _OpenScope:

@@ -35,7 +35,7 @@ def test_getting_started_runs(pg_engine: sa.Engine, tmp_path: Path) -> None:
     source = "\n".join(blocks)
     source = source.replace(PAGE_URL, _url_with_schema(pg_engine))
     source = source.replace(PAGE_KEY_FILE, str(tmp_path / "master.key"))
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     assert PAGE_URL not in source
     assert PAGE_KEY_FILE not in source
 
@@ -51,6 +51,7 @@ def test_getting_started_runs(pg_engine: sa.Engine, tmp_path: Path) -> None:
             asyncio.run(namespace["async_engine"].dispose())
 
     assert namespace["customer"].name == "Mara Quint"
+    assert namespace["future"].result() == "Mara Quint"
     with pg_engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT tenant_id, name FROM customers")).all()
     assert [row.tenant_id for row in rows] == ["acme", "acme"]

@@ -8,11 +8,22 @@ import contextvars
 import logging
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
-from sqlalchemy_encrypted import TenantContextError, tenant_scope
+from sqlalchemy_encrypted import (
+    TenantContextError,
+    TenantMismatchError,
+    copy_current_tenant_scope,
+    tenant_scope,
+)
 from sqlalchemy_encrypted.tenancy import scoped_tenant
+from sqlalchemy_encrypted.testing import InMemoryKeyring
+
+from .rotation_support import Base, Person
 
 
 def _yield_in_scope(tenant: str) -> Iterator[str | None]:
@@ -138,6 +149,85 @@ def test_scope_closed_by_other_task(caplog: pytest.LogCaptureFixture) -> None:
 
 async def _close_later(stack: contextlib.ExitStack) -> None:
     stack.close()
+
+
+def test_executor_worker_starts_without_scope() -> None:
+    with tenant_scope("a"), ThreadPoolExecutor(1) as executor:
+        plain = executor.submit(scoped_tenant).result()
+        wrapped = executor.submit(copy_current_tenant_scope(scoped_tenant)).result()
+        copied = executor.submit(contextvars.copy_context().run, scoped_tenant).result()
+
+    assert plain is None
+    assert wrapped == "a"
+    assert copied == "a"
+
+
+def test_asyncio_scope_in_tasks_not_executor() -> None:
+    async def main() -> tuple[str | None, str | None, str | None]:
+        async def in_task() -> str | None:
+            return scoped_tenant()
+
+        with tenant_scope("a"):
+            task = await asyncio.create_task(in_task())
+            to_thread = await asyncio.to_thread(scoped_tenant)
+            executor = await asyncio.get_running_loop().run_in_executor(None, scoped_tenant)
+        return task, to_thread, executor
+
+    task, to_thread, executor = asyncio.run(main())
+
+    assert task == "a"
+    assert to_thread == "a"
+    assert executor is None
+
+
+def test_copied_scope_closes_after_each_call() -> None:
+    with tenant_scope("a"):
+        wrapped = copy_current_tenant_scope(scoped_tenant)
+    with tenant_scope("b"), ThreadPoolExecutor(1) as executor:
+        in_worker = executor.submit(wrapped).result()
+        after_call = executor.submit(scoped_tenant).result()
+        in_caller = wrapped()
+        assert scoped_tenant() == "b"
+
+    # The wrapper keeps the tenant of the scope it was created in.
+    assert in_worker == "a"
+    assert after_call is None
+    assert in_caller == "a"
+    assert wrapped.__name__ == "scoped_tenant"
+
+
+def test_copy_scope_outside_scope_raises() -> None:
+    with pytest.raises(TenantContextError, match=r"outside any tenant_scope\(\)"):
+        copy_current_tenant_scope(scoped_tenant)
+
+
+def test_copy_scope_rejects_coroutine_function() -> None:
+    async def read() -> str | None:
+        return scoped_tenant()
+
+    with tenant_scope("a"), pytest.raises(TypeError, match="asyncio task"):
+        copy_current_tenant_scope(read)
+
+
+def test_worker_read_checked_only_with_copied_scope(
+    engine: sa.Engine, keyring: InMemoryKeyring
+) -> None:
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add(Person(id=1, tenant_id="t-acme", name="Mara Quint"))
+        session.commit()
+
+    def read_name() -> str | None:
+        with Session(engine) as session:
+            person = session.get(Person, 1)
+            assert person is not None
+            return person.name
+
+    with tenant_scope("t-globex"), ThreadPoolExecutor(1) as executor:
+        # Without the scope the worker reads another tenant's row unchecked.
+        assert executor.submit(read_name).result() == "Mara Quint"
+        with pytest.raises(TenantMismatchError):
+            executor.submit(copy_current_tenant_scope(read_name)).result()
 
 
 def _close_leftover_scope() -> None:
