@@ -38,7 +38,7 @@ from sqlalchemy_encrypted.errors import (
     MixedValuesError,
     TenantContextError,
 )
-from sqlalchemy_encrypted.tenancy import current_tenant
+from sqlalchemy_encrypted.tenancy import get_default_tenant, scoped_tenant
 
 from .ddl import TableInfo, database_message
 from .directions import RowState, SourceValue, Strategy
@@ -142,7 +142,15 @@ class ColumnConversion:
             return None
         if target.tenant_id is not None:
             return target.tenant_id
-        return current_tenant(target.label)
+        tenant = scoped_tenant() or get_default_tenant()
+        if tenant is None:
+            raise TenantContextError(
+                f"no tenant is set for encrypted column {target.label}: pass tenant_id= to "
+                "the operation for the one tenant of a single-tenant table, or tenant_column= "
+                "naming the column that contains each row's tenant. set_default_tenant() in "
+                "env.py, or an enclosing tenant_scope(tenant_id), also sets the tenant"
+            )
+        return tenant
 
     # -- reading ------------------------------------------------------------
 

@@ -1197,11 +1197,17 @@ class DeterministicEncrypted(EncryptedType[_T]):
         identity = self.column_identity
         inner_name = type(self.inner).__name__
         if self._codec.max_encoded_length() is None:
+            # Bounded even when not indexed: MySQL and MariaDB can index an
+            # unbounded (LONGBLOB) column only by a prefix, so no unique
+            # constraint or full-value index could be added to it later.
             raise ConfigurationError(
-                f"deterministic encrypted column {identity}: DeterministicEncrypted("
-                f"{inner_name}) has no length limit, but an indexed deterministic column "
-                "needs a bounded width; declare the inner type with a length such as "
-                "String(255), or a precision for Numeric"
+                f"deterministic encrypted column {identity}: DeterministicEncrypted needs an "
+                f"inner type with a maximum length, and {inner_name} has none. Every "
+                "deterministic column, indexed or not, gets a bounded stored width so that "
+                "an index or unique constraint on it works on every supported database. "
+                "Declare the inner type with a length, such as String(255), or a precision "
+                f"for Numeric, or use Encrypted({inner_name}) for a column that is never "
+                "searched by equality"
             )
         cardinality = self._codec.cardinality()
         if (

@@ -358,10 +358,17 @@ def test_default_tenant_used_without_tenant_options(
 def test_no_tenant_raises_before_writing(engine: sa.Engine, keyring: InMemoryKeyring) -> None:
     _plain_table(engine)
     with engine.connect() as conn:
-        with pytest.raises(TenantContextError, match="no tenant is set"):
+        with pytest.raises(TenantContextError, match="no tenant is set") as caught:
             _operations(conn).encrypt_column("notes", "body", type_=Encrypted(sa.String(200)))
         conn.rollback()
     assert column_names(engine, "notes") == ["id", "body"]
+
+    message = str(caught.value)
+    assert "notes.body" in message
+    assert "pass tenant_id= to the operation" in message
+    assert "tenant_column=" in message
+    assert "set_default_tenant()" in message
+    assert "tenant_scope(tenant_id)" in message
 
 
 def test_table_without_primary_key(engine: sa.Engine, keyring: InMemoryKeyring) -> None:

@@ -149,8 +149,15 @@ def test_deterministic_unbounded_string_raises_naming_column() -> None:
 
 @pytest.mark.parametrize("inner", [sa.Text(), sa.LargeBinary(), sa.JSON(), sa.Numeric()])
 def test_deterministic_unbounded_types_raise(inner: Any) -> None:
-    with pytest.raises(ConfigurationError, match=r"items\.value"):
+    with pytest.raises(ConfigurationError, match=r"items\.value") as caught:
         sa.Table("items", sa.MetaData(), sa.Column("value", DeterministicEncrypted(inner)))
+
+    message = str(caught.value)
+    name = type(inner).__name__
+    assert f"{name} has none" in message
+    assert "indexed or not" in message
+    assert "an indexed deterministic column" not in message
+    assert f"use Encrypted({name})" in message
 
 
 @pytest.mark.parametrize("storage", ["binary", "base64"])
