@@ -264,8 +264,8 @@ class CliContext:
         if self._kms is None:
             if not self.kms_uri:
                 raise ConfigurationError(
-                    "no KMS: pass --kms (local:///path/master.key or aws-kms://arn:...) or set "
-                    "SQLALCHEMY_ENCRYPTED_KMS"
+                    "no KMS: pass --kms (local:///path/master.key, local-env://VARIABLE or "
+                    "aws-kms://arn:...) or set SQLALCHEMY_ENCRYPTED_KMS"
                 )
             self._kms = kms_from_uri(self.kms_uri)
         return self._kms

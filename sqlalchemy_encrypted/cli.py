@@ -79,43 +79,50 @@ def _configure_logging(ctx: click.Context, verbose: bool, audit_log: str | None)
 @click.option(
     "--url",
     envvar="SQLALCHEMY_ENCRYPTED_URL",
-    help="SQLAlchemy URL of the application's database, which also holds the keyring "
-    "table unless --keyring-url is given [env SQLALCHEMY_ENCRYPTED_URL].",
+    show_envvar=True,
+    help="SQLAlchemy URL of the application's database, which also contains the re-encryption "
+    "checkpoint table and, unless --keyring-url is given, the keyring table.",
 )
 @click.option(
     "--keyring-url",
     envvar="SQLALCHEMY_ENCRYPTED_KEYRING_URL",
+    show_envvar=True,
     help="SQLAlchemy URL of the database holding the keyring table, when it is not the "
-    "--url database [env SQLALCHEMY_ENCRYPTED_KEYRING_URL; default: --url].",
+    "--url database (default: --url).",
 )
 @click.option(
     "--kms",
     "kms_uri",
     envvar="SQLALCHEMY_ENCRYPTED_KMS",
-    help="KMS holding the KEK: local:///path/master.key or aws-kms://arn:... "
-    "[env SQLALCHEMY_ENCRYPTED_KMS].",
+    show_envvar=True,
+    help="KMS URI of the KEK: local:///path/master.key, local-env://VARIABLE (?kek=NAME "
+    "for either) or aws-kms://arn:aws:kms:... (?region=, connect_timeout=, read_timeout=, "
+    "max_attempts=).",
 )
 @click.option(
     "--previous-kms",
     "previous_kms_uris",
     multiple=True,
     envvar="SQLALCHEMY_ENCRYPTED_PREVIOUS_KMS",
-    help="KMS that only unwraps DEKs its KEK wrapped earlier, as the application's "
-    "Keyring(previous_kms=...); repeatable [env SQLALCHEMY_ENCRYPTED_PREVIOUS_KMS, "
-    "space-separated].",
+    show_envvar=True,
+    help="KMS URI of a provider that only unwraps DEKs its KEK wrapped earlier, as the "
+    "application's Keyring(previous_kms=...); repeatable, space-separated in the variable.",
 )
 @click.option(
     "--models",
     multiple=True,
     envvar="SQLALCHEMY_ENCRYPTED_MODELS",
-    help="Import path of the application's declarative base or MetaData, such as "
-    "myapp.models:Base; repeatable [env SQLALCHEMY_ENCRYPTED_MODELS, space-separated].",
+    show_envvar=True,
+    help="Import path of the application's declarative base, MetaData or Table, such as "
+    "myapp.models:Base (without :attribute, the module's Base or metadata); repeatable, "
+    "space-separated in the variable.",
 )
 @click.option(
     "--keyring-table",
     default="encryption_keys",
     show_default=True,
     envvar="SQLALCHEMY_ENCRYPTED_KEYRING_TABLE",
+    show_envvar=True,
     help="Name of the keyring table.",
 )
 @click.option(
@@ -124,24 +131,26 @@ def _configure_logging(ctx: click.Context, verbose: bool, audit_log: str | None)
     default=60.0,
     show_default=True,
     envvar="SQLALCHEMY_ENCRYPTED_ACTIVE_KEY_TTL",
-    help="Seconds a rotated key stays pending; use the application's setting.",
+    show_envvar=True,
+    help="Seconds a rotated key stays pending; use the application's Keyring(active_key_ttl=...).",
 )
 @click.option(
     "--key-usage-limit",
     default=str(DEFAULT_KEY_USAGE_LIMIT),
     show_default=True,
     envvar="SQLALCHEMY_ENCRYPTED_KEY_USAGE_LIMIT",
+    show_envvar=True,
     metavar="N|none",
     help="Values a randomized DEK may seal, as the application's "
-    "Keyring(key_usage_limit=...); 'none' turns counting off "
-    "[env SQLALCHEMY_ENCRYPTED_KEY_USAGE_LIMIT].",
+    "Keyring(key_usage_limit=...); 'none' turns counting off.",
 )
 @click.option(
     "--audit-log",
     type=click.Path(dir_okay=False),
     envvar="SQLALCHEMY_ENCRYPTED_AUDIT_LOG",
-    help="Append audit records (key lifecycle events, decrypted values; ids only) to this "
-    "file [env SQLALCHEMY_ENCRYPTED_AUDIT_LOG].",
+    show_envvar=True,
+    help="Append audit records (key lifecycle events, KMS failures, decrypted values; ids "
+    "only) to this file.",
 )
 @click.option("--verbose", "-v", is_flag=True, help="Log progress and print tracebacks.")
 @click.pass_context

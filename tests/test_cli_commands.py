@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
@@ -477,6 +479,44 @@ def test_help_lists_exit_codes() -> None:
     assert "5  key version still in use" in result.output
     for command in ("init", "keys", "status", "reencrypt", "inspect"):
         assert command in result.output
+
+
+def _options_with_envvar(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[Any]:
+    """Yield (command path, option) for every option of ``command`` and its
+    subcommands that reads an environment variable."""
+    for param in command.params:
+        if isinstance(param, click.Option) and param.envvar:
+            yield path, param
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _options_with_envvar(sub, (*path, name))
+
+
+def test_help_names_every_envvar() -> None:
+    options = list(_options_with_envvar(cli))
+    assert len(options) == 9
+
+    for path, option in options:
+        output = CliRunner().invoke(cli, [*path, "--help"]).output
+        flat = " ".join(output.split())
+        assert f"env var: {option.envvar}" in flat, option.opts
+
+
+def test_cli_docs_list_same_envvars() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    documented = dict(
+        re.findall(r"^\| `(--[a-z-]+)[^`]*` \| `(SQLALCHEMY_ENCRYPTED_\w+)` \|", page, re.M)
+    )
+    in_code = {option.opts[0]: option.envvar for _, option in _options_with_envvar(cli)}
+
+    assert documented == in_code
+
+
+def test_kms_help_names_every_scheme() -> None:
+    output = " ".join(CliRunner().invoke(cli, ["--help"]).output.split())
+
+    for scheme in ("local:///", "local-env://", "aws-kms://"):
+        assert scheme in output
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-3", str(2**63)])
