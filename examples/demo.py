@@ -18,7 +18,7 @@ import tempfile
 import textwrap
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -291,12 +291,27 @@ def look_up(engine: sa.Engine) -> str:
     assert email is not None
     query = sa.select(Patient).where(Patient.email == email)
     print(f"  with tenant_scope({ROTATED!r}):  select(Patient).where(Patient.email == {email!r})")
-    print(f"  SQL: {str(query.compile()).splitlines()[-1].strip()}")
+    show_lookup_sql(query)
     with tenant_scope(ROTATED), Session(engine) as session:
         patient = session.scalars(query).one()
         print(f"  found patient {patient.id}: {patient.name}, born {patient.date_of_birth}")
     print("  The email is sealed under the clinic's deterministic key and compared as bytes.")
     return email
+
+
+def show_lookup_sql(query: sa.Select[Any]) -> None:
+    """Print the WHERE clause of a lookup of the rotated clinic and its parameters.
+
+    The comparison becomes an IN over one search token per decryptable key
+    version, so the tokens exist only inside the tenant's scope.
+    render_postcompile writes one placeholder per token where SQLAlchemy
+    would otherwise print its internal __[POSTCOMPILE_...] marker.
+    """
+    with tenant_scope(ROTATED):
+        compiled = query.compile(compile_kwargs={"render_postcompile": True})
+    print(f"  SQL: {str(compiled).splitlines()[-1].strip()}")
+    for name, value in compiled.params.items():
+        print(f"    {name} = {value!r}")
 
 
 def show_isolation(engine: sa.Engine) -> None:
@@ -318,6 +333,8 @@ def rotate_and_reencrypt(engine: sa.Engine, keyring: Keyring, email: str) -> Non
     for info in keyring.rotate(ROTATED, activate_now=True):
         print(f"  new {info.purpose.value} key: version {info.version}, state {info.state.value}")
     print("  New writes use version 2. Values under version 1 still decrypt.")
+    print("  A lookup by email now matches the value under both versions:")
+    show_lookup_sql(sa.select(Patient).where(Patient.email == email))
     show_census(census(engine, Base.metadata))
 
     section("Re-encrypt the stale values")

@@ -101,6 +101,21 @@ def test_demo_lookup_and_isolation(demo: tuple[Path, dict[str, str]]) -> None:
     assert "TenantMismatchError" in output["Tenant isolation"]
 
 
+def test_demo_lookup_sql_readable(demo: tuple[Path, dict[str, str]]) -> None:
+    _, output = demo
+    lookup = output[HEADINGS[3]]
+    rotation = output[HEADINGS[6]]
+
+    assert "POSTCOMPILE" not in "".join(output.values())
+    assert "SQL: WHERE patients.email IN (:param_1_1)\n" in lookup
+    assert "param_1_1 = <search token key_version=1>" in lookup
+    assert "SQL: WHERE patients.email IN (:param_1_1, :param_1_2)\n" in rotation
+    assert "param_1_1 = <search token key_version=2>" in rotation
+    assert "param_1_2 = <search token key_version=1>" in rotation
+    sql_lines = [line for line in (lookup + rotation).splitlines() if "param_1" in line]
+    assert not any("@" in line for line in sql_lines)
+
+
 def test_demo_census_and_reencryption(demo: tuple[Path, dict[str, str]]) -> None:
     _, output = demo
     reencrypt = output["Re-encrypt the stale values"]
