@@ -212,10 +212,12 @@ class DecimalCodec(Codec):
     """The Decimal's own string form, which keeps scale, sign and exponent.
 
     With a precision, values are fitted to ``Numeric(precision, scale)`` as
-    a PostgreSQL ``NUMERIC(p, s)`` column fits them. More fractional digits
-    than ``scale`` are rounded half away from zero. A value that then has
-    more than ``precision - scale`` integer digits, or is infinite, raises
-    :class:`PlaintextTooLongError`. A missing scale is 0, as in SQL.
+    a PostgreSQL ``NUMERIC(p, s)`` column fits them: every value gets
+    exactly ``scale`` fractional digits, extra ones rounded half away from
+    zero and missing ones padded with zeros, and a negative zero becomes
+    zero. A value that then has more than ``precision - scale`` integer
+    digits, or is infinite, raises :class:`PlaintextTooLongError`. A
+    missing scale is 0, as in SQL.
     """
 
     tag = ValueTag.DECIMAL
@@ -249,7 +251,7 @@ class DecimalCodec(Codec):
         return str(number).encode("ascii")
 
     def _fit(self, number: decimal.Decimal, column: str) -> decimal.Decimal:
-        """Round ``number`` to the scale and check it against the precision."""
+        """Quantize ``number`` to the scale and check it against the precision."""
         assert self.precision is not None and self.scale is not None
         if number.is_nan():
             # PostgreSQL stores NaN in a NUMERIC(p, s) column too.
@@ -261,15 +263,15 @@ class DecimalCodec(Codec):
             )
         integer_digits = self.precision - self.scale
         self._check_integer_digits(number, integer_digits, column)
-        exponent = number.as_tuple().exponent
-        assert isinstance(exponent, int)
-        if exponent < -self.scale:
-            # The integer digits fit, so precision + 2 digits hold the result.
-            context = decimal.Context(prec=self.precision + 2, rounding=decimal.ROUND_HALF_UP)
-            number = number.quantize(decimal.Decimal(1).scaleb(-self.scale), context=context)
-            # Rounding up can add an integer digit: 999.995 becomes 1000.00.
-            self._check_integer_digits(number, integer_digits, column)
-        return number
+        # The integer digits fit, so precision + 2 digits hold the result.
+        # quantize() rounds extra fractional digits and pads missing ones,
+        # so equal numbers get one encoding: 1.5 and 1.50 both become 1.50.
+        context = decimal.Context(prec=self.precision + 2, rounding=decimal.ROUND_HALF_UP)
+        number = number.quantize(decimal.Decimal(1).scaleb(-self.scale), context=context)
+        # Rounding up can add an integer digit: 999.995 becomes 1000.00.
+        self._check_integer_digits(number, integer_digits, column)
+        # PostgreSQL's numeric has no negative zero: -0.001 is stored as 0.00.
+        return number.copy_abs() if number.is_zero() else number
 
     def _check_integer_digits(self, number: decimal.Decimal, allowed: int, column: str) -> None:
         if not number.is_zero() and number.adjusted() >= allowed:
