@@ -411,9 +411,36 @@ class _ClockCodec(Codec):
 
 
 class DateTimeCodec(_ClockCodec):
+    """Datetimes encoded as ``_ClockCodec`` does: aware ones only for
+    ``DateTime(timezone=True)`` and naive ones only for ``DateTime()``.
+
+    Converting one kind to the other needs a time zone, which the codec
+    cannot know, so it raises instead. Each column then contains one kind.
+    """
+
     tag = ValueTag.DATETIME
     python_types = (dt.datetime,)
     _parse = dt.datetime.fromisoformat
+
+    def __init__(self, timezone: bool) -> None:
+        self.timezone = timezone
+
+    def check(self, value: Any, column: str) -> None:
+        super().check(value, column)
+        aware = value.utcoffset() is not None
+        if self.timezone and not aware:
+            raise ValueTypeError(
+                f"invalid value for encrypted column {column}: DateTime(timezone=True) "
+                "expects an aware datetime, got a naive one; attach its time zone, for "
+                "example with value.replace(tzinfo=datetime.timezone.utc) for a UTC time"
+            )
+        if aware and not self.timezone:
+            raise ValueTypeError(
+                f"invalid value for encrypted column {column}: DateTime() without "
+                "timezone=True expects a naive datetime, got an aware one; convert it, for "
+                "example with value.astimezone(datetime.timezone.utc).replace(tzinfo=None), "
+                "or declare the column DateTime(timezone=True)"
+            )
 
     def max_encoded_length(self) -> int | None:
         return 100
@@ -705,7 +732,7 @@ def codec_for(inner: TypeEngine[Any], column: str, deterministic: bool = False) 
             as_decimal=bool(inner.asdecimal), precision=inner.precision, scale=inner.scale
         )
     if isinstance(inner, sa.DateTime):
-        return DateTimeCodec()
+        return DateTimeCodec(timezone=bool(inner.timezone))
     if isinstance(inner, sa.Date):
         return DateCodec()
     if isinstance(inner, sa.Time):

@@ -53,6 +53,8 @@ class Patient(LocalBase):
     ref: Mapped[uuid.UUID | None] = mapped_column(Encrypted(sa.Uuid()))
     profile: Mapped[Any] = mapped_column(Encrypted(sa.JSON()), nullable=True)
     score: Mapped[float | None] = mapped_column(Encrypted(sa.Float()))
+    seen: Mapped[dt.datetime | None] = mapped_column(Encrypted(sa.DateTime(timezone=True)))
+    wall: Mapped[dt.datetime | None] = mapped_column(Encrypted(sa.DateTime()))
 
 
 class Legacy(LocalBase):
@@ -104,6 +106,16 @@ WRONG_TYPES = {
     "huge int into Float": ("score", 10**400, "too large for a float"),
     "int into String": ("name", 12345, "expected str, got int"),
     "lone surrogate": ("name", "bad \ud800 text", "surrogate"),
+    "naive into DateTime(timezone=True)": (
+        "seen",
+        dt.datetime(2024, 3, 1, 12, 30),
+        "DateTime(timezone=True) expects an aware datetime, got a naive one",
+    ),
+    "aware into DateTime()": (
+        "wall",
+        dt.datetime(2024, 3, 1, 12, 30, tzinfo=dt.UTC),
+        "DateTime() without timezone=True expects a naive datetime, got an aware one",
+    ),
 }
 
 
@@ -127,6 +139,58 @@ def test_wrong_python_type_names_column(
     assert original.__context__ is None
     secrets = [value] if isinstance(value, (str, bytes)) and len(value) >= 4 else []
     assert_no_secret(exception_texts(caught.value), *secrets)
+
+
+def test_datetime_kind_checked_in_search(db: sa.Engine) -> None:
+    """A search value must be of the column's kind too, and the message
+    does not show the value."""
+    lookups = sa.Table(
+        "lookups",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("at", DeterministicEncrypted(sa.DateTime(timezone=True))),
+        sa.Column("local", DeterministicEncrypted(sa.DateTime())),
+    )
+    lookups.create(db)
+    se.set_default_tenant("t-acme")
+    searches = [
+        (lookups.c.at, dt.datetime(2031, 7, 9, 18, 45)),
+        (lookups.c.local, dt.datetime(2031, 7, 9, 18, 45, tzinfo=dt.UTC)),
+    ]
+
+    for column, value in searches:
+        with pytest.raises(ValueTypeError) as caught, db.connect() as conn:
+            conn.execute(sa.select(lookups.c.id).where(column == value))
+        message = str(caught.value)
+        assert f"lookups.{column.name}" in message
+        assert "2031" not in message
+        assert "18:45" not in message
+
+
+def test_datetime_of_other_kind_stored_earlier_reads(db: sa.Engine) -> None:
+    """Values written before the kind was checked read back unchanged."""
+    se.set_default_tenant("t-acme")
+    naive = dt.datetime(2024, 3, 1, 12, 30)
+    aware = dt.datetime(2024, 3, 1, 12, 30, tzinfo=dt.UTC)
+    # Without the timezone flag of the declared column: the flag is not
+    # part of the envelope, so these envelopes are what earlier releases wrote.
+    seen_writer = Encrypted(sa.DateTime(), context="patients.seen")
+    wall_writer = Encrypted(sa.DateTime(timezone=True), context="patients.wall")
+    with db.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO patients (id, tenant_id, seen, wall) VALUES (1, 't', :s, :w)"),
+            {
+                "s": seen_writer.seal(naive, tenant_id="t-acme"),
+                "w": wall_writer.seal(aware, tenant_id="t-acme"),
+            },
+        )
+
+    with Session(db) as session:
+        patient = session.get_one(Patient, 1)
+
+    assert (patient.seen, patient.wall) == (naive, aware)
+    assert patient.seen.tzinfo is None
+    assert patient.wall.tzinfo is dt.UTC
 
 
 def _cause_chain(error: BaseException) -> list[BaseException]:
