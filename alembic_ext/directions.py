@@ -8,6 +8,7 @@ a converted value in the shadow column is checked against its source.
 
 from __future__ import annotations
 
+import decimal
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,8 +52,42 @@ def _python_type(type_: TypeEngine[Any]) -> type[Any] | None:
 
 
 def _result_processor(type_: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
-    processor = type_.dialect_impl(dialect).result_processor(dialect, None)
-    return processor
+    """Return the function that turns a raw DBAPI value into a value of ``type_``.
+
+    Values are read untyped, without the DBAPI type code of their column.
+    The numeric processors of the PostgreSQL dialects need that code, so
+    numeric types get :func:`_numeric_processor` instead.
+    """
+    if isinstance(type_, sa.Numeric | sa.Float):
+        return _numeric_processor(bool(type_.asdecimal))
+    return type_.dialect_impl(dialect).result_processor(dialect, None)
+
+
+def _numeric_processor(as_decimal: bool) -> Callable[[Any], Any]:
+    """Return a converter to ``Decimal`` or ``float`` that goes by each value's type.
+
+    PostgreSQL drivers return ``float`` for real and double precision,
+    ``Decimal`` for numeric and ``int`` for integer columns, and SQLite
+    returns ``float`` or ``int``. A float becomes ``Decimal(repr(value))``,
+    the shortest decimal that reads back as the same float, and an ``int``
+    becomes a ``Decimal`` exactly. When encrypting, the codec then fits the
+    value to the column's scale. Values of other types are left unchanged
+    for the codec to reject.
+    """
+
+    def to_decimal(value: Any) -> Any:
+        if isinstance(value, float):
+            return decimal.Decimal(repr(value))
+        if isinstance(value, int) and not isinstance(value, bool):
+            return decimal.Decimal(value)
+        return value
+
+    def to_float(value: Any) -> Any:
+        if isinstance(value, decimal.Decimal | int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+    return to_decimal if as_decimal else to_float
 
 
 def _normalize(raw: Any) -> Any:
