@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import logging
+import zoneinfo
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -119,6 +123,64 @@ def test_low_cardinality_needs_opt_in() -> None:
 
     opted_in = DeterministicEncrypted(sa.Boolean, context="t.flag2", allow_low_cardinality=True)
     sa.Column("flag", opted_in)
+
+
+# -- concepts: what a deterministic lookup treats as equal ------------------
+
+UTC_NOON = dt.datetime(2024, 1, 1, 12, tzinfo=dt.UTC)
+PLUS_ONE = dt.timezone(dt.timedelta(hours=1))
+
+# (inner type, stored value, searched value, found): the table of the page.
+EQUALITY_CASES = {
+    "numeric scale": (sa.Numeric(10, 2), decimal.Decimal("1.5"), decimal.Decimal("1.50"), True),
+    "numeric float": (sa.Numeric(10, 2), decimal.Decimal("1.50"), 1.5, True),
+    "numeric rounded": (sa.Numeric(10, 2), decimal.Decimal("1.5"), decimal.Decimal("1.504"), True),
+    "numeric zero": (sa.Numeric(10, 2), 0, decimal.Decimal("-0"), True),
+    "float int": (sa.Float(), 2, 2.0, True),
+    "float zero": (sa.Float(), 0.0, -0.0, False),
+    "datetime offset": (
+        sa.DateTime(timezone=True),
+        UTC_NOON,
+        dt.datetime(2024, 1, 1, 13, tzinfo=PLUS_ONE),
+        False,
+    ),
+    "datetime zone": (
+        sa.DateTime(timezone=True),
+        UTC_NOON,
+        UTC_NOON.replace(tzinfo=zoneinfo.ZoneInfo("UTC")),
+        False,
+    ),
+    "string case": (sa.String(40), "Mara@example.test", "mara@example.test", False),
+    "string form": (sa.String(40), "M\u00fcller", "Mu\u0308ller", False),
+}
+
+
+@pytest.mark.parametrize(
+    "inner, stored, searched, found", EQUALITY_CASES.values(), ids=EQUALITY_CASES.keys()
+)
+def test_deterministic_equality_table(
+    engine: sa.Engine, keyring: InMemoryKeyring, inner: Any, stored: Any, searched: Any, found: bool
+) -> None:
+    table = sa.Table(
+        "equal_values",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("value", DeterministicEncrypted(inner), unique=True),
+    )
+    table.create(engine)
+    with tenant_scope("acme"):
+        with engine.begin() as connection:
+            connection.execute(table.insert().values(id=1, value=stored))
+        with engine.connect() as connection:
+            query = sa.select(table.c.id).where(table.c.value == searched)
+            assert list(connection.execute(query).scalars()) == ([1] if found else [])
+
+        if found:
+            with pytest.raises(sa.exc.IntegrityError), engine.begin() as connection:
+                connection.execute(table.insert().values(id=2, value=searched))
+        else:
+            with engine.begin() as connection:
+                connection.execute(table.insert().values(id=2, value=searched))
 
 
 # -- concepts: what the ciphertext reveals ----------------------------------
