@@ -13,11 +13,31 @@ tenant. ORM updates that do not change the tenant column take it from the
 loaded object. A row whose tenant differs from an active
 :func:`tenant_scope` raises :class:`TenantContextError`.
 
-Statements that do not carry the tenant column (a Core ``update()`` by
-primary key, an ORM bulk update without the tenant key, a ``lambda_stmt``)
-seal under the tenant of the active scope, else the default tenant. Such a
-statement must only touch rows of that tenant, for example by filtering on
-the tenant column.
+An UPDATE that sets encrypted columns but not the tenant column seals its
+values under one tenant, and touches only rows of that tenant:
+
+* when its WHERE clause requires ``tenant_column == value`` (a term joined
+  by AND), under that tenant, also outside any scope;
+* otherwise under the tenant of the active scope, else the default tenant,
+  and ``tenant_column = :tenant`` is added to its WHERE clause. Rows of
+  other tenants are left as they are, and ``rowcount`` counts only the rows
+  changed. With no tenant at all it raises :class:`TenantContextError`.
+
+This applies to Core and ORM statements, ``executemany``, ``lambda_stmt()``
+and statements with ``.returning()``. An UPDATE that only sets encrypted
+columns to NULL needs no tenant and is not limited. An ORM bulk UPDATE by
+primary key (``session.execute(update(Model), [...])``) first looks up its
+primary keys, one SELECT per 500 rows, and raises
+:class:`TenantContextError` before anything is written when one of them is
+a row of another tenant. The legacy ``Session.bulk_update_mappings()`` has
+no such lookup: SQLAlchemy raises ``StaleDataError`` and rolls back the
+session's transaction.
+
+NOTE: an ORM UPDATE with ``synchronize_session="evaluate"`` (the first
+choice of the default, ``"auto"``) also sets the new values on matching
+objects of other tenants already loaded in the session, although their rows
+were not changed. Use ``synchronize_session="fetch"`` in a session that
+holds objects of several tenants.
 
 An ORM flush that changes an object's tenant column seals every encrypted
 value of the object again under the new tenant. The row then stays readable
@@ -35,11 +55,18 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper, attributes
 from sqlalchemy.orm.state import InstanceState
-from sqlalchemy.sql.dml import Insert, Update
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.lambdas import StatementLambdaElement
 
+from ._statement_tenant import (
+    bind_statement,
+    dml_statement,
+    encrypted_keys,
+    resolve_lambda,
+    row_tenant,
+    target_table,
+)
 from .errors import TenantContextError
-from .tenancy import TenantBound, get_default_tenant, scoped_tenant
+from .tenancy import TenantBound
 from .types import EncryptedType
 
 __all__ = ["TENANT_COLUMN_INFO_KEY", "tenant_column_of"]
@@ -56,94 +83,6 @@ def tenant_column_of(table: Any) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _row_tenant(table: sa.Table, tenant: Any) -> str:
-    if not isinstance(tenant, str) or not tenant:
-        raise TenantContextError(
-            f"table {table.name}: the tenant column must hold a non-empty str for rows "
-            "with encrypted values"
-        )
-    scoped = scoped_tenant()
-    if scoped is not None and scoped != tenant:
-        raise TenantContextError(
-            f"table {table.name}: a row of tenant {tenant!r} was written inside "
-            f"tenant_scope({scoped!r})"
-        )
-    return tenant
-
-
-def _encrypted_keys(table: sa.Table) -> list[str]:
-    return [column.key for column in table.columns if isinstance(column.type, EncryptedType)]
-
-
-def _bind_row(
-    table: sa.Table, tenant_key: str, keys: list[str], row: dict[str, Any]
-) -> dict[str, Any]:
-    if tenant_key not in row:
-        return row
-    tenant = _row_tenant(table, row[tenant_key])
-    bound = dict(row)
-    for key in keys:
-        value = bound.get(key)
-        if value is not None and not isinstance(value, TenantBound) and key in bound:
-            bound[key] = TenantBound(value, tenant)
-    return bound
-
-
-def _key_of(column: Any) -> Any:
-    return getattr(column, "key", column)
-
-
-def _bind_statement_values(
-    statement: Insert | Update, table: sa.Table, tenant_key: str, keys: list[str]
-) -> Insert | Update:
-    """Bind values given to ``.values()`` to the tenant given there too."""
-    values = statement._values
-    if values:
-        params = {_key_of(column): (column, param) for column, param in values.items()}
-        tenant_param = params.get(tenant_key, (None, None))[1]
-        if isinstance(tenant_param, BindParameter) and tenant_param.callable is None:
-            tenant = _row_tenant(table, tenant_param.value)
-            replacements = {}
-            for key in keys:
-                column, param = params.get(key, (None, None))
-                if (
-                    isinstance(param, BindParameter)
-                    and param.callable is None
-                    and param.value is not None
-                    and not isinstance(param.value, TenantBound)
-                ):
-                    replacements[column] = TenantBound(param.value, tenant)
-            if replacements:
-                statement = statement.values(replacements)
-    multi_values = getattr(statement, "_multi_values", None)
-    if multi_values:
-        _check_multi_values(multi_values, table, tenant_key, keys)
-    return statement
-
-
-def _check_multi_values(
-    multi_values: Any, table: sa.Table, tenant_key: str, keys: list[str]
-) -> None:
-    """Reject a multi-row ``insert().values([...])`` whose rows belong to
-    another tenant than the one its values would be sealed under."""
-    sealing_tenant = scoped_tenant() or get_default_tenant()
-    for rows in multi_values:
-        for row in rows:
-            if not isinstance(row, dict):
-                continue
-            by_key = {_key_of(column): value for column, value in row.items()}
-            if tenant_key not in by_key or not any(by_key.get(key) is not None for key in keys):
-                continue
-            tenant = _row_tenant(table, by_key[tenant_key])
-            if tenant != sealing_tenant:
-                raise TenantContextError(
-                    f"table {table.name}: a multi-row insert().values([...]) holds a row of "
-                    f"tenant {tenant!r}, but its encrypted values would be sealed under "
-                    f"{sealing_tenant!r}; pass the rows as a list of parameter dicts to "
-                    "execute() instead, which seals each row under its own tenant"
-                )
-
-
 @event.listens_for(Engine, "before_execute", retval=True)
 def _before_execute(
     conn: Connection,
@@ -152,24 +91,21 @@ def _before_execute(
     params: Any,
     execution_options: Any,
 ) -> tuple[Any, Any, Any]:
-    if not isinstance(clauseelement, (Insert, Update)):
+    statement = dml_statement(clauseelement)
+    if statement is None:
         return clauseelement, multiparams, params
-    table = clauseelement.table
+    table = target_table(statement)
     tenant_name = tenant_column_of(table)
-    if tenant_name is None or not isinstance(table, sa.Table):
+    if tenant_name is None or not isinstance(table, sa.Table) or not encrypted_keys(table):
         return clauseelement, multiparams, params
-    tenant_key = table.columns[tenant_name].key
-    keys = _encrypted_keys(table)
-    if not keys:
-        return clauseelement, multiparams, params
-    clauseelement = _bind_statement_values(clauseelement, table, tenant_key, keys)
-    if multiparams:
-        multiparams = [
-            _bind_row(table, tenant_key, keys, row) if isinstance(row, dict) else row
-            for row in multiparams
-        ]
-    if params:
-        params = _bind_row(table, tenant_key, keys, params)
+    if isinstance(clauseelement, StatementLambdaElement):
+        statement = resolve_lambda(clauseelement)
+    bound, multiparams, params = bind_statement(
+        conn, statement, table, tenant_name, multiparams, params
+    )
+    if bound is not statement:
+        # A lambda_stmt() is replaced by the statement it resolved to.
+        clauseelement = bound
     return clauseelement, multiparams, params
 
 
@@ -209,7 +145,7 @@ def _wrap_changed(mapper: Mapper[Any], state: InstanceState[Any]) -> None:
     if tenant_name is None or not isinstance(table, sa.Table):
         return
     tenant_prop = mapper.get_property_by_column(table.columns[tenant_name])
-    tenant = _row_tenant(table, state.dict.get(tenant_prop.key))
+    tenant = row_tenant(table, state.dict.get(tenant_prop.key))
     _reseal_moved_row(mapper, state, table, tenant_prop.key, tenant)
     for column in table.columns:
         if not isinstance(column.type, EncryptedType):
@@ -237,7 +173,7 @@ def _track_tenant_changes(mapper: Mapper[Any], class_: type[Any]) -> None:
     object's other expired attributes), so a flush can tell a moved row."""
     table = mapper.local_table
     tenant_name = tenant_column_of(table)
-    if tenant_name is None or not isinstance(table, sa.Table) or not _encrypted_keys(table):
+    if tenant_name is None or not isinstance(table, sa.Table) or not encrypted_keys(table):
         return
     if tenant_name not in table.columns:
         return
