@@ -57,6 +57,7 @@ class ExitCode(enum.IntEnum):
     INCOMPLETE = 6  # reencrypt: rows failed or values remain under an old version
     ABORTED = 7  # a confirmation was not given
     UNKNOWN_KEYS = 8  # stored values name key ids that are not in the keyring table
+    TENANT_MISMATCH = 9  # stored values are sealed under another tenant's key than their row's
     BROKEN_PIPE = 141  # stdout was closed early (128 + SIGPIPE, as a shell reports it)
 
 
@@ -73,6 +74,8 @@ Exit status:
   8  values name key ids missing from the keyring table (keys rotate,
      reencrypt, status --fail-on-stale): restore the matching keyring
      table or data
+  9  values are sealed under another tenant's key than their row's tenant
+     column names (status, reencrypt): see reencrypt --move-to-row-tenant
 141 stdout was closed before the output was written (for example by head)
 """
 

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ._cli_context import ExitCode, print_json, render_table, settings_of
-from ._cli_status import unknown_keys_message
+from ._cli_status import tenant_mismatch_message, unknown_keys_message
 from ._cli_tenants import check_tenants_known
 from .keyring import Keyring, KeyState
 from .rotation import ReencryptionJob, ReencryptionProgress, ReencryptionResult
@@ -42,13 +42,30 @@ def _print_plan(result: ReencryptionResult, unknown: dict[str, int]) -> None:
         for entry in column.entries
         if entry.label in result.planned and entry.stale
     ]
-    if not rows:
-        if not unknown:
-            click.echo("nothing to re-encrypt: no value is under an old key version")
-        return
-    headers = ("COLUMN", "TENANT", "FROM VERSION", "TO VERSION", "VALUES")
+    if rows:
+        headers = ("COLUMN", "TENANT", "FROM VERSION", "TO VERSION", "VALUES")
+        click.echo(render_table(headers, rows))
+        click.echo(f"dry run: {sum(result.planned.values())} value(s) would be re-encrypted")
+    elif not unknown and not result.moves_planned:
+        click.echo("nothing to re-encrypt: no value is under an old key version")
+    if result.moves_planned:
+        _print_planned_moves(result)
+
+
+def _print_planned_moves(result: ReencryptionResult) -> None:
+    rows = [
+        (column.label, key_tenant, "?" if row_tenant is None else row_tenant, count)
+        for column in result.before.columns
+        for (key_tenant, row_tenant), count in sorted(
+            column.mismatches.items(), key=lambda item: (item[0][0], item[0][1] or "")
+        )
+    ]
+    headers = ("COLUMN", "KEY TENANT", "ROW TENANT", "VALUES")
     click.echo(render_table(headers, rows))
-    click.echo(f"dry run: {sum(result.planned.values())} value(s) would be re-encrypted")
+    click.echo(
+        f"dry run: {sum(result.moves_planned.values())} value(s) would move to the tenant "
+        "in their row's tenant column"
+    )
 
 
 def _print_result(result: ReencryptionResult, unknown: dict[str, int]) -> None:
@@ -57,6 +74,10 @@ def _print_result(result: ReencryptionResult, unknown: dict[str, int]) -> None:
         f"({result.passes} pass(es)); {result.rows_skipped} row(s) were changed by the "
         "application meanwhile and kept"
     )
+    if result.moves_planned:
+        click.echo(
+            f"moved {result.values_moved} value(s) to the tenant in their row's tenant column"
+        )
     for failure in result.failures[:20]:
         click.echo(
             f"failed: {failure.table}.{failure.column} primary key "
@@ -162,6 +183,13 @@ class _ProgressBar:
     show_default=True,
     help="Passes over a table while values remain.",
 )
+@click.option(
+    "--move-to-row-tenant",
+    is_flag=True,
+    help="Also seal values found under another tenant's key than their row's tenant "
+    "column names under the row's tenant. The tenant column then decides who can read "
+    "them: check it first with --dry-run.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def reencrypt(
@@ -176,6 +204,7 @@ def reencrypt(
     dry_run: bool,
     job_name: str,
     max_passes: int,
+    move_to_row_tenant: bool,
     as_json: bool,
 ) -> None:
     """Move values under old key versions to their tenant's active version.
@@ -186,6 +215,11 @@ def reencrypt(
     --tenant that has no keys and no rows is an error, and nothing is
     re-encrypted. A crypto-shredded --tenant is reported and skipped, with
     status 0: its values cannot be decrypted, so nothing is left to do.
+
+    Values sealed under another tenant's key than their row's tenant column
+    names are left as they are, with status 9, unless --move-to-row-tenant
+    is given. With --tenant, such a value moves when the tenant of its key
+    or of its row is selected.
     """
     settings = settings_of(ctx)
     engine = settings.engine()
@@ -204,6 +238,7 @@ def reencrypt(
         dry_run=dry_run,
         job_name=job_name,
         max_passes=max_passes,
+        move_to_row_tenant=move_to_row_tenant,
     )
     shredded: tuple[str, ...] = ()
     if tenants:
@@ -216,7 +251,10 @@ def reencrypt(
             return
     bar = None
     if not dry_run and not as_json and _stderr_is_terminal():
-        planned = sum(job.plan().stale(job.tenants, job.versions).values())
+        plan = job.plan()
+        planned = sum(plan.stale(job.tenants, job.versions).values())
+        if move_to_row_tenant:
+            planned += sum(plan.mismatched().values())
         bar = _ProgressBar(planned)
         job.progress = bar
     try:
@@ -240,7 +278,11 @@ def reencrypt(
         _print_shredded_note(shredded)
         if unknown:
             click.echo(unknown_keys_message(unknown, keyring.table.fullname))
+        if result.tenant_mismatches and not move_to_row_tenant:
+            click.echo(tenant_mismatch_message(result.tenant_mismatches))
     if unknown:
         ctx.exit(int(ExitCode.UNKNOWN_KEYS))
     if not result.ok:
         ctx.exit(int(ExitCode.INCOMPLETE))
+    if result.tenant_mismatches and not (dry_run and move_to_row_tenant):
+        ctx.exit(int(ExitCode.TENANT_MISMATCH))

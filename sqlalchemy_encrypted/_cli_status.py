@@ -17,7 +17,7 @@ from ._cli_tenants import check_tenants_known
 from .rotation import Census, census
 from .rotation.catalog import KeyStateName
 
-__all__ = ["status", "unknown_keys_message"]
+__all__ = ["status", "tenant_mismatch_message", "unknown_keys_message"]
 
 
 def _census_rows(result: Census) -> list[tuple[Any, ...]]:
@@ -92,6 +92,9 @@ def _print_census(result: Census, keyring_table: str) -> None:
         click.echo("no value is under an old key version")
     if result.unknown_keys:
         click.echo(unknown_keys_message(result.unknown_keys, keyring_table))
+    mismatched = result.mismatched()
+    if mismatched:
+        click.echo(tenant_mismatch_message(mismatched))
 
 
 def _retired_versions(result: Census) -> list[tuple[str, int]]:
@@ -115,6 +118,19 @@ def unknown_keys_message(unknown: dict[str, int], keyring_table: str) -> str:
         "restore the keyring table that matches the data, or the data backup that matches "
         "this keyring table, before you rotate, retire or shred keys or re-encrypt "
         "(see 'Restoring from backups' in the key rotation guide)"
+    )
+
+
+def tenant_mismatch_message(mismatched: dict[str, int]) -> str:
+    """Explain values sealed under another tenant's key than their row's
+    tenant column names, and how to repair them."""
+    total = sum(mismatched.values())
+    columns = ", ".join(f"{label}: {count}" for label, count in sorted(mismatched.items()))
+    return (
+        f"{total} value(s) are sealed under another tenant's key than their row's tenant "
+        f"column names ({columns}), so the key's tenant can read them and the row's tenant "
+        "cannot. Check that those tenant columns are right, then run 'sqlalchemy-encrypted "
+        "reencrypt --move-to-row-tenant' to seal each value under its row's tenant"
     )
 
 
@@ -149,7 +165,9 @@ def status(
     and a missing or unusable --kms is ignored. With --tenant, only the
     columns holding values of the selected tenants are shown, and a tenant
     that has no keys and no rows is an error. A checkpoint slot whose
-    process is gone shows as interrupted.
+    process is gone shows as interrupted. Exits with status 9, also without
+    --fail-on-stale, when values are sealed under another tenant's key than
+    their row's tenant column names.
     """
     settings = settings_of(ctx)
     engine = settings.engine()
@@ -173,6 +191,7 @@ def status(
         data["totals"] = _totals(result)
         data["stale"] = result.stale()
         data["unknown_keys"] = result.unknown_keys
+        data["tenant_mismatches"] = result.mismatched()
         data["jobs"] = [slot.to_dict() for slot in jobs]
         print_json(data)
     else:
@@ -182,5 +201,7 @@ def status(
             print_job_slots(jobs)
     if fail_on_stale and result.unknown_keys:
         ctx.exit(int(ExitCode.UNKNOWN_KEYS))
+    if result.mismatched():
+        ctx.exit(int(ExitCode.TENANT_MISMATCH))
     if fail_on_stale and result.stale():
         ctx.exit(int(ExitCode.INCOMPLETE))

@@ -43,7 +43,9 @@ An ORM flush that changes an object's tenant column seals every encrypted
 value of the object again under the new tenant. The row then stays readable
 and searchable for its new tenant, and a shred of the old tenant leaves it
 intact. A statement that changes only the tenant column does not do this:
-its values stay sealed under the old tenant.
+its values stay sealed under the old tenant. ``sqlalchemy-encrypted status``
+counts such values, and ``sqlalchemy-encrypted reencrypt
+--move-to-row-tenant`` seals them under their row's tenant.
 """
 
 from __future__ import annotations

@@ -967,14 +967,17 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
             f"{decode_failure} in the value codec"
         )
 
-    def reseal(self, stored: Any, key: DataKey) -> bytes:
+    def reseal(self, stored: Any, key: DataKey, *, move_tenant: bool = False) -> bytes:
         """Re-encrypt one stored value of this column under ``key``.
 
         The value is authenticated exactly as :meth:`decrypt` does, and its
         encoded plaintext is sealed again without being decoded, so the value
         keeps its exact encoding. ``key`` must be a key of the
         value's tenant for this column's purpose, usually the tenant's active
-        key. Returns the new envelope (bytes, also for base64 storage).
+        key. With ``move_tenant=True``, ``key`` may belong to another tenant:
+        the value then moves to that tenant, whose scope can read it from then
+        on, while the tenant that sealed it no longer can. Returns the new
+        envelope (bytes, also for base64 storage).
         Values that are not envelopes raise :class:`StorageFormatError`, even
         in plaintext transition mode.
         """
@@ -983,7 +986,8 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         header = self._check_header(data, identity)
         opened = self._open(data, header, identity)
         old_key, plaintext = opened.lease.key, opened.plaintext
-        if key.tenant_id != old_key.tenant_id or key.purpose is not self.purpose:
+        other_tenant = key.tenant_id != old_key.tenant_id and not move_tenant
+        if other_tenant or key.purpose is not self.purpose:
             raise TenantContextError(
                 f"encrypted column {identity}: cannot re-encrypt a value of tenant "
                 f"{old_key.tenant_id!r} under {key.purpose.value} key id {key.key_id} of "

@@ -251,6 +251,57 @@ def test_reencrypt_dry_run_then_run(filled: App) -> None:
     assert names == {i: f"Person {i}" for i in range(1, 11)}
 
 
+def _copy_name(app: App, source: int, target: int) -> None:
+    """Store row ``source``'s sealed name in row ``target``, past the column type."""
+    with app.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE persons SET name = (SELECT name FROM persons WHERE id = :s) WHERE id = :t"
+            ),
+            {"s": source, "t": target},
+        )
+
+
+def test_status_fails_on_value_of_other_tenant(filled: App) -> None:
+    # Row 2 (t-acme) receives the sealed name of row 1 (t-globex).
+    _copy_name(filled, 1, 2)
+
+    text = filled.run("status")
+    data = json.loads(filled.run("status", "--json").stdout)
+
+    assert text.exit_code == 9, text.output
+    assert "persons.name: 1 under another tenant's key" in text.output
+    assert "1 value(s) are sealed under another tenant's key" in text.output
+    assert "'sqlalchemy-encrypted reencrypt --move-to-row-tenant'" in text.output
+    assert data["tenant_mismatches"] == {"persons.name": 1}
+    assert data["totals"]["tenant_mismatches"] == 1
+
+
+def test_reencrypt_moves_value_to_row_tenant(filled: App) -> None:
+    _copy_name(filled, 1, 2)
+    stored = raw_values(filled.engine, "persons", "name")
+
+    plain = filled.run("reencrypt", "--table", "persons")
+    dry = filled.run("reencrypt", "--table", "persons", "--dry-run", "--move-to-row-tenant")
+    assert raw_values(filled.engine, "persons", "name") == stored
+    moved = filled.run("reencrypt", "--table", "persons", "--move-to-row-tenant")
+    after = filled.run("status")
+
+    assert plain.exit_code == 9, plain.output
+    assert "reencrypt --move-to-row-tenant" in plain.output
+    assert dry.exit_code == 0, dry.output
+    assert "persons.name  t-globex    t-acme      1" in dry.output
+    assert "dry run: 1 value(s) would move to the tenant in their row's tenant column" in (
+        dry.output
+    )
+    assert moved.exit_code == 0, moved.output
+    assert "moved 1 value(s) to the tenant in their row's tenant column" in moved.output
+    assert after.exit_code == 0, after.output
+    with tenant_scope("t-acme"), Session(filled.engine) as session:
+        name = session.scalar(sa.select(Person.name).where(Person.id == 2))
+    assert name == "Person 1"
+
+
 def test_retire_refused_while_in_use(filled: App) -> None:
     """A column re-encrypted alone leaves the others on version 1: retire names them."""
     filled.run("keys", "rotate", "t-acme", "--activate-now")
@@ -477,6 +528,7 @@ def test_help_lists_exit_codes() -> None:
 
     assert result.exit_code == 0
     assert "5  key version still in use" in result.output
+    assert "9  values are sealed under another tenant's key" in result.output
     for command in ("init", "keys", "status", "reencrypt", "inspect"):
         assert command in result.output
 

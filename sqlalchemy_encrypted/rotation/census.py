@@ -75,16 +75,20 @@ class ColumnCensus:
     """The census of one encrypted column.
 
     ``not_encrypted`` counts non-NULL values that are not envelopes (legacy
-    plaintext). ``tenant_mismatches`` counts rows whose tenant column differs
-    from the tenant of the key that sealed the value. ``row_tenants`` is the
-    set of tenant column values of the rows counted, empty for a table
-    without a tenant column.
+    plaintext). ``tenant_mismatches`` counts values sealed under a keyring
+    key of another tenant than their row's tenant column names (a NULL
+    tenant column included), and ``mismatches`` splits that count by the
+    key's tenant and the row's tenant. ``row_tenants`` is the set of tenant
+    column values of the rows counted, empty for a table without a tenant
+    column.
 
     With a tenant filter, an envelope belongs to the tenant of its key, and
     a NULL, a non-envelope value or an envelope whose key id no keyring row
     has to the tenant in its row's tenant column.
     A table without a tenant column then counts no NULL or non-envelope
-    value, because no column names the tenant of such a row.
+    value, because no column names the tenant of such a row. A value under
+    another tenant's key counts in ``tenant_mismatches`` when either its
+    key's tenant or its row's tenant is selected.
     """
 
     column: EncryptedColumn
@@ -92,6 +96,8 @@ class ColumnCensus:
     nulls: int = 0
     not_encrypted: int = 0
     tenant_mismatches: int = 0
+    # (tenant of the key, tenant in the row's tenant column) -> values.
+    mismatches: dict[tuple[str, str | None], int] = field(default_factory=dict)
     row_tenants: set[str] = field(default_factory=set)
     # Values under key ids that no keyring row has, per (row tenant, key id).
     # The row tenant is None in a table without a tenant column, or for a NULL one.
@@ -100,6 +106,9 @@ class ColumnCensus:
     )
     # Stored header -> (tenant, key version, stale) for every header found.
     headers: dict[HeaderPrefix, CensusEntry] = field(default_factory=dict, repr=False)
+    # Stored header -> tenant of its key, for the headers of values counted
+    # in tenant_mismatches.
+    mismatch_headers: dict[HeaderPrefix, str] = field(default_factory=dict, repr=False)
 
     @property
     def label(self) -> str:
@@ -145,6 +154,12 @@ class ColumnCensus:
             "nulls": self.nulls,
             "not_encrypted": self.not_encrypted,
             "tenant_mismatches": self.tenant_mismatches,
+            "mismatches": [
+                {"key_tenant": key_tenant, "row_tenant": row_tenant, "count": count}
+                for (key_tenant, row_tenant), count in sorted(
+                    self.mismatches.items(), key=lambda item: (item[0][0], item[0][1] or "")
+                )
+            ],
             "stale": sum(entry.count for entry in self.entries if entry.stale),
             "keys": [entry.to_dict() for entry in self.entries],
         }
@@ -183,6 +198,15 @@ class Census:
     @property
     def stale_total(self) -> int:
         return sum(self.stale().values())
+
+    def mismatched(self) -> dict[str, int]:
+        """Return ``{table.column: count}`` of values sealed under another
+        tenant's key than their row's tenant column names, omitting clean columns."""
+        return {
+            column.label: column.tenant_mismatches
+            for column in self.columns
+            if column.tenant_mismatches
+        }
 
     def tenants(self) -> set[str]:
         """Return the tenants found: those of the keys that sealed the values
@@ -353,17 +377,24 @@ def census_column(
         record = catalog.lookup(header.key_id)
         # A key id missing from the keyring names no tenant, so the row does.
         owner = record.tenant_id if record.tenant_id is not None else row_tenant
+        stored = bytes(row.prefix) if not is_base64 else row.prefix
+        if (
+            tenant_name is not None
+            and record.tenant_id is not None
+            and row_tenant != record.tenant_id
+            and (tenants is None or owner in tenants or row_tenant in tenants)
+        ):
+            result.tenant_mismatches += count
+            pair = (record.tenant_id, row_tenant)
+            result.mismatches[pair] = result.mismatches.get(pair, 0) + count
+            result.mismatch_headers[stored] = record.tenant_id
         if tenants is not None and owner not in tenants:
             continue
-        if tenant_name is not None and record.tenant_id is not None:
-            if row.row_tenant != record.tenant_id:
-                result.tenant_mismatches += count
         if record.state == KeyStateName.UNKNOWN:
             unknown = (row_tenant, header.key_id)
             result.unknown_key_rows[unknown] = result.unknown_key_rows.get(unknown, 0) + count
         slot = (header.key_id, header.key_version)
         counts[slot] = counts.get(slot, 0) + count
-        stored = bytes(row.prefix) if not is_base64 else row.prefix
         prefixes[stored] = slot
 
     entries: dict[tuple[uuid.UUID, int], CensusEntry] = {}

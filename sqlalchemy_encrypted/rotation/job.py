@@ -6,6 +6,10 @@ again. It reports success only when that last census finds no stale value
 in its scope and no row failed. Rows an application changed while the job
 ran, or rows another worker held, are picked up by a further pass, up to
 ``max_passes``.
+
+With ``move_to_row_tenant``, the job also seals values found under another
+tenant's key than their row's tenant column names under the row's tenant,
+which the census counts as tenant mismatches.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from .checkpoint import (
 )
 from .columns import EncryptedColumn, Target, resolve_columns
 from .ratelimit import RateLimiter
-from .worker import BatchReport, RowFailure, StaleHeaders, TableWorker, WorkerStats
+from .worker import BatchReport, MoveHeaders, RowFailure, StaleHeaders, TableWorker, WorkerStats
 
 __all__ = [
     "ReencryptionJob",
@@ -64,6 +68,7 @@ class ReencryptionProgress:
     rows_failed: int
     values_planned: int
     elapsed: float
+    values_moved: int = 0
 
 
 @dataclass
@@ -74,6 +79,12 @@ class ReencryptionResult:
     and after the run. ``rows_skipped`` counts rows an application changed
     between read and write (its write was kept). ``failures`` lists at most
     1,000 failed values; ``failures_total`` counts all of them.
+
+    ``tenant_mismatches`` maps ``table.column`` to values sealed under
+    another tenant's key than their row's tenant column names: after the
+    run, or before it for a dry run. ``moves_planned`` counts those the run
+    set out to move (with ``move_to_row_tenant`` only), and
+    ``values_moved`` those it moved, which ``values_reencrypted`` includes.
     """
 
     status: Status
@@ -88,6 +99,9 @@ class ReencryptionResult:
     failures_total: int = 0
     passes: int = 0
     elapsed: float = 0.0
+    tenant_mismatches: dict[str, int] = field(default_factory=dict)
+    moves_planned: dict[str, int] = field(default_factory=dict)
+    values_moved: int = 0
 
     @property
     def ok(self) -> bool:
@@ -109,10 +123,11 @@ class ReencryptionResult:
         return self.after.unknown_keys if self.after is not None else {}
 
     def raise_for_failures(self) -> None:
-        """Raise :class:`ReencryptionError` unless the run succeeded and no
-        value is left under a key id missing from the keyring."""
+        """Raise :class:`ReencryptionError` unless the run succeeded, no
+        value is left under a key id missing from the keyring, and no value
+        is left under another tenant's key than its row's tenant column names."""
         unknown = self.unknown_keys
-        if self.ok and not unknown:
+        if self.ok and not unknown and not self.tenant_mismatches:
             return
         parts = []
         if self.remaining:
@@ -130,6 +145,15 @@ class ReencryptionResult:
                 f"values under key ids missing from the keyring table ({left}); restore the "
                 "keyring table that matches the data before rotating or re-encrypting again"
             )
+        if self.tenant_mismatches:
+            left = ", ".join(
+                f"{label}: {count}" for label, count in sorted(self.tenant_mismatches.items())
+            )
+            parts.append(
+                f"values under another tenant's key than their row's tenant column names "
+                f"({left}); check those tenant columns, then run with move_to_row_tenant=True "
+                "to seal each value under its row's tenant"
+            )
         raise ReencryptionError("re-encryption did not finish: " + "; ".join(parts))
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,6 +163,9 @@ class ReencryptionResult:
             "remaining": self.remaining,
             "rows_scanned": self.rows_scanned,
             "values_reencrypted": self.values_reencrypted,
+            "values_moved": self.values_moved,
+            "moves_planned": self.moves_planned,
+            "tenant_mismatches": self.tenant_mismatches,
             "rows_skipped": self.rows_skipped,
             "failures_total": self.failures_total,
             "failures": [failure.to_dict() for failure in self.failures],
@@ -157,6 +184,14 @@ class ReencryptionJob:
 
     ``tenants`` limits the job to some tenants, ``versions`` to values under
     some key versions. ``rate`` caps rows per second over all workers.
+
+    ``move_to_row_tenant`` also seals every value found under another
+    tenant's key than its row's tenant column names under the active key of
+    the row's tenant. The tenant column decides who can read the value from
+    then on, so check those columns first (``plan()`` counts the values per
+    key tenant and row tenant). With ``tenants``, a value moves when the
+    tenant of its key or of its row is one of them. ``versions`` does not
+    limit moves.
     ``progress`` is called after every committed batch, from the worker's
     thread but never concurrently. Raises the error that stopped a worker
     (for example a :class:`KmsError`); rows that fail alone are reported in
@@ -188,6 +223,7 @@ class ReencryptionJob:
         max_passes: int = 3,
         progress: Callable[[ReencryptionProgress], None] | None = None,
         peer_poll_interval: float = 1.0,
+        move_to_row_tenant: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ConfigurationError(f"invalid batch size {batch_size}: it must be at least 1")
@@ -221,6 +257,7 @@ class ReencryptionJob:
         self.max_passes = max_passes
         self.progress = progress
         self.peer_poll_interval = peer_poll_interval
+        self.move_to_row_tenant = move_to_row_tenant
         self.rate_limiter = RateLimiter(rate) if rate is not None else None
         self.store = CheckpointStore(checkpoint_table, checkpoint_schema) if checkpoint else None
 
@@ -266,21 +303,30 @@ class ReencryptionJob:
         selected = self.selected_columns()
         before = census(self.bind, selected, tenants=self.tenants)
         planned = before.stale(self.tenants, self.versions)
-        self._planned_total = sum(planned.values())
+        moves_planned = before.mismatched() if self.move_to_row_tenant else {}
+        self._planned_total = sum(planned.values()) + sum(moves_planned.values())
         result = ReencryptionResult(
-            status="dry_run", before=before, after=None, planned=planned, remaining=planned
+            status="dry_run",
+            before=before,
+            after=None,
+            planned=planned,
+            remaining=planned,
+            tenant_mismatches=before.mismatched(),
+            moves_planned=moves_planned,
         )
         if self.dry_run:
             result.elapsed = time.monotonic() - self._started
             return result
 
         audit.info(
-            "re-encryption job %r started: %d stale value(s) in %d column(s)",
+            "re-encryption job %r started: %d stale value(s) in %d column(s), "
+            "%d value(s) to move to their row's tenant",
             self.job_name,
-            self._planned_total,
+            sum(planned.values()),
             len(planned),
+            sum(moves_planned.values()),
         )
-        if self.store is not None and planned:
+        if self.store is not None and (planned or moves_planned):
             assert isinstance(self.bind, Engine)
             self.store.create(self.bind)
             for column in selected:
@@ -296,14 +342,17 @@ class ReencryptionJob:
         remaining = after.stale(self.tenants, self.versions)
         result.after = after
         result.remaining = remaining
+        result.tenant_mismatches = after.mismatched()
         result.passes = passes
         result.rows_scanned = self._totals.rows_scanned
         result.values_reencrypted = self._totals.values_reencrypted
+        result.values_moved = self._totals.values_moved
         result.rows_skipped = self._totals.rows_skipped
         failures = list(self._failures.values())
         result.failures_total = len(failures)
         result.failures = failures[:MAX_REPORTED_FAILURES]
-        result.status = "succeeded" if not remaining and not failures else "failed"
+        unmoved = self.move_to_row_tenant and result.tenant_mismatches
+        result.status = "succeeded" if not remaining and not failures and not unmoved else "failed"
         result.elapsed = time.monotonic() - self._started
         self._finish_checkpoints(selected, result)
         self._log_result(result)
@@ -319,6 +368,14 @@ class ReencryptionJob:
             for column in group
         }
 
+    def _move_headers(self, group: list[EncryptedColumn], table_census: Census) -> MoveHeaders:
+        if not self.move_to_row_tenant:
+            return {}
+        return {
+            column.name: dict(table_census.column(column.label).mismatch_headers)
+            for column in group
+        }
+
     def _run_table(self, group: list[EncryptedColumn], initial: Census) -> tuple[int, Census]:
         """Run passes over one table until its census is clean; return the pass
         count and the table's last census."""
@@ -326,10 +383,11 @@ class ReencryptionJob:
         passes = 0
         for pass_number in range(1, self.max_passes + 1):
             headers = self._stale_headers(group, table_census)
-            if not any(headers.values()):
+            moves = self._move_headers(group, table_census)
+            if not any(headers.values()) and not any(moves.values()):
                 break
             passes = pass_number
-            stats, resumed = self._run_workers(group, headers, pass_number)
+            stats, resumed = self._run_workers(group, headers, moves, pass_number)
             self._wait_for_peers(group[0].qualified_table)
             table_census = census(self.bind, group, tenants=self.tenants)
             if stats.values_reencrypted == 0 and not resumed:
@@ -338,14 +396,18 @@ class ReencryptionJob:
         return passes, table_census
 
     def _run_workers(
-        self, group: list[EncryptedColumn], headers: StaleHeaders, pass_number: int
+        self,
+        group: list[EncryptedColumn],
+        headers: StaleHeaders,
+        moves: MoveHeaders,
+        pass_number: int,
     ) -> tuple[WorkerStats, bool]:
         outcomes: list[tuple[WorkerStats, bool]] = []
         errors: list[BaseException] = []
 
         def work() -> None:
             try:
-                outcomes.append(self._work(group, headers, pass_number))
+                outcomes.append(self._work(group, headers, moves, pass_number))
             except BaseException as exc:
                 self._stop.set()
                 errors.append(exc)
@@ -373,7 +435,11 @@ class ReencryptionJob:
         return total, resumed
 
     def _work(
-        self, group: list[EncryptedColumn], headers: StaleHeaders, pass_number: int
+        self,
+        group: list[EncryptedColumn],
+        headers: StaleHeaders,
+        moves: MoveHeaders,
+        pass_number: int,
     ) -> tuple[WorkerStats, bool]:
         label = group[0].qualified_table
 
@@ -393,6 +459,8 @@ class ReencryptionJob:
                 stop=self._stop,
                 on_batch=on_batch,
                 count_new_failures=self._count_new_failures,
+                moves=moves,
+                move_tenants=self.tenants,
             )
             return worker.run(), False
 
@@ -400,7 +468,7 @@ class ReencryptionJob:
             lease = SlotLease(self.job_name, label)
             slot = lease.acquire(conn)
             try:
-                return self._work_in_slot(conn, slot, group, headers, pass_number, on_batch)
+                return self._work_in_slot(conn, slot, group, headers, moves, pass_number, on_batch)
             finally:
                 lease.release()
 
@@ -410,6 +478,7 @@ class ReencryptionJob:
         slot: int,
         group: list[EncryptedColumn],
         headers: StaleHeaders,
+        moves: MoveHeaders,
         pass_number: int,
         on_batch: Callable[[BatchReport], None],
     ) -> tuple[WorkerStats, bool]:
@@ -456,6 +525,8 @@ class ReencryptionJob:
             stop=self._stop,
             on_batch=on_batch,
             count_new_failures=self._count_new_failures,
+            moves=moves,
+            move_tenants=self.tenants,
         )
         try:
             stats = worker.run()
@@ -522,6 +593,7 @@ class ReencryptionJob:
                         rows_failed=len(self._failures),
                         values_planned=self._planned_total,
                         elapsed=time.monotonic() - self._started,
+                        values_moved=totals.values_moved,
                     )
                 )
 
@@ -548,16 +620,24 @@ class ReencryptionJob:
     def _finish_checkpoints(
         self, selected: list[EncryptedColumn], result: ReencryptionResult
     ) -> None:
-        if self.store is None or not isinstance(self.bind, Engine) or not result.planned:
+        if self.store is None or not isinstance(self.bind, Engine):
+            return
+        if not result.planned and not result.moves_planned:
             return
         for group in _group_by_table(selected):
             label = group[0].qualified_table
             labels = {column.label for column in group}
-            clean = not (labels & set(result.remaining)) and not any(
-                failure.table == label for failure in result.failures
+            unmoved = labels & set(result.tenant_mismatches) if self.move_to_row_tenant else set()
+            clean = (
+                not (labels & set(result.remaining))
+                and not unmoved
+                and not any(failure.table == label for failure in result.failures)
             )
             status = CheckpointStatus.SUCCEEDED if clean else CheckpointStatus.FAILED
-            error = None if clean else "values left under an old key version or failed rows"
+            keys = (
+                "an old key version or another tenant's key," if unmoved else "an old key version"
+            )
+            error = None if clean else f"values left under {keys} or failed rows"
             with self.bind.begin() as conn:
                 self.store.finish_all(
                     conn,
@@ -571,13 +651,15 @@ class ReencryptionJob:
 
     def _log_result(self, result: ReencryptionResult) -> None:
         message = (
-            "re-encryption job %r %s: %d value(s) re-encrypted, %d row(s) changed by "
-            "the application meanwhile, %d failed, %d still stale, in %.1f s"
+            "re-encryption job %r %s: %d value(s) re-encrypted (%d moved to their row's "
+            "tenant), %d row(s) changed by the application meanwhile, %d failed, %d still "
+            "stale, in %.1f s"
         )
         args = (
             self.job_name,
             result.status,
             result.values_reencrypted,
+            result.values_moved,
             result.rows_skipped,
             result.failures_total,
             sum(result.remaining.values()),

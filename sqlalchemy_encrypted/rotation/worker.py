@@ -8,7 +8,9 @@ Each batch is one short transaction:
    locked with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never take
    the same row and skip rows another worker holds instead of waiting;
 2. decrypt each stale value with the column type and seal it again under the
-   active DEK of the tenant that sealed it;
+   active DEK of the tenant that sealed it. With moves, a value sealed under
+   another tenant's key than its row's tenant column names is sealed under
+   the active DEK of the row's tenant instead;
 3. write back with compare-and-swap, ``UPDATE ... WHERE pk = :pk AND
    col = :old``: a value an application changed meanwhile is left as the
    application wrote it;
@@ -20,7 +22,7 @@ from __future__ import annotations
 import base64
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,11 +46,21 @@ from .columns import EncryptedColumn, raw_table
 from .headers import HeaderPrefix, header_prefix, prefix_of
 from .ratelimit import RateLimiter
 
-__all__ = ["BatchReport", "RowFailure", "StaleHeaders", "TableWorker", "WorkerStats"]
+__all__ = [
+    "BatchReport",
+    "MoveHeaders",
+    "RowFailure",
+    "StaleHeaders",
+    "TableWorker",
+    "WorkerStats",
+]
 
 # Per column name, the stored headers to rewrite, each with the census entry
 # naming the tenant and key version it stands for.
 StaleHeaders = dict[str, dict[HeaderPrefix, CensusEntry]]
+# Per column name, the stored headers of values to move to their row's
+# tenant, each with the tenant of the key that sealed them.
+MoveHeaders = dict[str, dict[HeaderPrefix, str]]
 
 logger = logging.getLogger("sqlalchemy_encrypted.rotation")
 
@@ -79,6 +91,8 @@ class WorkerStats:
 
     rows_scanned: int = 0
     values_reencrypted: int = 0
+    # Of values_reencrypted, the values moved to their row's tenant.
+    values_moved: int = 0
     rows_skipped: int = 0
     # Rows that failed. With count_new_failures, only those new to the run.
     rows_failed: int = 0
@@ -87,6 +101,7 @@ class WorkerStats:
     def add(self, other: WorkerStats) -> None:
         self.rows_scanned += other.rows_scanned
         self.values_reencrypted += other.values_reencrypted
+        self.values_moved += other.values_moved
         self.rows_skipped += other.rows_skipped
         self.rows_failed += other.rows_failed
         self.batches += other.batches
@@ -106,10 +121,18 @@ class _RowUpdate:
     primary_key: tuple[Any, ...]
     # column name -> (stored value read, new stored value)
     values: dict[str, tuple[Any, Any]]
+    # Names of the columns whose value moves to the row's tenant.
+    moved: frozenset[str] = frozenset()
 
 
 class TableWorker:
-    """Re-encrypts the stale values of one table's columns, batch by batch."""
+    """Re-encrypts the stale values of one table's columns, batch by batch.
+
+    ``moves`` names the headers of values to move to their row's tenant. A
+    value under one of them is moved when its row's tenant column names
+    another tenant than the key's, and, with ``move_tenants``, when the
+    key's tenant or the row's tenant is one of them.
+    """
 
     def __init__(
         self,
@@ -127,12 +150,17 @@ class TableWorker:
         stop: threading.Event | None = None,
         on_batch: Callable[[BatchReport], None] | None = None,
         count_new_failures: Callable[[str, set[tuple[Any, ...]]], int] | None = None,
+        moves: MoveHeaders | None = None,
+        move_tenants: Collection[str] | None = None,
     ) -> None:
+        moves = moves or {}
         self.conn = conn
-        self.columns = [c for c in columns if stale_headers.get(c.name)]
+        self.columns = [c for c in columns if stale_headers.get(c.name) or moves.get(c.name)]
         self.table = columns[0].table
         self.label = columns[0].qualified_table
         self.headers = {name: values for name, values in stale_headers.items() if values}
+        self.moves = {name: values for name, values in moves.items() if values}
+        self.move_tenants = None if move_tenants is None else frozenset(move_tenants)
         self.batch_size = batch_size
         self.slot = slot
         self.cursor = cursor
@@ -158,14 +186,14 @@ class TableWorker:
 
     def _select(self) -> sa.Select[Any]:
         raw = self._raw
-        stale = [
-            header_prefix(raw.c[column.name], column.is_base64).in_(
-                sorted(self.headers[column.name])
-            )
-            for column in self.columns
-        ]
+        row_conditions: list[sa.ColumnElement[bool]] = []
+        for column in self.columns:
+            prefix = header_prefix(raw.c[column.name], column.is_base64)
+            if self.headers.get(column.name):
+                row_conditions.append(prefix.in_(sorted(self.headers[column.name])))
+            row_conditions.extend(self._move_conditions(column, prefix))
         pk = [raw.c[name] for name in self._pk_names]
-        query = sa.select(raw).where(sa.or_(*stale))
+        query = sa.select(raw).where(sa.or_(*row_conditions))
         if self.cursor is not None:
             if len(pk) == 1:
                 query = query.where(pk[0] > self.cursor[0])
@@ -175,6 +203,33 @@ class TableWorker:
         if self._dialect == "postgresql":
             query = query.with_for_update(skip_locked=True)
         return query
+
+    def _move_conditions(
+        self, column: EncryptedColumn, prefix: sa.ColumnElement[Any]
+    ) -> list[sa.ColumnElement[bool]]:
+        """Return the conditions selecting the rows whose value of ``column``
+        is to move to the row's tenant, one per tenant of a key."""
+        if not self.moves.get(column.name) or self._tenant_name is None:
+            return []
+        row_tenant = self._raw.c[self._tenant_name]
+        by_tenant: dict[str, list[HeaderPrefix]] = {}
+        for stored, key_tenant in self.moves[column.name].items():
+            by_tenant.setdefault(key_tenant, []).append(stored)
+        conditions = []
+        for key_tenant, prefixes in sorted(by_tenant.items()):
+            if self.move_tenants is None or key_tenant in self.move_tenants:
+                elsewhere = row_tenant.is_distinct_from(key_tenant)
+            else:
+                elsewhere = row_tenant.in_(sorted(self.move_tenants))
+            conditions.append(sa.and_(prefix.in_(sorted(prefixes)), elsewhere))
+        return conditions
+
+    def _moves_value(self, column: EncryptedColumn, prefix: HeaderPrefix, row_tenant: Any) -> bool:
+        key_tenant = self.moves.get(column.name, {}).get(prefix)
+        if key_tenant is None or row_tenant == key_tenant:
+            return False
+        selected = self.move_tenants
+        return selected is None or key_tenant in selected or row_tenant in selected
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
@@ -215,7 +270,7 @@ class TableWorker:
                 last_key = self._primary_key(rows[-1])
                 updates = self._reseal(rows, failures)
                 try:
-                    written = self._write(conn, updates) if updates else (0, 0)
+                    written = self._write(conn, updates) if updates else (0, 0, 0)
                 except IntegrityError:
                     # A row collides with a unique index (one value under two key
                     # versions): roll the batch back, then write row by row.
@@ -252,11 +307,12 @@ class TableWorker:
         self,
         batch: WorkerStats,
         updates: list[_RowUpdate],
-        written: tuple[int, int],
+        written: tuple[int, int, int],
         failures: list[RowFailure],
     ) -> None:
-        rows, values = written
+        rows, values, moved = written
         batch.values_reencrypted = values
+        batch.values_moved = moved
         batch.rows_skipped = len(updates) - rows
         batch.rows_failed = self._failed_row_count(failures)
 
@@ -293,14 +349,23 @@ class TableWorker:
             primary_key = self._primary_key(row)
             row_tenant = mapping[self._tenant_name] if self._tenant_name else None
             values: dict[str, tuple[Any, Any]] = {}
+            moved: set[str] = set()
             for column in self.columns:
                 stored = mapping[column.name]
                 prefix = prefix_of(stored, column.is_base64)
-                entry = self.headers[column.name].get(prefix) if prefix is not None else None
-                if entry is None:
+                if prefix is None:
+                    continue
+                entry = self.headers.get(column.name, {}).get(prefix)
+                moves = self._moves_value(column, prefix, row_tenant)
+                if entry is None and not moves:
                     continue
                 try:
-                    new = self._reseal_value(column, stored, entry, row_tenant)
+                    if moves:
+                        new = self._move_value(column, stored, row_tenant)
+                        moved.add(column.name)
+                    else:
+                        assert entry is not None
+                        new = self._reseal_value(column, stored, entry, row_tenant)
                 except (KmsError, ReencryptionError):
                     # Not the row's fault: stop the job rather than fail every row.
                     raise
@@ -314,7 +379,7 @@ class TableWorker:
                 if new is not None:
                     values[column.name] = (stored, new)
             if values:
-                updates.append(_RowUpdate(primary_key, values))
+                updates.append(_RowUpdate(primary_key, values, frozenset(moved & set(values))))
         return updates
 
     def _reseal_value(
@@ -330,9 +395,9 @@ class TableWorker:
         The tenant is the owner of the key named in the value's header (from
         the keyring's metadata, through the census). A successful decryption
         proves it, because the AAD binds the key's tenant; a tenant column that
-        disagrees fails the row. The job runs outside any ``tenant_scope``.
+        disagrees fails the row, unless the job moves such values (see
+        :meth:`_move_value`). The job runs outside any ``tenant_scope``.
         """
-        column_type = column.column_type
         tenant = entry.tenant_id
         if tenant is None:
             raise KeyNotFoundError(
@@ -344,13 +409,41 @@ class TableWorker:
                 f"{entry.key_id} of tenant {tenant!r}, but the row belongs to tenant "
                 f"{row_tenant!r}; it is left as it is"
             )
+        return self._with_active_key(
+            column, tenant, lambda active: self._reseal_under(column, stored, entry, tenant, active)
+        )
+
+    def _move_value(self, column: EncryptedColumn, stored: Any, row_tenant: Any) -> Any:
+        """Return the value sealed under the active DEK of its row's tenant.
+
+        The value is opened with the key its header names, whatever tenant
+        owns that key, so the tenant column decides who can read it from now on.
+        """
+        if not isinstance(row_tenant, str) or not row_tenant:
+            raise TenantContextError(
+                f"encrypted column {column.label}: the value is sealed under another tenant's "
+                f"key, and tenant column {self._tenant_name!r} of its row holds no tenant to "
+                "move it to; it is left as it is"
+            )
+
+        def move(active: DataKey) -> Any:
+            sealed = column.column_type.reseal(stored, active, move_tenant=True)
+            return _stored_form(column, sealed)
+
+        return self._with_active_key(column, row_tenant, move)
+
+    def _with_active_key(
+        self, column: EncryptedColumn, tenant: str, seal: Callable[[DataKey], Any]
+    ) -> Any:
+        """Call ``seal`` with the active DEK of ``tenant`` for the column's purpose."""
+        column_type = column.column_type
         slot = (tenant, column_type.purpose)
         active = self._active_keys.get(slot)
         if active is None:
             active = column_type.key_provider.active_key(tenant, column_type.purpose)
             self._active_keys[slot] = active
         try:
-            return self._reseal_under(column, stored, entry, tenant, active)
+            return seal(active)
         except KeyUsageLimitError as exc:
             if not exc.replaced:
                 raise
@@ -358,7 +451,7 @@ class TableWorker:
         # newer version active: the value goes to that one.
         active = column_type.key_provider.active_key(tenant, column_type.purpose)
         self._active_keys[slot] = active
-        return self._reseal_under(column, stored, entry, tenant, active)
+        return seal(active)
 
     def _reseal_under(
         self,
@@ -378,27 +471,24 @@ class TableWorker:
                     "and run the job again"
                 )
             return None
-        sealed = column_type.reseal(stored, active)
-        if column.is_base64:
-            return base64.b64encode(sealed).decode("ascii")
-        return sealed
+        return _stored_form(column, column_type.reseal(stored, active))
 
     # -- writing ----------------------------------------------------------------
 
-    def _write(self, conn: Connection, updates: list[_RowUpdate]) -> tuple[int, int]:
-        """Write ``updates`` with compare-and-swap; return the rows and the
-        values written.
+    def _write(self, conn: Connection, updates: list[_RowUpdate]) -> tuple[int, int, int]:
+        """Write ``updates`` with compare-and-swap; return the rows, the
+        values and the moved values written.
 
-        Rows are grouped by the columns they change. On PostgreSQL with
-        psycopg each group is one statement taking arrays (see
-        :meth:`_write_arrays`); elsewhere it is an executemany of single-row
-        updates.
+        Rows are grouped by the columns they change and the columns whose
+        value moves to the row's tenant. On PostgreSQL with psycopg each group
+        is one statement taking arrays (see :meth:`_write_arrays`); elsewhere
+        it is an executemany of single-row updates.
         """
-        groups: dict[tuple[str, ...], list[_RowUpdate]] = {}
+        groups: dict[tuple[tuple[str, ...], frozenset[str]], list[_RowUpdate]] = {}
         for update in updates:
-            groups.setdefault(tuple(sorted(update.values)), []).append(update)
-        rows = values = 0
-        for names, group in groups.items():
+            groups.setdefault((tuple(sorted(update.values)), update.moved), []).append(update)
+        rows = values = moved = 0
+        for (names, moved_names), group in groups.items():
             if self._dialect == "postgresql" and conn.dialect.driver == "psycopg":
                 written = self._write_arrays(conn, names, group)
             else:
@@ -411,7 +501,8 @@ class TableWorker:
                 written = conn.execute(self._update_statement(names), parameters).rowcount
             rows += written
             values += written * len(names)
-        return rows, values
+            moved += written * len(moved_names)
+        return rows, values, moved
 
     def _array_sql(self, conn: Connection, names: tuple[str, ...]) -> str:
         """Return ``UPDATE t SET col = v.new FROM unnest(%(pk_0)b, ...) AS v(...)
@@ -517,8 +608,18 @@ class TableWorker:
         batch.values_reencrypted = sum(
             len(update.values) for update in updates if update.primary_key in written
         )
+        batch.values_moved = sum(
+            len(update.moved) for update in updates if update.primary_key in written
+        )
         batch.rows_failed = self._failed_row_count(failures)
         batch.rows_skipped = len(updates) - len(written) - len(rejected)
         with self._transaction() as conn:
             self._save_checkpoint(conn, batch)
         self._finish_batch(batch, failures)
+
+
+def _stored_form(column: EncryptedColumn, sealed: bytes) -> Any:
+    """Return an envelope as the column stores it: bytes, or base64 text."""
+    if column.is_base64:
+        return base64.b64encode(sealed).decode("ascii")
+    return sealed
