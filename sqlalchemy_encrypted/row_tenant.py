@@ -185,6 +185,40 @@ def _track_tenant_changes(mapper: Mapper[Any], class_: type[Any]) -> None:
         event.listen(attribute, "set", _keep_previous_tenant, active_history=True)
 
 
+@event.listens_for(sa.orm.Session, "before_flush")
+def _load_unloaded_tenants(session: sa.orm.Session, flush_context: Any, instances: Any) -> None:
+    """Load the tenant column of each changed object that has not loaded it.
+
+    ``commit()`` expires every attribute and ``load_only()`` or ``defer()``
+    leave columns unloaded, so an object can carry new encrypted values
+    without its tenant. The mapper's ``before_update`` hook cannot load
+    attributes, so they are loaded here, where the ORM still may.
+    """
+    for obj in list(session.dirty):
+        state = sa.inspect(obj)
+        if state.key is None:
+            continue
+        mapper = state.mapper
+        table = mapper.local_table
+        tenant_name = tenant_column_of(table)
+        if tenant_name is None or not isinstance(table, sa.Table):
+            continue
+        if tenant_name not in table.columns:
+            continue
+        tenant_key = mapper.get_property_by_column(table.columns[tenant_name]).key
+        if tenant_key in state.dict:
+            continue
+        changed = any(
+            mapper.get_property_by_column(column).key in state.committed_state
+            for column in table.columns
+            if isinstance(column.type, EncryptedType)
+        )
+        if changed:
+            # Loads the expired or deferred tenant column, and with it the
+            # object's other expired attributes; changed values are kept.
+            getattr(obj, tenant_key)
+
+
 @event.listens_for(Mapper, "before_update")
 def _before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
     _wrap_changed(mapper, sa.inspect(target))

@@ -110,6 +110,55 @@ def test_orm_update_uses_row_tenant(db: sa.Engine, counting_keyring: CountingKey
         assert session.get(Person, 2).name == "After 2"  # type: ignore[union-attr]
 
 
+def test_update_after_commit_loads_tenant(db: sa.Engine, counting_keyring: CountingKeyring) -> None:
+    """commit() expires every attribute, the tenant column included; an
+    update set on the expired object reads the row's tenant from the database."""
+    with Session(db) as session:
+        session.add(Person(id=1, tenant_id="t-acme", name="Before"))
+        session.add(Person(id=2, tenant_id="t-globex", name="Before"))
+        session.commit()
+    with Session(db) as session:
+        person = session.get(Person, 2)
+        assert person is not None
+        session.commit()
+        assert "tenant_id" not in sa.inspect(person).dict
+        person.name = "After"
+        session.commit()
+    key_ids = _key_tenants(db, "name")
+    assert key_ids[2] == counting_keyring.active_key("t-globex", KeyPurpose.RANDOMIZED).key_id
+    with se.tenant_scope("t-globex"), Session(db) as session:
+        assert session.get(Person, 2).name == "After"  # type: ignore[union-attr]
+
+
+def test_update_with_tenant_not_loaded(db: sa.Engine, counting_keyring: CountingKeyring) -> None:
+    """load_only() leaves the tenant column unloaded; the flush reads it."""
+    with Session(db) as session:
+        session.add(Person(id=1, tenant_id="t-acme", name="Before"))
+        session.commit()
+    with se.tenant_scope("t-acme"), Session(db) as session:
+        statement = sa.select(Person).options(sa.orm.load_only(Person.name))
+        person = session.scalars(statement).one()
+        assert "tenant_id" not in sa.inspect(person).dict
+        person.name = "After"
+        session.commit()
+    key_ids = _key_tenants(db, "name")
+    assert key_ids[1] == counting_keyring.active_key("t-acme", KeyPurpose.RANDOMIZED).key_id
+
+
+def test_unloaded_tenant_other_scope_raises(db: sa.Engine) -> None:
+    with Session(db) as session:
+        session.add(Person(id=1, tenant_id="t-acme", name="Before"))
+        session.commit()
+    with Session(db) as session:
+        person = session.get(Person, 1)
+        assert person is not None
+        session.commit()
+        with se.tenant_scope("t-globex"):
+            person.name = "Hijacked"
+            with pytest.raises(TenantContextError, match="t-acme"):
+                session.flush()
+
+
 def test_update_in_other_tenant_scope_raises(db: sa.Engine) -> None:
     with Session(db) as session:
         session.add(Person(id=1, tenant_id="t-acme", name="Before"))
