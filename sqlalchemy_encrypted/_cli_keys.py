@@ -242,7 +242,7 @@ def keys_rotate(
             err=True,
         )
     if planned and not ignore_unknown_keys:
-        check_no_unknown_keys(settings, keyring, list(dict.fromkeys(t for t, _ in planned)))
+        check_no_unknown_keys(settings, keyring)
     created = []
     for tenant, key_purpose in planned:
         try:

@@ -3,14 +3,13 @@ are not in the keyring table.
 
 Such values mean that the keyring table and the data come from different
 points in time, as after restoring one of them from a backup. A key created
-then may be missing from the keyring table that the operator restores next,
-so no tenant whose values name unknown key ids is rotated.
+then, for any tenant, may be missing from the keyring table that the
+operator restores next, so no tenant is rotated while such values exist.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 
 import click
 
@@ -31,16 +30,17 @@ _MAX_TENANTS_LISTED = 5
 _ColumnKeys = dict[str, dict[uuid.UUID, int]]
 
 
-def check_no_unknown_keys(settings: CliContext, keyring: Keyring, tenants: Sequence[str]) -> None:
-    """Raise :class:`UnknownKeysError` when stored values of ``tenants`` name
-    key ids that are not in the keyring table.
+def check_no_unknown_keys(settings: CliContext, keyring: Keyring) -> None:
+    """Raise :class:`UnknownKeysError` when any stored value names a key id
+    that is not in the keyring table.
 
     It takes one census of every encrypted column of --models, the scan that
     ``status`` makes, and attributes each such value to the tenant in its
-    row's tenant column. A value in a row that names no tenant (a table
-    without a tenant column) may belong to any tenant, so it stops them all.
-    Without --models nothing can be checked, so it prints a note on stderr
-    instead.
+    row's tenant column, for the message. Any such value stops the rotation
+    of every tenant, whichever tenant it belongs to: the keyring table is then
+    not the one that matches the data, and a key created in it now would be
+    lost when the matching table is restored. Without --models nothing can
+    be checked, so it prints a note on stderr instead.
     """
     if not settings.models:
         click.echo(
@@ -51,7 +51,7 @@ def check_no_unknown_keys(settings: CliContext, keyring: Keyring, tenants: Seque
         return
     result = census(settings.engine(), settings.tables(), keys=keyring)
     by_tenant = result.unknown_keys_by_tenant()
-    stopped = {tenant: by_tenant[tenant] for tenant in tenants if tenant in by_tenant}
+    stopped = {tenant: columns for tenant, columns in by_tenant.items() if tenant is not None}
     without_tenant = by_tenant.get(None, {})
     if stopped or without_tenant:
         raise UnknownKeysError(_message(stopped, without_tenant, keyring.table.fullname))
