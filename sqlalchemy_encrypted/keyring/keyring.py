@@ -263,7 +263,8 @@ class Keyring:
 
     def create_table(self) -> None:
         """Create the keyring table and its indexes if they do not exist."""
-        self.metadata.create_all(self.engine, tables=[self.table], checkfirst=True)
+        with self._store.begin() as conn:
+            self.metadata.create_all(conn, tables=[self.table], checkfirst=True)
 
     def _now(self) -> datetime.datetime:
         return self._wall_clock()
@@ -855,7 +856,7 @@ class Keyring:
         generated = self._generate(context)
         row = self._new_row(context, generated, KeyState.ACTIVE)
         try:
-            with self.engine.begin() as conn:
+            with self._store.begin() as conn:
                 self._store.insert(conn, row)
         except sa.exc.OperationalError as exc:
             if self.engine.dialect.name != "sqlite" or "locked" not in str(exc.orig):

@@ -120,7 +120,7 @@ def _rotate_one(
     row = keyring._new_row(context, generated, state)
     active = next((r for r in mine if r.state is KeyState.ACTIVE), None)
     try:
-        with keyring.engine.begin() as conn:
+        with keyring._store.begin() as conn:
             if activate_now and active is not None:
                 demoted = keyring._store.compare_and_set(conn, active, state=KeyState.DECRYPT_ONLY)
                 if demoted is None:
@@ -211,7 +211,7 @@ def _promote(keyring: Keyring, pending: KeyRow) -> KeyRow | None:
     """Make ``pending`` active and the current active row decrypt-only, atomically."""
     store = keyring._store
     try:
-        with keyring.engine.begin() as conn:
+        with keyring._store.begin() as conn:
             rows = store.tenant_rows(pending.tenant_id, conn, for_update=True)
             current = next((row for row in rows if row.key_id == pending.key_id), None)
             if current is None or current.state is not KeyState.PENDING:
@@ -275,7 +275,7 @@ def _rewrap_row(keyring: Keyring, row: KeyRow, target: KmsProvider) -> bool:
         # under the target KEK, to the DEK the row's key check value names.
         check = row.evolve(kms_provider=target.provider_name, kek_id=target.kek_id)
         keyring._verified_cipher(check, keyring._unwrap_with(target, check, wrapped, target.kek_id))
-        with keyring.engine.begin() as conn:
+        with keyring._store.begin() as conn:
             updated = keyring._store.compare_and_set(
                 conn,
                 row,
@@ -353,7 +353,7 @@ def retire(
     if in_use and not any(row.state in (KeyState.DECRYPT_ONLY, KeyState.RETIRED) for row in rows):
         raise KeyStateError(_in_use_message(tenant, version, in_use))
     retired = []
-    with keyring.engine.begin() as conn:
+    with keyring._store.begin() as conn:
         for row in rows:
             if row.state is not KeyState.DECRYPT_ONLY:
                 continue
@@ -392,7 +392,7 @@ def reinstate(
         )
 
     reinstated = []
-    with keyring.engine.begin() as conn:
+    with keyring._store.begin() as conn:
         for row in retired:
             updated = keyring._store.compare_and_set(
                 conn, row, state=KeyState.DECRYPT_ONLY, retired_at=None
@@ -423,7 +423,7 @@ def _in_use_message(tenant: str, version: int, rows: Sequence[KeyRow]) -> str:
 
 def shred(keyring: Keyring, tenant: str) -> int:
     table = keyring.table
-    with keyring.engine.begin() as conn:
+    with keyring._store.begin() as conn:
         rows = [
             row
             for row in keyring._store.tenant_rows(tenant, conn, for_update=True)

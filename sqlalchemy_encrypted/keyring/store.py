@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from ..errors import ConfigurationError, KeyNotFoundError, KeyStateError
 from ..keys import KeyPurpose
 from ..kms.base import WrapContext
+from . import connections
 from .schema import SEALED_COUNT, KeyState
 
 __all__ = ["KeyInfo", "KeyRow", "KeyStore", "utcnow"]
@@ -112,6 +113,14 @@ class KeyStore:
         self.engine = engine
         self.table = table
 
+    def connect(self) -> contextlib.AbstractContextManager[sa.Connection]:
+        """Open a connection; see :func:`connections.connect`."""
+        return connections.connect(self.engine, self.table)
+
+    def begin(self) -> contextlib.AbstractContextManager[sa.Connection]:
+        """Open a connection inside a transaction; see :func:`connections.begin`."""
+        return connections.begin(self.engine, self.table)
+
     def _row(self, mapping: Any) -> KeyRow:
         data = dict(mapping)
         wrapped = data["wrapped_dek"]
@@ -150,7 +159,7 @@ class KeyStore:
 
     def _raise_if_table_missing(self) -> None:
         """Turn the driver's "no such table" into an error that says what to do."""
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             exists = sa.inspect(conn).has_table(self.table.name, schema=self.table.schema)
         if not exists:
             raise ConfigurationError(
@@ -169,14 +178,14 @@ class KeyStore:
             .limit(limit)
         )
         try:
-            with self.engine.connect() as conn:
+            with self.connect() as conn:
                 return [(row[0], row[1]) for row in conn.execute(stmt)]
         except (sa.exc.OperationalError, sa.exc.ProgrammingError):
             self._raise_if_table_missing()
             raise
 
     def get(self, key_id: uuid.UUID) -> KeyRow | None:
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = self._select(conn, self.table.c.key_id == key_id)
         return rows[0] if rows else None
 
@@ -186,7 +195,7 @@ class KeyStore:
         where = self.table.c.tenant_id == tenant_id
         if conn is not None:
             return self._exact_tenant(self._select(conn, where, for_update), tenant_id)
-        with self.engine.connect() as own:
+        with self.connect() as own:
             return self._exact_tenant(self._select(own, where), tenant_id)
 
     def _exact_tenant(self, rows: list[KeyRow], tenant_id: str) -> list[KeyRow]:
@@ -215,7 +224,7 @@ class KeyStore:
             clauses.append(self.table.c.tenant_id == tenant_id)
         if states is not None:
             clauses.append(self.table.c.state.in_([state.value for state in states]))
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = self._select(conn, sa.and_(sa.true(), *clauses))
         return rows if tenant_id is None else self._exact_tenant(rows, tenant_id)
 
@@ -318,7 +327,7 @@ class KeyStore:
     def sealed_count(self, key_id: uuid.UUID) -> int | None:
         """Return the usage counter of ``key_id``, or None if the key is not in the table."""
         counter = self.table.c[SEALED_COUNT]
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             value = conn.execute(
                 sa.select(counter).where(self.table.c.key_id == key_id)
             ).scalar_one_or_none()
@@ -332,7 +341,7 @@ class KeyStore:
         query = sa.select(self.table.c.key_id, self.table.c[SEALED_COUNT])
         if tenant_id is not None:
             query = query.where(self.table.c.tenant_id == tenant_id)
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             return {row[0]: int(row[1]) for row in conn.execute(query)}
 
     @contextlib.contextmanager
@@ -343,7 +352,7 @@ class KeyStore:
         lock, because the application's own open transaction on the same file
         may hold it, and no wait would end that.
         """
-        with self.engine.begin() as conn:
+        with self.begin() as conn:
             if conn.dialect.name != "sqlite":
                 yield conn
                 return
@@ -356,6 +365,6 @@ class KeyStore:
 
     def has_usage_column(self) -> bool:
         """Return True if the keyring table has the usage counter column."""
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             columns = sa.inspect(conn).get_columns(self.table.name, schema=self.table.schema)
         return any(column["name"] == SEALED_COUNT for column in columns)
