@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeEngine
 
 from sqlalchemy_encrypted.errors import MigrationError
+from sqlalchemy_encrypted.statement_errors import database_message
 
 __all__ = [
     "SUPPORTED_DIALECTS",
@@ -172,26 +173,6 @@ def check_swappable(conn: Connection, info: TableInfo, column: str) -> None:
             "uses it, and a foreign key cannot match the converted values. Nothing was "
             "written. Drop the foreign key in an earlier migration, then run this one again"
         )
-
-
-def database_message(error: sa.exc.DBAPIError) -> str:
-    """Return the database's own error message, without details that may quote values.
-
-    Also hides the statement's bound parameters in the text of ``error``,
-    because a conversion binds the plaintext values it writes. PostgreSQL's
-    DETAIL line can quote a row ("Key (email)=(...) already exists"), so
-    only the primary message and the SQLSTATE are returned. For the same
-    reason, callers raise their own error without chaining ``error``.
-    """
-    error.hide_parameters = True
-    sqlstate = getattr(error.orig, "sqlstate", None)
-    code = f" (SQLSTATE {sqlstate})" if isinstance(sqlstate, str) and sqlstate else ""
-    diagnostics = getattr(error.orig, "diag", None)
-    primary = getattr(diagnostics, "message_primary", None)
-    if isinstance(primary, str) and primary:
-        return primary + code
-    lines = str(error.orig).strip().splitlines()
-    return (lines[0] if lines else type(error.orig).__name__) + code
 
 
 # SQLSTATEs of a lock that could not be taken: lock_not_available (lock_timeout

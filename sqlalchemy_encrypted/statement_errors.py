@@ -15,18 +15,20 @@ A ``handle_error`` listener on every engine marks such errors with
 error, including the plaintext columns of failed statements.
 
 A second listener keeps the ``__cause__`` chain of this package's errors
-finite; see :func:`_copy_self_caused_error`.
+finite; see :func:`_copy_self_caused_error`. :func:`database_message`
+returns the part of a database error that is safe to show or store.
 """
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.exc import StatementError
 
 from .errors import EncryptionError
 
-__all__: list[str] = []
+__all__ = ["database_message"]
 
 
 @event.listens_for(Engine, "handle_error")
@@ -73,3 +75,23 @@ def _copy_error(error: EncryptionError) -> EncryptionError:
     copy = type(error).__new__(type(error), *error.args)
     copy.__dict__.update(error.__dict__)
     return copy
+
+
+def database_message(error: sa.exc.DBAPIError) -> str:
+    """Return the database's own error message, without details that may quote values.
+
+    Also hides the statement's bound parameters in the text of ``error``,
+    because a conversion binds the plaintext values it writes. PostgreSQL's
+    DETAIL line can quote a row ("Key (email)=(...) already exists"), so
+    only the primary message and the SQLSTATE are returned. For the same
+    reason, callers raise their own error without chaining ``error``.
+    """
+    error.hide_parameters = True
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    code = f" (SQLSTATE {sqlstate})" if isinstance(sqlstate, str) and sqlstate else ""
+    diagnostics = getattr(error.orig, "diag", None)
+    primary = getattr(diagnostics, "message_primary", None)
+    if isinstance(primary, str) and primary:
+        return primary + code
+    lines = str(error.orig).strip().splitlines()
+    return (lines[0] if lines else type(error.orig).__name__) + code

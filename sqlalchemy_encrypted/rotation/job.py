@@ -23,9 +23,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ..errors import ConfigurationError, ReencryptionError
+from ..statement_errors import database_message
 from .census import Census, census
 from .checkpoint import (
     DEFAULT_CHECKPOINT_TABLE,
@@ -531,15 +533,10 @@ class ReencryptionJob:
         try:
             stats = worker.run()
         except BaseException as exc:
+            summary = _failure_summary(exc)
             if store is not None and checkpoint is not None:
-                self._mark_failed(conn, store, checkpoint, exc)
-            logger.error(
-                "re-encryption of %s stopped in worker slot %d: %s: %s",
-                label,
-                slot,
-                type(exc).__name__,
-                exc,
-            )
+                self._mark_failed(conn, store, checkpoint, summary)
+            logger.error("re-encryption of %s stopped in worker slot %d: %s", label, slot, summary)
             raise
         if store is not None and checkpoint is not None:
             with conn.begin():
@@ -548,13 +545,13 @@ class ReencryptionJob:
         return stats, cursor is not None
 
     def _mark_failed(
-        self, conn: Connection, store: CheckpointStore, checkpoint: Any, exc: BaseException
+        self, conn: Connection, store: CheckpointStore, checkpoint: Any, summary: str
     ) -> None:
         try:
             conn.rollback()
             with conn.begin():
                 checkpoint.status = CheckpointStatus.FAILED
-                checkpoint.error = f"{type(exc).__name__}: {exc}"[:2000]
+                checkpoint.error = summary[:2000]
                 store.save(conn, checkpoint)
         except Exception:  # the database may be what failed
             logger.warning("could not record the failure in the re-encryption checkpoint")
@@ -669,6 +666,19 @@ class ReencryptionJob:
             audit.info(message, *args)
         else:
             audit.warning(message, *args)
+
+
+def _failure_summary(exc: BaseException) -> str:
+    """Return the text that a slot stopped by ``exc`` stores and logs.
+
+    For a database error that is the exception class, the database's
+    primary message and the SQLSTATE. Its full text would also list the
+    statement and its parameters (ciphertexts and primary keys), and
+    PostgreSQL's DETAIL line, which can quote the values of a row.
+    """
+    if isinstance(exc, sa.exc.DBAPIError):
+        return f"{type(exc).__name__}: {database_message(exc)}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _group_by_table(columns: Sequence[EncryptedColumn]) -> list[list[EncryptedColumn]]:
