@@ -5,6 +5,10 @@ of a table that names a tenant column and has encrypted columns:
 
 * a row that carries the tenant column, in the statement's parameters or
   in ``.values()``, is sealed under the tenant given there;
+* an INSERT row that seals values but does not carry the tenant column is
+  sealed under the column's scalar default, and raises
+  :class:`TenantContextError` when the column has no default at all;
+* the DO UPDATE of an upsert is limited by :func:`.limit_upsert`;
 * an UPDATE whose WHERE clause requires ``tenant_column == value`` (a term
   joined by AND) only touches rows of that tenant, so its values are sealed
   under that tenant;
@@ -29,6 +33,7 @@ from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClau
 from sqlalchemy.sql.lambdas import StatementLambdaElement
 from sqlalchemy.util import immutabledict
 
+from ._upsert_tenant import limit_upsert
 from .errors import TenantContextError
 from .tenancy import TenantBound, get_default_tenant, scoped_tenant
 from .types import EncryptedType
@@ -126,9 +131,17 @@ def bind_statement(
         ]
     if params:
         params = _bind_row(table, tenant_key, param_keys, params)
-    if not isinstance(statement, Update):
-        return statement, multiparams, params
+
     rows = multiparams or ([params] if params else [])
+    if isinstance(statement, Insert):
+        statement, rows = _bind_rows_without_tenant(statement, table, tenant_key, keys, rows)
+        if multiparams:
+            multiparams = rows
+        elif params:
+            params = rows[0]
+        statement = limit_upsert(statement, table, tenant_name, keys)
+        return statement, multiparams, params
+
     dict_rows = [row for row in rows if isinstance(row, dict)]
     if len(dict_rows) < len(rows) or _carries_tenant(statement, tenant_key, dict_rows):
         return statement, multiparams, params
@@ -254,9 +267,19 @@ def _check_multi_values(
             if not isinstance(row, dict):
                 continue
             by_key = {_key_of(column): value for column, value in row.items()}
-            if tenant_key not in by_key or not any(by_key.get(key) is not None for key in keys):
+            if not any(by_key.get(key) is not None for key in keys):
                 continue
-            tenant = row_tenant(table, by_key[tenant_key])
+            if tenant_key in by_key:
+                tenant = row_tenant(table, by_key[tenant_key])
+            else:
+                tenant_column = table.columns[tenant_key]
+                tenant = _scalar_default(tenant_column)
+                if tenant is None:
+                    if _computed_default(tenant_column):
+                        continue
+                    sealing = [key for key in keys if by_key.get(key) is not None]
+                    raise _missing_tenant_error(table, tenant_column, sealing)
+                tenant = row_tenant(table, tenant)
             if sealing_tenant is None:
                 raise TenantContextError(
                     f"table {table.name}: a multi-row insert().values([...]) seals all its "
@@ -272,6 +295,75 @@ def _check_multi_values(
                     f"{sealing_tenant!r}; pass the rows as a list of parameter dicts to "
                     "execute() instead, which seals each row under its own tenant"
                 )
+
+
+# -- INSERT rows that do not carry the tenant column ----------------------------
+
+
+def _bind_rows_without_tenant(
+    statement: Insert, table: sa.Table, tenant_key: str, keys: list[str], rows: list[Any]
+) -> tuple[Insert, list[Any]]:
+    """Bind the encrypted values of INSERT rows that do not carry the tenant
+    column to its scalar default, or raise :class:`TenantContextError` when
+    the column has no default, because the row would get a NULL tenant."""
+    if any(_key_of(column) == tenant_key for column in _values_of(statement)):
+        return statement, rows
+    if any(not isinstance(row, dict) for row in rows):
+        return statement, rows
+    lacking = [index for index, row in enumerate(rows) if tenant_key not in row]
+    if rows and not lacking:
+        return statement, rows
+    sealing = _keys_sealed_under_scope(statement, keys, [rows[index] for index in lacking])
+    if not sealing:
+        return statement, rows
+    tenant_column = table.columns[tenant_key]
+    tenant = _scalar_default(tenant_column)
+    if tenant is None:
+        if _computed_default(tenant_column):
+            # NOTE: the default is computed when the row is written, so it
+            # cannot be checked against the tenant the values are sealed under.
+            return statement, rows
+        raise _missing_tenant_error(table, tenant_column, sealing)
+    tenant = row_tenant(table, tenant)
+    param_keys = _param_keys(statement, keys)
+    rows = list(rows)
+    for index in lacking:
+        rows[index] = _bind_row_to(tenant, param_keys, rows[index])
+    if len(lacking) == len(rows):
+        # Values given to .values() go to every row, so bind them only when no
+        # row names another tenant.
+        bound = _bind_values_to(statement, tenant, keys)
+        assert isinstance(bound, Insert)
+        statement = bound
+    return statement, rows
+
+
+def _scalar_default(column: sa.Column[Any]) -> Any:
+    """Return the value of the column's scalar Python default, or None."""
+    default = column.default
+    if isinstance(default, sa.ColumnDefault) and default.is_scalar:
+        return default.arg
+    return None
+
+
+def _computed_default(column: sa.Column[Any]) -> bool:
+    """Return True when the column gets a value from a callable or SQL
+    default, or from the database, in a row that does not set it."""
+    return column.default is not None or column.server_default is not None
+
+
+def _missing_tenant_error(
+    table: sa.Table, tenant_column: sa.Column[Any], sealing: list[str]
+) -> TenantContextError:
+    columns = ", ".join(f"{table.name}.{key}" for key in sealing)
+    tenant = scoped_tenant() or get_default_tenant()
+    sealed_under = f"are sealed under {_scope_label(tenant)}" if tenant else "need a tenant"
+    return TenantContextError(
+        f"table {table.name}: an INSERT sets encrypted column(s) {columns} but not tenant "  # noqa: S608
+        f"column {tenant_column.name!r}, which has no default, so the row would have a NULL "
+        f"tenant while its values {sealed_under}. Put the row's tenant in "
+        f"{tenant_column.key!r} of each row, or give the column a default"
+    )
 
 
 # -- UPDATE statements that do not carry the tenant column ------------------------
@@ -374,7 +466,7 @@ def _bind_to_pinned_tenant(
 
 
 def _keys_sealed_under_scope(
-    statement: Update, keys: list[str], rows: list[dict[str, Any]]
+    statement: Insert | Update, keys: list[str], rows: list[dict[str, Any]]
 ) -> list[str]:
     """Return the encrypted columns that get a value not bound to a tenant,
     which the column type seals under the scope's or the default tenant."""

@@ -13,6 +13,27 @@ tenant. ORM updates that do not change the tenant column take it from the
 loaded object. A row whose tenant differs from an active
 :func:`tenant_scope` raises :class:`TenantContextError`.
 
+An INSERT row that sets encrypted columns but not the tenant column raises
+:class:`TenantContextError` before any SQL is sent, because the row would
+get a NULL tenant. A scalar default of the tenant column (``default="acme"``)
+is the row's tenant. A callable or SQL default, or a ``server_default``, is
+computed only when the row is written: the values are sealed under the
+tenant of the active scope, else the default tenant, and the column's
+default must give that same tenant.
+
+An upsert (``INSERT ... ON CONFLICT DO UPDATE`` of the PostgreSQL and SQLite
+dialects) whose SET clause gives encrypted columns a value other than NULL
+gets ``tenant_column = excluded.tenant_column`` added to its DO UPDATE's
+WHERE clause, joined by AND to the WHERE clause it has. A value written in
+the SET clause itself, rather than taken from ``stmt.excluded``, is sealed
+under the tenant of the active scope, else the default tenant, so
+``tenant_column = :tenant`` is added too, and with no tenant at all it
+raises :class:`TenantContextError`. A conflicting row of another tenant is
+then left as it is and the new row is not inserted, without an error.
+``.returning()`` returns no row for it. An ``ON DUPLICATE KEY UPDATE``
+(MySQL and MariaDB) that sets encrypted columns raises
+:class:`UnsupportedOperationError`, because it has no WHERE clause.
+
 An UPDATE that sets encrypted columns but not the tenant column seals its
 values under one tenant, and touches only rows of that tenant:
 
