@@ -92,19 +92,32 @@ def copy_current_tenant_scope(func: Callable[_P, _R]) -> Callable[_P, _R]:
         with tenant_scope("acme"):
             future = executor.submit(copy_current_tenant_scope(load_report), report_id)
 
-    Raises :class:`TenantContextError` when no scope is active, and
-    ``TypeError`` for a coroutine function, whose body would run after the
-    wrapper's scope has closed (asyncio tasks copy the scope already).
+    Raises :class:`TenantContextError` when no scope is active. Raises
+    ``TypeError`` for a callable whose body would run after the wrapper's
+    scope has closed: a coroutine function, an async generator function or
+    an object with ``async def __call__`` (asyncio tasks copy the scope
+    already), and a generator function, whose body runs wherever the
+    returned generator is iterated. Wrap the function that iterates the
+    generator instead.
     """
-    if inspect.iscoroutinefunction(func):
+    name = _callable_name(func)
+    kind, is_async = _deferred_body_kind(func)
+    if kind is not None and is_async:
         raise TypeError(
-            f"copy_current_tenant_scope() cannot wrap coroutine function {func.__qualname__}: "
-            "an asyncio task created inside tenant_scope() already runs in that scope"
+            f"copy_current_tenant_scope() cannot wrap {kind} {name}: its body runs after the "
+            "wrapper's scope has closed, and an asyncio task created inside tenant_scope() "
+            "already runs in that scope"
+        )
+    if kind is not None:
+        raise TypeError(
+            f"copy_current_tenant_scope() cannot wrap {kind} {name}: its body runs wherever "
+            "the generator is iterated, after the wrapper's scope has closed, so wrap the "
+            "function that iterates the generator instead"
         )
     tenant = _scope.get()
     if tenant is None:
         raise TenantContextError(
-            f"copy_current_tenant_scope({func.__qualname__}) was called outside any "
+            f"copy_current_tenant_scope({name}) was called outside any "
             "tenant_scope(): call it inside the scope whose tenant the function should run in"
         )
 
@@ -114,6 +127,32 @@ def copy_current_tenant_scope(func: Callable[_P, _R]) -> Callable[_P, _R]:
             return func(*args, **kwargs)
 
     return run_in_scope
+
+
+def _callable_name(func: object) -> str:
+    """Return the qualified name of ``func``, or its repr for a callable
+    without one (a ``functools.partial``, an instance with ``__call__``)."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    return name if isinstance(name, str) else repr(func)
+
+
+def _deferred_body_kind(func: object) -> tuple[str | None, bool]:
+    """Return the kind of ``func`` and whether it is async when calling it
+    only creates a coroutine, async generator or generator, else (None, False)."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    prefix = ""
+    if not inspect.isroutine(func) and not inspect.isclass(func):
+        # An instance: its class's __call__ decides what a call returns.
+        func = type(func).__call__
+        prefix = "callable object whose __call__ is a "
+    if inspect.iscoroutinefunction(func):
+        return prefix + "coroutine function", True
+    if inspect.isasyncgenfunction(func):
+        return prefix + "async generator function", True
+    if inspect.isgeneratorfunction(func):
+        return prefix + "generator function", False
+    return None, False
 
 
 class _OpenScope:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -207,6 +208,63 @@ def test_copy_scope_rejects_coroutine_function() -> None:
 
     with tenant_scope("a"), pytest.raises(TypeError, match="asyncio task"):
         copy_current_tenant_scope(read)
+
+
+def test_copy_scope_rejects_async_callables() -> None:
+    async def read() -> str | None:
+        return scoped_tenant()
+
+    async def read_all() -> AsyncIterator[str | None]:
+        yield scoped_tenant()
+
+    class AsyncReader:
+        async def __call__(self) -> str | None:
+            return scoped_tenant()
+
+    cases = [
+        (read_all, "async generator function"),
+        (AsyncReader(), "callable object whose __call__ is a coroutine function"),
+        (functools.partial(read), "coroutine function functools.partial"),
+        (functools.partial(AsyncReader()), "__call__ is a coroutine function"),
+    ]
+    for func, kind in cases:
+        with tenant_scope("a"), pytest.raises(TypeError, match="asyncio task") as raised:
+            copy_current_tenant_scope(func)
+        assert kind in str(raised.value)
+
+
+def test_copy_scope_rejects_generator_function() -> None:
+    def read_all() -> Iterator[str | None]:
+        yield scoped_tenant()
+
+    class Reader:
+        def __call__(self) -> Iterator[str | None]:
+            yield scoped_tenant()
+
+    for func in (read_all, functools.partial(read_all), Reader()):
+        with tenant_scope("a"), pytest.raises(TypeError, match="function that iterates"):
+            copy_current_tenant_scope(func)
+
+
+def test_copy_scope_wraps_partial_and_object() -> None:
+    def read(prefix: str) -> str:
+        return f"{prefix}{scoped_tenant()}"
+
+    class Reader:
+        def __call__(self) -> str | None:
+            return scoped_tenant()
+
+    with tenant_scope("a"):
+        partial = copy_current_tenant_scope(functools.partial(read, "tenant "))
+        instance = copy_current_tenant_scope(Reader())
+    with ThreadPoolExecutor(1) as executor:
+        assert executor.submit(partial).result() == "tenant a"
+        assert executor.submit(instance).result() == "a"
+
+
+def test_copy_scope_outside_scope_names_partial() -> None:
+    with pytest.raises(TenantContextError, match=r"functools\.partial\(.*scoped_tenant"):
+        copy_current_tenant_scope(functools.partial(scoped_tenant))
 
 
 def test_worker_read_checked_only_with_copied_scope(
