@@ -180,6 +180,7 @@ def check_swappable(conn: Connection, info: TableInfo, column: str) -> None:
 _LOCK_SQLSTATES = ("55P03", "40P01")
 _READ_ONLY_SQLSTATE = "25006"
 _DUPLICATE_COLUMN_SQLSTATE = "42701"
+_DEPENDENT_OBJECTS_SQLSTATE = "2BP01"
 
 
 def _sqlite_error_code(error: sa.exc.DBAPIError) -> int | None:
@@ -203,6 +204,8 @@ def _advice(error: sa.exc.DBAPIError) -> str:
         return (
             "The database is read-only for this connection: run the migration on one that can write"
         )
+    if sqlstate == _DEPENDENT_OBJECTS_SQLSTATE:
+        return _dependent_objects_advice(error)
     message = str(error.orig)
     if sqlstate == _DUPLICATE_COLUMN_SQLSTATE or message.startswith("duplicate column name"):
         return (
@@ -212,6 +215,21 @@ def _advice(error: sa.exc.DBAPIError) -> str:
             "that column"
         )
     return "Fix the cause and run the migration again"
+
+
+def _dependent_objects_advice(error: sa.exc.DBAPIError) -> str:
+    """Return the advice for PostgreSQL's dependent_objects_still_exist (2BP01)."""
+    # This DETAIL lists the dependent objects ("view v depends on column c of
+    # table t") and never quotes a stored value, unlike the DETAIL of other errors.
+    detail = getattr(getattr(error.orig, "diag", None), "message_detail", None)
+    listed = f" ({'; '.join(detail.splitlines())})" if isinstance(detail, str) and detail else ""
+    return (
+        f"Other objects depend on the column{listed}, and PostgreSQL drops a column only "
+        "when nothing depends on it. Drop those objects, such as views, before the "
+        "conversion and create them again after the column is swapped. In a migration, "
+        "create them again in a later revision, because the swap runs at the end of the "
+        "migration. Then run the migration again"
+    )
 
 
 @contextlib.contextmanager
@@ -232,14 +250,19 @@ def conversion_step(label: str, step: str, outcome: str) -> Iterator[None]:
         ) from None
 
 
-def run_step(conn: Connection, info: TableInfo, column: str, step: str, sql: str) -> None:
-    """Execute one statement of the final swap, naming the step if it fails."""
+def run_step(
+    conn: Connection, info: TableInfo, column: str, step: str, sql: str, outcome: str
+) -> None:
+    """Execute one statement of the final swap, naming the step if it fails.
+
+    ``outcome`` is the sentence of :func:`conversion_step`.
+    """
     if conn.dialect.paramstyle in ("format", "pyformat"):
         # The driver reads "%" as a placeholder, and reflected constraint
         # SQL can hold one (LIKE '%@%').
         sql = sql.replace("%", "%%")
     label = f"{info.qualified_name}.{column}"
-    with conversion_step(label, step, "The converted values are kept in a temporary column"):
+    with conversion_step(label, step, outcome):
         conn.exec_driver_sql(sql)
 
 

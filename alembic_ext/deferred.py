@@ -37,10 +37,14 @@ class FinalStep:
 
     ``check`` runs under the write lock and returns the ``swap`` to run
     once every column of the migration has been checked.
+    ``shadow_committed`` is True when the temporary column was committed
+    before the migration's transaction, False when it was added in that
+    transaction, and None when that is not known or there is none.
     """
 
     label: str
     check: Callable[[Connection], Callable[[Connection], None]]
+    shadow_committed: bool | None = None
 
 
 @dataclass
@@ -96,10 +100,25 @@ def _run(context: MigrationContext) -> None:
         for swap in swaps:
             swap(conn)
     except Exception as exc:
-        exc.add_note(
-            f"The final steps of this migration's conversions ({labels}) run in one "
-            "transaction with the Alembic version row, so none of these columns is "
-            "swapped and the version is unchanged. The converted values stay in the "
-            "temporary columns; fix the cause and run the migration again."
-        )
+        exc.add_note(_failure_note(labels, queue.steps))
         raise
+
+
+def _failure_note(labels: str, steps: list[FinalStep]) -> str:
+    """Return the note stating what a failed final step leaves of each column."""
+    note = (
+        f"The final steps of this migration's conversions ({labels}) run in one "
+        "transaction with the Alembic version row, so none of these columns is "
+        "swapped and the version is unchanged."
+    )
+    kept = [step.label for step in steps if step.shadow_committed is True]
+    rolled_back = [step.label for step in steps if step.shadow_committed is False]
+    if kept:
+        note += f" The converted values of {', '.join(kept)} stay in temporary columns."
+    if rolled_back:
+        note += (
+            f" The temporary columns of {', '.join(rolled_back)} were added in the "
+            "migration's transaction, so rolling it back removes them with their "
+            "converted values."
+        )
+    return note + " Fix the cause and run the migration again."

@@ -28,19 +28,22 @@ __all__ = ["swap_columns"]
 logger = logging.getLogger("sqlalchemy_encrypted.alembic")
 
 
-def swap_columns(conn: Connection, info: TableInfo, source: ColumnInfo, shadow: str) -> None:
+def swap_columns(
+    conn: Connection, info: TableInfo, source: ColumnInfo, shadow: str, outcome: str
+) -> None:
     """Replace ``source`` by the ``shadow`` column, keeping the source's name,
     NOT NULL, comment, indexes and constraints.
 
     Runs inside the caller's transaction: on failure nothing is changed once
-    the caller rolls back, and the error names the step that failed.
+    the caller rolls back, and the error names the step that failed and
+    ends with ``outcome``, the sentence stating what the failure leaves.
     """
     if conn.dialect.name == "postgresql":
-        _swap_postgresql(conn, info, source, shadow)
+        _swap_postgresql(conn, info, source, shadow, outcome)
         in_place = False
     else:
         begin_write(conn, info.name, info.schema, source.name)
-        in_place = swap_sqlite(conn, info, source, shadow)
+        in_place = swap_sqlite(conn, info, source, shadow, outcome)
     if source.default is None:
         return
     if in_place:
@@ -58,7 +61,9 @@ def swap_columns(conn: Connection, info: TableInfo, source: ColumnInfo, shadow: 
         )
 
 
-def _swap_postgresql(conn: Connection, info: TableInfo, source: ColumnInfo, shadow: str) -> None:
+def _swap_postgresql(
+    conn: Connection, info: TableInfo, source: ColumnInfo, shadow: str, outcome: str
+) -> None:
     target = table_sql(conn, info.name, info.schema)
     column = quote_name(conn, source.name)
 
@@ -94,6 +99,7 @@ def _swap_postgresql(conn: Connection, info: TableInfo, source: ColumnInfo, shad
         source.name,
         "drop the source column",
         f"ALTER TABLE {target} DROP COLUMN {column}",
+        outcome,
     )
     run_step(
         conn,
@@ -101,6 +107,7 @@ def _swap_postgresql(conn: Connection, info: TableInfo, source: ColumnInfo, shad
         source.name,
         "rename the converted column",
         f"ALTER TABLE {target} RENAME COLUMN {quote_name(conn, shadow)} TO {column}",
+        outcome,
     )
 
     lost_constraints = {
@@ -113,11 +120,12 @@ def _swap_postgresql(conn: Connection, info: TableInfo, source: ColumnInfo, shad
             source.name,
             f"recreate constraint {name}",
             f"ALTER TABLE {target} ADD CONSTRAINT {quote_name(conn, name)} {definition}",
+            outcome,
         )
     remaining = indexes()
     for name, definition in indexes_before.items():
         if name not in remaining:
-            run_step(conn, info, source.name, f"recreate index {name}", definition)
+            run_step(conn, info, source.name, f"recreate index {name}", definition, outcome)
 
     if not source.nullable:
         run_step(
@@ -126,6 +134,7 @@ def _swap_postgresql(conn: Connection, info: TableInfo, source: ColumnInfo, shad
             source.name,
             "restore NOT NULL",
             f"ALTER TABLE {target} ALTER COLUMN {column} SET NOT NULL",
+            outcome,
         )
     if source.comment is not None:
         commented: sa.Column[Any] = sa.Column(source.name, comment=source.comment)

@@ -60,11 +60,14 @@ _SAVEPOINT = "sqlalchemy_encrypted_swap"
 _CREATE_PREFIXES = ("CREATE INDEX ", "CREATE UNIQUE INDEX ", "CREATE TRIGGER ")
 
 
-def swap_sqlite(conn: Connection, info: TableInfo, source: ColumnInfo, shadow: str) -> bool:
+def swap_sqlite(
+    conn: Connection, info: TableInfo, source: ColumnInfo, shadow: str, outcome: str
+) -> bool:
     """Replace ``source`` by the ``shadow`` column; see the module docstring.
 
-    The caller has opened the write transaction. Returns True if the values
-    were written back in place, so the column kept its declared type.
+    The caller has opened the write transaction. ``outcome`` is the sentence
+    that ends an error and states what the failure leaves. Returns True if the
+    values were written back in place, so the column kept its declared type.
     """
     fingerprint = _sqlite_fingerprint(conn, info.name, info.schema)
     if source.nullable:
@@ -81,7 +84,7 @@ def swap_sqlite(conn: Connection, info: TableInfo, source: ColumnInfo, shadow: s
         reason,
         source.type,
     )
-    _write_back(conn, info, source, shadow, fingerprint)
+    _write_back(conn, info, source, shadow, fingerprint, outcome)
     return True
 
 
@@ -206,6 +209,7 @@ def _write_back(
     source: ColumnInfo,
     shadow: str,
     fingerprint: set[tuple[Any, ...]],
+    outcome: str,
 ) -> None:
     target = table_sql(conn, info.name, info.schema)
     column = quote_name(conn, source.name)
@@ -215,13 +219,14 @@ def _write_back(
     triggers = _stored_sql(conn, info, "trigger")
     for name, _ in triggers:
         drop = f"DROP TRIGGER {prefix}{quote_name(conn, name)}"
-        run_step(conn, info, source.name, f"drop trigger {name}", drop)
+        run_step(conn, info, source.name, f"drop trigger {name}", drop, outcome)
     run_step(
         conn,
         info,
         source.name,
         "write the converted values into the column",
         f"UPDATE {target} SET {column} = {shadow_column}",  # noqa: S608
+        outcome,
     )
     changed = conn.exec_driver_sql(
         f"SELECT count(*) FROM {target} WHERE typeof({column}) <> typeof({shadow_column}) "  # noqa: S608
@@ -231,9 +236,9 @@ def _write_back(
         raise MigrationError(
             f"could not write the converted values into {info.qualified_name}.{source.name}: "
             f"SQLite converted {changed} value(s) to the storage class of the column's "
-            f"declared type {source.type} (type affinity), which would change them. The "
-            "converted values are kept in a temporary column. Pass a type_ that matches the "
-            "declared type, then run the migration again"
+            f"declared type {source.type} (type affinity), which would change them. "
+            f"{outcome}. Pass a type_ that matches the declared type, then run the migration "
+            "again"
         )
     run_step(
         conn,
@@ -241,14 +246,19 @@ def _write_back(
         source.name,
         "drop the temporary column",
         f"ALTER TABLE {target} DROP COLUMN {shadow_column}",
+        outcome,
     )
     for name, sql in triggers:
         run_step(
-            conn, info, source.name, f"recreate trigger {name}", _in_schema(conn, sql, info.schema)
+            conn,
+            info,
+            source.name,
+            f"recreate trigger {name}",
+            _in_schema(conn, sql, info.schema),
+            outcome,
         )
     if _sqlite_fingerprint(conn, info.name, info.schema) != fingerprint:
         raise MigrationError(
             f"the indexes or constraints of {info.qualified_name} changed while converting "
-            f"{source.name}, so the swap was rolled back. The converted values are kept in "
-            "a temporary column"
+            f"{source.name}, so the swap was rolled back. {outcome}"
         )

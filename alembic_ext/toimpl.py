@@ -40,6 +40,19 @@ _Op = EncryptColumnOp | DecryptColumnOp
 
 # The outcome of a failed step before the swap: until the swap, the source column is only read.
 _SOURCE_UNCHANGED = "The original column is unchanged"
+# The outcome of a failed swap when the temporary column was committed before
+# the transaction of the swap began.
+_CONVERTED_KEPT = "The converted values are kept in a temporary column"
+
+
+def _swap_outcome(shadow: str, shadow_committed: bool) -> str:
+    """Return the sentence stating what a failed swap leaves."""
+    if shadow_committed:
+        return _CONVERTED_KEPT
+    return (
+        f"The original column is unchanged. The temporary column {shadow!r} was added in "
+        "this transaction, so rolling the transaction back removes it with the converted values"
+    )
 
 
 def _offline_error(name: str) -> MigrationError:
@@ -299,12 +312,14 @@ def _first_phase(context: MigrationContext, work: Connection, operation: _Op) ->
 
 def _final_check(
     context: MigrationContext, conn: Connection, operation: _Op, filled: Counts | None
-) -> Callable[[Connection], ConversionReport]:
+) -> tuple[Callable[[Connection], ConversionReport], bool | None]:
     """Block writers, convert what is left and verify every row.
 
-    Returns the function that swaps the columns and returns the report. It
-    runs later on the same connection and transaction, after the other
-    columns of the migration are checked too.
+    Returns the function that swaps the columns and returns the report, and
+    whether the temporary column was committed before this transaction
+    (None when the column needs no conversion, so there is none). The
+    function runs later on the same connection and transaction, after the
+    other columns of the migration are checked too.
     """
     step = f"lock table {_qualified_table(operation)} against writes"
     with conversion_step(_label(operation), step, _SOURCE_UNCHANGED):
@@ -314,6 +329,9 @@ def _final_check(
     plan = _Plan(conn, operation)
     conversion = plan.conversion(conn)
     strict_pending = operation.strict and filled is None
+    # A temporary column that exists here was committed by the batches or an
+    # earlier run. One added below is rolled back with this transaction.
+    shadow_committed = plan.has_shadow
 
     if not plan.has_shadow:
         if _same_type(context, plan.source, plan.strategy.target_type):
@@ -322,7 +340,7 @@ def _final_check(
                 conversion.check_strict(counts)
             if counts.converted == 0:
                 unchanged = _report(plan, counts, resumed=0, rewritten=0, swapped=False)
-                return lambda _: unchanged
+                return (lambda _: unchanged), None
         elif strict_pending:
             conversion.check_strict(conversion.scan())
         plan.add_shadow(conn, commit=False)
@@ -340,19 +358,17 @@ def _final_check(
     else:
         resumed, rewritten = filled.resumed, counts.written
 
+    outcome = _swap_outcome(plan.shadow, shadow_committed)
+
     def swap_columns(swap_conn: Connection) -> ConversionReport:
         # An earlier swap in the same migration may have changed the table.
         current = _Plan(swap_conn, operation)
         # A failed statement of the swap names its own step, and this covers the rest.
-        with conversion_step(
-            plan.target.label,
-            "swap the converted column into place",
-            "The converted values are kept in a temporary column",
-        ):
-            swap.swap_columns(swap_conn, current.info, current.source, current.shadow)
+        with conversion_step(plan.target.label, "swap the converted column into place", outcome):
+            swap.swap_columns(swap_conn, current.info, current.source, current.shadow, outcome)
         return _report(plan, counts, resumed=resumed, rewritten=rewritten, swapped=True)
 
-    return swap_columns
+    return swap_columns, shadow_committed
 
 
 def _check_census(conn: Connection, plan: _Plan, counts: Counts) -> None:
@@ -433,7 +449,8 @@ def convert_column(operations: Operations, operation: _Op) -> ConversionReport:
     if runs_in_migration(context):
         return _defer_final_step(context, operation, filled)
     bind = operations.get_bind()
-    report = _final_check(context, bind, operation, filled)(bind)
+    swap_columns, _ = _final_check(context, bind, operation, filled)
+    report = swap_columns(bind)
     audit.info("%s", report)
     return report
 
@@ -461,7 +478,7 @@ def _defer_final_step(
 
     def check(conn: Connection) -> Callable[[Connection], None]:
         try:
-            swap_columns = _final_check(context, conn, operation, filled)
+            swap_columns, step.shadow_committed = _final_check(context, conn, operation, filled)
         except (MigrationError, sa.exc.DBAPIError):
             if not _column_missing(conn, operation):
                 raise
@@ -480,7 +497,12 @@ def _defer_final_step(
 
         return swap_and_report
 
-    defer_final_step(context, FinalStep(f"{table}.{operation.column_name}", check))
+    # Batches that ran in their own transactions (filled is not None) have
+    # committed the temporary column. Otherwise the final check finds out.
+    step = FinalStep(
+        f"{table}.{operation.column_name}", check, True if filled is not None else None
+    )
+    defer_final_step(context, step)
     logger.info(
         "%s.%s: batches written, so the column is checked and swapped at the end of the migration",
         table,

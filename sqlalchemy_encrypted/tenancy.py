@@ -94,11 +94,11 @@ def copy_current_tenant_scope(func: Callable[_P, _R]) -> Callable[_P, _R]:
 
     Raises :class:`TenantContextError` when no scope is active. Raises
     ``TypeError`` for a callable whose body would run after the wrapper's
-    scope has closed: a coroutine function, an async generator function or
-    an object with ``async def __call__`` (asyncio tasks copy the scope
-    already), and a generator function, whose body runs wherever the
-    returned generator is iterated. Wrap the function that iterates the
-    generator instead.
+    scope has closed. Those are coroutine functions, async generator
+    functions and objects with ``async def __call__``, which need no
+    wrapper because asyncio tasks copy the scope already. Generator
+    functions are rejected too, because a generator's body runs wherever
+    it is iterated, so wrap the function that iterates it instead.
     """
     name = _callable_name(func)
     kind, is_async = _deferred_body_kind(func)

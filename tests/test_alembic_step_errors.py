@@ -457,3 +457,121 @@ def test_sqlite_swap_failure_names_step(tmp_path: Path, keyring: InMemoryKeyring
     assert report.resumed == len(rows)
     assert column_names(engine) == ["id", "tenant_id", "name", "email"]
     engine.dispose()
+
+
+# -- PostgreSQL: a view that depends on the source column ---------------------
+
+PERSON_NAMES_VIEW = "CREATE VIEW person_names AS SELECT id, name FROM persons"
+VIEW_ADVICE = (
+    "Other objects depend on the column (view person_names depends on column name of table persons)"
+)
+ROLLED_BACK = (
+    "The original column is unchanged. The temporary column 'name__encrypting' was added "
+    "in this transaction, so rolling the transaction back removes it with the converted "
+    "values"
+)
+
+
+def _persons_with_view(engine: sa.Engine, rows: list[dict[str, Any]]) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE persons (id INTEGER PRIMARY KEY, tenant_id VARCHAR(40), "
+            "name VARCHAR(100), email VARCHAR(254))"
+        )
+    seed(engine, rows)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(PERSON_NAMES_VIEW)
+
+
+@pytest.mark.parametrize(
+    ("begin", "commit_batches", "shadow_kept"),
+    [
+        # The caller's transaction is open, so the batches cannot be committed.
+        (True, True, False),
+        (False, False, False),
+        (False, True, True),
+    ],
+    ids=["caller transaction", "batches not committed", "batches committed"],
+)
+def test_pg_view_on_column_names_outcome(
+    pg_engine: sa.Engine,
+    keyring: InMemoryKeyring,
+    begin: bool,
+    commit_batches: bool,
+    shadow_kept: bool,
+) -> None:
+    rows = plain_rows(20)
+    _persons_with_view(pg_engine, rows)
+
+    with pytest.raises(MigrationError) as caught:
+        with pg_engine.begin() if begin else pg_engine.connect() as conn:
+            _encrypt_name(conn, commit_batches)
+
+    outcome = CONVERTED_KEPT if shadow_kept else ROLLED_BACK
+    _check_step_error(caught.value, "drop the source column", outcome, VIEW_ADVICE)
+    assert "(SQLSTATE 2BP01)" in str(caught.value)
+    assert raw_rows(pg_engine) == [(r["id"], r["name"], r["email"]) for r in rows]
+    columns = column_names(pg_engine)
+    assert ("name__encrypting" in columns) is shadow_kept
+    with pg_engine.connect() as conn:
+        names = conn.exec_driver_sql("SELECT name FROM person_names ORDER BY id").scalars()
+        assert list(names) == [r["name"] for r in rows]
+
+    # The advice: drop the view, convert, then create the view again.
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql("DROP VIEW person_names")
+        report = _encrypt_name(conn, commit_batches)
+
+    assert report.column_swapped
+    assert report.resumed == (report.converted if shadow_kept else 0)
+    assert column_names(pg_engine) == ["id", "tenant_id", "email", "name"]
+    persons = sa.Table(
+        "persons",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", Encrypted(sa.String(100))),
+    )
+    with pg_engine.connect() as conn:
+        names = conn.execute(sa.select(persons.c.name).order_by(persons.c.id)).scalars()
+        assert list(names) == [r["name"] for r in rows]
+
+
+@pytest.mark.parametrize("commit_batches", [True, False])
+def test_pg_view_in_migration_notes_outcome(
+    tmp_path: Path, pg_engine: sa.Engine, keyring: InMemoryKeyring, commit_batches: bool
+) -> None:
+    env = AlembicEnv(tmp_path / "migrations", pg_engine)
+    env.write_revision("r1", None, CREATE_PERSONS, 'op.drop_table("persons")')
+    encrypt = ENCRYPT_PERSONS.replace(
+        "batch_size=7,", f"batch_size=7, commit_batches={commit_batches},"
+    )
+    env.write_revision("r2", "r1", encrypt, DECRYPT_PERSONS)
+    env.upgrade("r1")
+    rows = plain_rows(20)
+    seed(pg_engine, rows)
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(PERSON_NAMES_VIEW)
+
+    with pytest.raises(MigrationError) as caught:
+        env.upgrade("head")
+
+    outcome = CONVERTED_KEPT if commit_batches else ROLLED_BACK
+    _check_step_error(caught.value, "drop the source column", outcome, VIEW_ADVICE)
+    (note,) = caught.value.__notes__
+    if commit_batches:
+        assert "The converted values of persons.name, persons.email stay in" in note
+        assert "rolling it back" not in note
+    else:
+        assert "The temporary columns of persons.name, persons.email were added" in note
+        assert "stay in" not in note
+    assert env.current() == "r1"
+    assert raw_rows(pg_engine) == [(r["id"], r["name"], r["email"]) for r in rows]
+    shadows = {"name__encrypting", "email__encrypting"} & set(column_names(pg_engine))
+    assert len(shadows) == (2 if commit_batches else 0)
+
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql("DROP VIEW person_names")
+    env.upgrade("head")
+
+    assert env.current() == "r2"
+    assert read_people(pg_engine) == _expected_people(rows)
