@@ -133,6 +133,7 @@ def bind_statement(
         params = _bind_row(table, tenant_key, param_keys, params)
 
     rows = multiparams or ([params] if params else [])
+    statement = _bind_values_to_row_tenant(statement, table, tenant_key, keys, rows)
     if isinstance(statement, Insert):
         statement, rows = _bind_rows_without_tenant(statement, table, tenant_key, keys, rows)
         if multiparams:
@@ -163,6 +164,46 @@ def _bind_row(
         return row
     tenant = row_tenant(table, row[tenant_key])
     return _bind_row_to(tenant, keys, row)
+
+
+def _bind_values_to_row_tenant(
+    statement: Insert | Update,
+    table: sa.Table,
+    tenant_key: str,
+    keys: list[str],
+    rows: list[Any],
+) -> Insert | Update:
+    """Bind encrypted values given to ``.values()`` to the tenant that the
+    parameters of every row name.
+
+    Such a value is sealed once for all the rows, so rows of several tenants
+    raise :class:`TenantContextError`. Without this, it would be sealed under
+    the scope's or the default tenant, whichever tenant the rows name.
+    """
+    row_tenants = [row[tenant_key] for row in rows if isinstance(row, dict) and tenant_key in row]
+    if not row_tenants or len(row_tenants) < len(rows):
+        return statement
+    shared = [
+        column
+        for column, param in _values_of(statement).items()
+        if _key_of(column) in keys
+        and isinstance(param, BindParameter)
+        and param.callable is None
+        and param.value is not None
+        and not isinstance(param.value, TenantBound)
+    ]
+    if not shared:
+        return statement
+    tenants = {row_tenant(table, tenant) for tenant in row_tenants}
+    if len(tenants) > 1:
+        columns = ", ".join(f"{table.name}.{_key_of(column)}" for column in shared)
+        raise TenantContextError(
+            f"table {table.name}: the value given to .values() for encrypted column(s) "
+            f"{columns} is sealed once for all rows, but the rows name {len(tenants)} "
+            f"tenants in {tenant_key!r}; execute the statement once per tenant, or put "
+            "the value in each row's parameters"
+        )
+    return _bind_values_to(statement, tenants.pop(), keys)
 
 
 def _bind_row_to(tenant: str, keys: list[str], row: dict[str, Any]) -> dict[str, Any]:

@@ -270,6 +270,32 @@ def _assert_missing_tenant(caught: pytest.ExceptionInfo[TenantContextError]) -> 
     assert "tenant_scope('alder')" in message
 
 
+def test_values_literal_sealed_under_row_tenant(db: sa.Engine, keyring: InMemoryKeyring) -> None:
+    # The rows name their tenant, so the default tenant does not apply.
+    se.set_default_tenant("alder")
+    rows = [{"id": 4, "clinic_id": "birch"}, {"id": 5, "clinic_id": "birch"}]
+    with db.begin() as conn:
+        conn.execute(sa.insert(Patient).values(name="Shared"), rows)
+
+    stored = _rows(db, keyring)
+    assert stored[4] == ("birch", "birch")
+    assert stored[5] == ("birch", "birch")
+    assert _name(db, 5, "birch") == "Shared"
+
+
+def test_values_literal_two_row_tenants_raise(db: sa.Engine, keyring: InMemoryKeyring) -> None:
+    se.set_default_tenant("alder")
+    rows = [{"id": 4, "clinic_id": "birch"}, {"id": 5, "clinic_id": "alder"}]
+    with pytest.raises(TenantContextError, match="sealed once for all rows") as raised:
+        with db.begin() as conn:
+            conn.execute(sa.insert(Patient).values(name="Shared"), rows)
+
+    assert "Shared" not in str(raised.value)
+    stored = _rows(db, keyring)
+    assert 4 not in stored
+    assert 5 not in stored
+
+
 def test_insert_values_without_tenant_raises(db: sa.Engine, keyring: InMemoryKeyring) -> None:
     with count_statements(db) as counter, se.tenant_scope("alder"), db.begin() as conn:
         with pytest.raises(TenantContextError) as caught:
