@@ -22,6 +22,7 @@ from .errors import (
     ConfigurationError,
     EncryptionError,
     KeyInUseError,
+    KeyRecentlyActiveError,
     KmsError,
     ReencryptionError,
     UnknownKeysError,
@@ -58,6 +59,7 @@ class ExitCode(enum.IntEnum):
     ABORTED = 7  # a confirmation was not given
     UNKNOWN_KEYS = 8  # stored values name key ids that are not in the keyring table
     TENANT_MISMATCH = 9  # stored values are sealed under another tenant's key than their row's
+    RECENTLY_ACTIVE = 10  # keys retire: the version stopped being active too recently
     BROKEN_PIPE = 141  # stdout was closed early (128 + SIGPIPE, as a shell reports it)
 
 
@@ -76,6 +78,8 @@ Exit status:
      table or data
   9  values are sealed under another tenant's key than their row's tenant
      column names (status, reencrypt): see reencrypt --move-to-row-tenant
+ 10  key version stopped being active too recently (keys retire): run
+     the command again after the wait it prints
 141 stdout was closed before the output was written (for example by head)
 """
 
@@ -87,6 +91,8 @@ def exit_code_for(exc: BaseException) -> ExitCode:
         return ExitCode.KMS
     if isinstance(exc, KeyInUseError):
         return ExitCode.KEY_IN_USE
+    if isinstance(exc, KeyRecentlyActiveError):
+        return ExitCode.RECENTLY_ACTIVE
     if isinstance(exc, ReencryptionError):
         return ExitCode.INCOMPLETE
     if isinstance(exc, UnknownKeysError):

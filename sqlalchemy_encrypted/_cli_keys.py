@@ -16,8 +16,8 @@ from ._cli_context import (
 )
 from ._cli_tenants import no_keys_error, require_keys
 from ._cli_unknown_keys import IGNORE_UNKNOWN_KEYS, check_no_unknown_keys
-from .errors import KeyDestroyedError, KeyPendingError, KeyStateError
-from .keyring import Keyring, KeyState
+from .errors import KeyDestroyedError, KeyPendingError, KeyRecentlyActiveError, KeyStateError
+from .keyring import RETIRE_MARGIN_SECONDS, Keyring, KeyState
 from .keys import KeyPurpose
 from .kms import kms_from_uri
 from .rotation import retire_key_version
@@ -323,8 +323,25 @@ def keys_rewrap(ctx: click.Context, tenant: str | None, to_kms: str | None) -> N
     type=_PURPOSES,
     help="Retire this purpose only (default: each purpose where VERSION is decrypt-only).",
 )
+@click.option(
+    "--min-inactive",
+    "min_inactive",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help=(
+        "Seconds VERSION must have been inactive (since a newer version became active) "
+        "before it is retired. It must cover the longest active_key_ttl of the "
+        f"application's processes. Default: --active-key-ttl plus {RETIRE_MARGIN_SECONDS:g}."
+    ),
+)
 @click.pass_context
-def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | None) -> None:
+def keys_retire(
+    ctx: click.Context,
+    tenant: str,
+    version: int,
+    purpose: str | None,
+    min_inactive: float | None,
+) -> None:
     """Retire key VERSION of TENANT once the census finds no value under it.
 
     Without --purpose, VERSION is retired for each purpose where it is
@@ -332,6 +349,12 @@ def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | No
     Needs --models: every table that may hold the tenant's values must be in
     the census. No KMS is needed. A TENANT without keys, or whose keys were
     destroyed by 'keys shred', is an error.
+
+    Processes keep sealing new values under the version they cached as
+    active for up to their active_key_ttl, so VERSION is retired only
+    --min-inactive seconds after it stopped being active, and the census is
+    taken after that. Earlier, the command exits with status 10 and prints
+    how long to wait.
     """
     settings = settings_of(ctx)
     keyring = settings.key_metadata()
@@ -344,7 +367,10 @@ def keys_retire(ctx: click.Context, tenant: str, version: int, purpose: str | No
             tenant,
             version,
             KeyPurpose(purpose) if purpose else None,
+            min_inactive_seconds=min_inactive,
         )
+    except KeyRecentlyActiveError:
+        raise
     except KeyStateError as exc:
         hint = _rotation_hint(keyring, tenant, version)
         if not hint:

@@ -132,7 +132,10 @@ def _configure_logging(ctx: click.Context, verbose: bool, audit_log: str | None)
     show_default=True,
     envvar="SQLALCHEMY_ENCRYPTED_ACTIVE_KEY_TTL",
     show_envvar=True,
-    help="Seconds a rotated key stays pending; use the application's Keyring(active_key_ttl=...).",
+    help=(
+        "Seconds a rotated key stays pending, and the base of the wait of 'keys retire' "
+        "(see --min-inactive there); use the application's Keyring(active_key_ttl=...)."
+    ),
 )
 @click.option(
     "--key-usage-limit",

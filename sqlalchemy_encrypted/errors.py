@@ -14,6 +14,7 @@ the plaintext values of the statement.
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "KeyInUseError",
     "KeyNotFoundError",
     "KeyPendingError",
+    "KeyRecentlyActiveError",
     "KeyStateError",
     "KeyUsageLimitError",
     "KeyringIntegrityError",
@@ -147,6 +149,35 @@ class KeyPendingError(KeyStateError):
         self.tenant_id = tenant_id
         self.purpose = purpose
         self.version = version
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments: the default reduction passes only the message.
+        return _rebuild_error, (type(self), self.args[0]), self.__dict__
+
+
+class KeyRecentlyActiveError(KeyStateError):
+    """A key version stopped being active too recently to be retired.
+
+    Processes cache the active version for their ``active_key_ttl``, so they
+    may still seal new values under it for that long. ``tenant_id`` and
+    ``version`` name the version, ``not_before`` is the UTC time from which
+    it may be retired, and ``retry_after`` the seconds until then.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        tenant_id: str,
+        version: int,
+        not_before: datetime.datetime,
+        retry_after: float,
+    ) -> None:
+        super().__init__(message)
+        self.tenant_id = tenant_id
+        self.version = version
+        self.not_before = not_before
+        self.retry_after = retry_after
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only arguments: the default reduction passes only the message.

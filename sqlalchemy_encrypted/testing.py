@@ -212,7 +212,12 @@ class InMemoryKeyring:
             self._generation.bump()
 
     def retire(
-        self, tenant_id: str, version: int, purpose: KeyPurpose | None = None
+        self,
+        tenant_id: str,
+        version: int,
+        purpose: KeyPurpose | None = None,
+        *,
+        min_inactive_seconds: float | None = None,
     ) -> list[DataKey]:
         """Stop decrypting with a decrypt-only version; return the retired keys.
 
@@ -220,7 +225,9 @@ class InMemoryKeyring:
         version is active is skipped. Raises :class:`KeyNotFoundError` if the
         tenant has no such version, and :class:`KeyStateError` if it is
         active for ``purpose``, or for every purpose that has it while none
-        is retired yet.
+        is retired yet. ``min_inactive_seconds`` is ignored: a rotation ends
+        every lease of this keyring at once, so no writer keeps the old
+        version and retiring never has to wait.
         """
         purposes = [purpose] if purpose is not None else list(KeyPurpose)
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 from sqlalchemy.orm import Session
 
+import sqlalchemy_encrypted as se
 from sqlalchemy_encrypted import KeyPurpose, tenant_scope
 from sqlalchemy_encrypted import _cli_rotation as cli_rotation
 from sqlalchemy_encrypted._cli_context import render_table
@@ -24,7 +26,17 @@ from sqlalchemy_encrypted.cli import cli
 from sqlalchemy_encrypted.keyring import Keyring
 from sqlalchemy_encrypted.kms import LocalKms
 
-from .rotation_support import NOTE_TYPE, Base, Invoice, Note, Person, fill_persons, raw_values
+from .keyring_helpers import FakeClock
+from .rotation_support import (
+    NOTE_TYPE,
+    Base,
+    Invoice,
+    Note,
+    Person,
+    fill_persons,
+    key_versions,
+    raw_values,
+)
 
 MODELS = "tests.rotation_support:Base"
 
@@ -307,7 +319,7 @@ def test_retire_refused_while_in_use(filled: App) -> None:
     filled.run("keys", "rotate", "t-acme", "--activate-now")
     assert filled.run("reencrypt", "--table", "persons").exit_code == 0
 
-    refused = filled.run("keys", "retire", "t-acme", "1")
+    refused = filled.run("keys", "retire", "t-acme", "1", "--min-inactive", "0")
 
     assert refused.exit_code == 5
     assert "invoices.iban: 3" in refused.output
@@ -317,7 +329,7 @@ def test_retire_refused_while_in_use(filled: App) -> None:
     assert len(refused.output.strip().splitlines()) == 1
 
     assert filled.run("reencrypt").exit_code == 0
-    retired = filled.run("keys", "retire", "t-acme", "1")
+    retired = filled.run("keys", "retire", "t-acme", "1", "--min-inactive", "0")
     assert retired.exit_code == 0, retired.output
     assert "randomized key version 1 retired" in retired.output
     assert "deterministic key version 1 retired" in retired.output
@@ -339,7 +351,7 @@ def test_retire_tenant_with_one_purpose(app: App) -> None:
     assert rotated.exit_code == 0, rotated.output
     assert "randomized" not in rotated.output
     assert app.run("reencrypt").exit_code == 0
-    retired = app.run("keys", "retire", "t-acme", "1")
+    retired = app.run("keys", "retire", "t-acme", "1", "--min-inactive", "0")
 
     assert retired.exit_code == 0, retired.output
     assert "deterministic key version 1 retired" in retired.output
@@ -351,9 +363,11 @@ def test_retire_skips_active_purpose(filled: App) -> None:
     filled.run("keys", "rotate", "t-acme", "--purpose", "deterministic", "--activate-now")
     assert filled.run("reencrypt").exit_code == 0
 
-    first = filled.run("keys", "retire", "t-acme", "1")
-    again = filled.run("keys", "retire", "t-acme", "1")
-    named = filled.run("keys", "retire", "t-acme", "1", "--purpose", "randomized")
+    first = filled.run("keys", "retire", "t-acme", "1", "--min-inactive", "0")
+    again = filled.run("keys", "retire", "t-acme", "1", "--min-inactive", "0")
+    named = filled.run(
+        "keys", "retire", "t-acme", "1", "--purpose", "randomized", "--min-inactive", "0"
+    )
 
     assert first.exit_code == 0, first.output
     assert "deterministic key version 1 retired" in first.output
@@ -366,6 +380,59 @@ def test_retire_skips_active_purpose(filled: App) -> None:
     assert "'sqlalchemy-encrypted keys rotate t-acme --purpose randomized'" in named.output
     assert "rotate the tenant's keys and re-encrypt" not in named.output
     assert len(named.output.strip().splitlines()) == 1
+
+
+def test_retire_waits_for_cached_active_key(filled: App) -> None:
+    """An application process caches version 1 as active: 'keys retire' right
+    after 'keys rotate --activate-now' and 'reencrypt' exits with status 10,
+    and after the wait its census finds what the process wrote meanwhile."""
+    clock = FakeClock()
+    writer = Keyring(filled.engine, LocalKms(filled.key_path), active_key_ttl=60, clock=clock)
+
+    def write(person_id: int) -> None:
+        # Each in-process command makes its own keyring the default provider.
+        se.set_default_key_provider(writer)
+        fill_persons(filled.engine, 1, start=person_id)
+
+    write(12)
+    assert filled.run("keys", "rotate", "t-acme", "--activate-now").exit_code == 0
+    assert filled.run("reencrypt").exit_code == 0
+    early = filled.run("keys", "retire", "t-acme", "1")
+    write(14)
+    written = key_versions([raw_values(filled.engine, "persons", "name")[14]])
+    _end_retire_wait(filled, "t-acme", 2)
+    in_use = filled.run("keys", "retire", "t-acme", "1")
+    clock.advance(60)
+    assert filled.run("reencrypt").exit_code == 0
+    retired = filled.run("keys", "retire", "t-acme", "1")
+
+    assert early.exit_code == 10, early.output
+    assert "stopped being the active version" in early.output
+    assert "active_key_ttl (60 s) plus 60 s" in early.output
+    assert "--min-inactive" in early.output
+    assert len(early.output.strip().splitlines()) == 1
+    assert written == [1]
+    assert in_use.exit_code == 5, in_use.output
+    assert "persons.name: 1" in in_use.output
+    assert retired.exit_code == 0, retired.output
+    se.set_default_key_provider(filled.keyring())
+    with Session(filled.engine) as session:
+        assert session.get(Person, 14).name == "Person 14"  # type: ignore[union-attr]
+
+
+def _end_retire_wait(app: App, tenant: str, version: int) -> None:
+    """Move the activation time of ``version`` back by more than the wait
+    of 'keys retire', as if that much time had passed."""
+    keyring = app.keyring()
+    table = keyring.table
+    for info in keyring.list_keys(tenant):
+        if info.version != version or info.activated_at is None:
+            continue
+        earlier = info.activated_at - datetime.timedelta(seconds=121)
+        with app.engine.begin() as conn:
+            conn.execute(
+                sa.update(table).where(table.c.key_id == info.key_id).values(activated_at=earlier)
+            )
 
 
 def test_retire_needs_models(filled: App) -> None:

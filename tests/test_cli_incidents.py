@@ -287,7 +287,7 @@ def test_data_restored_under_retired_version(operator: Operator) -> None:
     backup = _persons(operator.engine)
     assert operator.run("keys", "rotate", "t-acme", "--activate-now").exit_code == 0
     assert operator.run("reencrypt").exit_code == 0
-    assert operator.run("keys", "retire", "t-acme", "1").exit_code == 0
+    assert operator.run("keys", "retire", "t-acme", "1", "--min-inactive", "0").exit_code == 0
     _restore_persons(operator.engine, backup)
     status = operator.run("status")
     assert "values are under retired key versions ('t-acme' version 1)" in status.output
@@ -296,7 +296,7 @@ def test_data_restored_under_retired_version(operator: Operator) -> None:
 
     reinstated = operator.run("keys", "reinstate", "t-acme", "1")
     moved = operator.run("reencrypt", "--tenant", "t-acme")
-    retired = operator.run("keys", "retire", "t-acme", "1")
+    retired = operator.run("keys", "retire", "t-acme", "1", "--min-inactive", "0")
 
     assert reinstated.exit_code == 0, reinstated.output
     assert "randomized key version 1 is decrypt_only again" in reinstated.output
@@ -545,7 +545,7 @@ def test_tenant_shredded_during_run(operator: Operator) -> None:
         ("keys", "list"),
         ("keys", "list", "--tenant", "t-acme"),
         ("keys", "promote"),
-        ("keys", "retire", "t-acme", "1"),
+        ("keys", "retire", "t-acme", "1", "--min-inactive", "0"),
         ("keys", "shred", "t-globex", "--yes"),
         ("status",),
     ],

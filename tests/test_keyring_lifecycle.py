@@ -250,7 +250,8 @@ def test_retire_version(engine: sa.Engine, keyring_factory: type[Keyring]) -> No
         if k.version == 1 and k.purpose is KeyPurpose.RANDOMIZED
     )
 
-    retired = keyring.retire("t-acme", 1, KeyPurpose.RANDOMIZED)
+    # No other process uses the keyring, so the wait after a rotation is not needed.
+    retired = keyring.retire("t-acme", 1, KeyPurpose.RANDOMIZED, min_inactive_seconds=0)
 
     assert [(k.version, k.state) for k in retired] == [(1, KeyState.RETIRED)]
     with pytest.raises(KeyNotFoundError, match="retired"):
@@ -267,7 +268,7 @@ def test_reinstate_retired_version(engine: sa.Engine, keyring_factory: type[Keyr
     Base.metadata.create_all(engine)
     person_id = _add(engine, "t-acme", "Test Person", "a@example.test")
     keyring.rotate("t-acme", activate_now=True)
-    keyring.retire("t-acme", 1)
+    keyring.retire("t-acme", 1, min_inactive_seconds=0)
     elsewhere = keyring_factory()
     with Session(engine) as session:
         with pytest.raises(KeyNotFoundError) as retired:
@@ -340,7 +341,7 @@ def test_retire_skips_active_purpose(engine: sa.Engine, keyring_factory: type[Ke
     keyring.provision("t-acme")
     keyring.rotate("t-acme", KeyPurpose.DETERMINISTIC, activate_now=True)
 
-    retired = keyring.retire("t-acme", 1)
+    retired = keyring.retire("t-acme", 1, min_inactive_seconds=0)
 
     assert [(k.purpose, k.version) for k in retired] == [(KeyPurpose.DETERMINISTIC, 1)]
     assert _versions(keyring, "t-acme", KeyPurpose.RANDOMIZED) == {1: KeyState.ACTIVE}
@@ -384,7 +385,7 @@ def test_audit_log_has_ids_only(
     keyring.rotate("t-acme", activate_now=True)
     keyring.rotate("t-acme")
     keyring.promote_pending()
-    keyring.retire("t-acme", 1)
+    keyring.retire("t-acme", 1, min_inactive_seconds=0)
     next_kms = LocalKms.create(tmp_path / "next.key")
     keyring.rewrap(next_kms)
     failing = CountingKms(local_kms)

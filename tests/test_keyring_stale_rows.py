@@ -76,7 +76,7 @@ def test_retire_elsewhere_drops_version_after_cache_ttl(
     admin.rotate(TENANT, KeyPurpose.DETERMINISTIC, activate_now=True)
     versions = [k.version for k in app.decryptable_keys(TENANT, KeyPurpose.DETERMINISTIC)]
     assert versions == [2, 1]
-    admin.retire(TENANT, 1, KeyPurpose.DETERMINISTIC)
+    admin.retire(TENANT, 1, KeyPurpose.DETERMINISTIC, min_inactive_seconds=0)
     clock.advance(2.5)
 
     keys = app.decryptable_keys(TENANT, KeyPurpose.DETERMINISTIC)
@@ -113,7 +113,7 @@ def test_waiting_thread_gets_public_error(
     old = next(key for key in cached if key.version == 1)
     snapshot = app._store.get(old.key_id)
     assert snapshot is not None
-    admin.retire(TENANT, 1, KeyPurpose.DETERMINISTIC)
+    admin.retire(TENANT, 1, KeyPurpose.DETERMINISTIC, min_inactive_seconds=0)
     clock.advance(2.5)
     app.cache.invalidate(old.key_id)
 

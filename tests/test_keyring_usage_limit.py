@@ -506,7 +506,9 @@ def test_retire_elsewhere_moves_seals_on(
     _add(engine, 1)
     operator = Keyring(engine, local_kms, set_default=False)
     operator.rotate("t-acme", KeyPurpose.RANDOMIZED, activate_now=True)
-    operator.retire("t-acme", 1, KeyPurpose.RANDOMIZED)
+    # Retired without the wait for the application's active-key cache: its
+    # next reservation of seals finds the version retired.
+    operator.retire("t-acme", 1, KeyPurpose.RANDOMIZED, min_inactive_seconds=0)
 
     _add(engine, 1, first=1)
 

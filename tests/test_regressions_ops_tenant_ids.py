@@ -94,9 +94,9 @@ def test_shred_again_reports_already_destroyed(app: CliApp) -> None:
 def test_retire_again_succeeds(app: CliApp) -> None:
     assert app.run("keys", "rotate", "t-acme", "--activate-now").exit_code == 0
     assert app.run("reencrypt").exit_code == 0
-    assert app.run("keys", "retire", "t-acme", "1").exit_code == 0
+    assert app.run("keys", "retire", "t-acme", "1", "--min-inactive", "0").exit_code == 0
 
-    again = app.run("keys", "retire", "t-acme", "1")
+    again = app.run("keys", "retire", "t-acme", "1", "--min-inactive", "0")
 
     assert again.exit_code == 0, again.output
     assert again.output == "tenant 't-acme': key version 1 is already retired\n"

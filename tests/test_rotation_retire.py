@@ -157,7 +157,7 @@ def test_retire_skips_purpose_still_active(
     _rotate(any_keyring, "t-acme", KeyPurpose.DETERMINISTIC)
     reencrypt(engine, Base, columns=["persons.email"])
 
-    retired = retire_key_version(engine, Base, any_keyring, "t-acme", 1)
+    retired = retire_key_version(engine, Base, any_keyring, "t-acme", 1, min_inactive_seconds=0)
 
     assert [(key.purpose, key.version) for key in retired] == [(KeyPurpose.DETERMINISTIC, 1)]
     assert _states(any_keyring, "t-acme", KeyPurpose.DETERMINISTIC) == [2]
@@ -211,7 +211,7 @@ def test_retire_blocked_by_decrypt_only_values(
     _rotate(any_keyring, "t-acme", KeyPurpose.DETERMINISTIC)
 
     with pytest.raises(KeyInUseError) as caught:
-        retire_key_version(engine, Base, any_keyring, "t-acme", 1)
+        retire_key_version(engine, Base, any_keyring, "t-acme", 1, min_inactive_seconds=0)
 
     assert caught.value.references == {"persons.email": 2}
     assert "deterministic key version 1" in str(caught.value)

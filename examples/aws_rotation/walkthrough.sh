@@ -10,6 +10,9 @@
 #   SQLALCHEMY_ENCRYPTED_ACTIVE_KEY_TTL
 #                             seconds a rotated key stays pending; use the application's
 #                             Keyring(active_key_ttl=...) setting (60 by default)
+#   RETIRE_WAIT               seconds version 1 must be inactive before `keys retire`
+#                             takes its census (--min-inactive). The default is the
+#                             active key TTL plus 60, as in `keys retire` itself
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,6 +23,7 @@ export SQLALCHEMY_ENCRYPTED_MODELS="accounts:Base"
 : "${SQLALCHEMY_ENCRYPTED_URL:?set SQLALCHEMY_ENCRYPTED_URL}"
 : "${SQLALCHEMY_ENCRYPTED_KMS:?set SQLALCHEMY_ENCRYPTED_KMS to aws-kms://<key ARN>?region=...}"
 TTL="${SQLALCHEMY_ENCRYPTED_ACTIVE_KEY_TTL:-60}"
+RETIRE_WAIT="${RETIRE_WAIT:-$((TTL + 60))}"
 
 step() { printf '\n## %s\n' "$*"; }
 run() {
@@ -50,21 +54,33 @@ step "5. New writes use version 2; the census shows the values still under versi
 run "$PYTHON" "$HERE/accounts.py" write 2
 cli status --tenant "$TENANT"
 
-step "6. Retiring version 1 now is rejected: values still use it"
+step "6. Retiring version 1 at once is rejected: processes may still write under it"
 status=0
 cli keys retire "$TENANT" 1 2>&1 || status=$?
+if [ "$status" -ne 10 ]; then
+    echo "expected exit status 10 (key version active too recently), got $status" >&2
+    exit 1
+fi
+
+step "7. After the wait, retiring version 1 is rejected: values still use it"
+if [ "$RETIRE_WAIT" != "0" ]; then
+    echo "waiting ${RETIRE_WAIT} s, the active key TTL plus 60 s"
+    sleep "$RETIRE_WAIT"
+fi
+status=0
+cli keys retire "$TENANT" 1 --min-inactive "$RETIRE_WAIT" 2>&1 || status=$?
 if [ "$status" -ne 5 ]; then
     echo "expected exit status 5 (key version still in use), got $status" >&2
     exit 1
 fi
 
-step "7. Re-encrypt the tenant's stale values under version 2"
+step "8. Re-encrypt the tenant's stale values under version 2"
 cli reencrypt --tenant "$TENANT"
 cli status --tenant "$TENANT" --fail-on-stale
 
-step "8. Retire version 1: the census finds no value under it"
-cli keys retire "$TENANT" 1
+step "9. Retire version 1: the census finds no value under it"
+cli keys retire "$TENANT" 1 --min-inactive "$RETIRE_WAIT"
 cli keys list --tenant "$TENANT"
 
-step "9. The application reads every account and finds each by email"
+step "10. The application reads every account and finds each by email"
 run "$PYTHON" "$HERE/accounts.py" check

@@ -929,13 +929,48 @@ class Keyring:
         return lifecycle.rewrap(self, new_kms, tenant_id)
 
     def retire(
-        self, tenant_id: str, version: int, purpose: KeyPurpose | None = None
+        self,
+        tenant_id: str,
+        version: int,
+        purpose: KeyPurpose | None = None,
+        *,
+        min_inactive_seconds: float | None = None,
     ) -> list[KeyInfo]:
         """Stop decrypting with a decrypt-only version; return the retired keys.
 
-        Retire a version only after a census shows no value uses it any more.
+        Retire a version only after a census shows no value uses it any more
+        (:func:`~sqlalchemy_encrypted.rotation.retire_key_version` takes one).
+        Raises :class:`KeyRecentlyActiveError`, and retires nothing, while the
+        version has been inactive for less than ``min_inactive_seconds``
+        (default: ``active_key_ttl`` plus 60 s; see :meth:`check_retire_wait`).
         """
-        return lifecycle.retire(self, _check_tenant(tenant_id), version, purpose)
+        return lifecycle.retire(
+            self, _check_tenant(tenant_id), version, purpose, min_inactive_seconds
+        )
+
+    def check_retire_wait(
+        self,
+        tenant_id: str,
+        version: int,
+        purpose: KeyPurpose | None = None,
+        *,
+        min_inactive_seconds: float | None = None,
+    ) -> None:
+        """Raise :class:`KeyRecentlyActiveError` if :meth:`retire` would have to wait.
+
+        Other processes cache the active version for their ``active_key_ttl``
+        and keep sealing new values under it for up to that long after a
+        newer version became active. A decrypt-only version can therefore be
+        retired only ``min_inactive_seconds`` after it stopped being active.
+        The default is this keyring's ``active_key_ttl`` plus
+        ``RETIRE_MARGIN_SECONDS`` (60 s), so pass a longer wait when other
+        processes use a longer ``active_key_ttl``. A census taken after this
+        check passes counts the values those processes wrote meanwhile.
+        Raises :class:`KeyNotFoundError` when the tenant has no such version.
+        """
+        lifecycle.check_retire_wait(
+            self, _check_tenant(tenant_id), version, purpose, min_inactive_seconds
+        )
 
     def reinstate(
         self, tenant_id: str, version: int, purpose: KeyPurpose | None = None

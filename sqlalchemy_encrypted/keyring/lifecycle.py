@@ -8,6 +8,7 @@ each change is recorded on the ``sqlalchemy_encrypted.audit`` logger.
 from __future__ import annotations
 
 import datetime
+import math
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from ..errors import (
     KeyDestroyedError,
     KeyNotFoundError,
     KeyPendingError,
+    KeyRecentlyActiveError,
     KeyStateError,
     KmsError,
 )
@@ -31,10 +33,24 @@ from .store import KeyInfo, KeyRow
 if TYPE_CHECKING:
     from .keyring import Keyring
 
-__all__ = ["promote_due", "promote_pending", "retire", "rewrap", "rotate", "shred"]
+__all__ = [
+    "RETIRE_MARGIN_SECONDS",
+    "check_retire_wait",
+    "promote_due",
+    "promote_pending",
+    "retire",
+    "rewrap",
+    "rotate",
+    "shred",
+]
 
 # Attempts to apply one row change when another process keeps changing the row.
 _CAS_ATTEMPTS = 3
+# Seconds added to active_key_ttl before a version that stopped being active
+# may be retired. They cover a transaction that sealed a value under the
+# version just before the writer's lease ended and commits later, and clock
+# differences between the hosts that write the keyring timestamps.
+RETIRE_MARGIN_SECONDS = 60.0
 
 
 def _purposes(purpose: KeyPurpose | None) -> list[KeyPurpose]:
@@ -323,16 +339,21 @@ def _new_wrapping(keyring: Keyring, row: KeyRow, target: KmsProvider) -> bytes:
 
 
 def _version_rows(
-    keyring: Keyring, tenant: str, version: int, purpose: KeyPurpose | None, action: str
+    keyring: Keyring,
+    tenant: str,
+    version: int,
+    purpose: KeyPurpose | None,
+    action: str,
+    tenant_rows: Sequence[KeyRow] | None = None,
 ) -> list[KeyRow]:
     """Return the tenant's rows of ``version`` (of ``purpose`` only, if given),
-    or raise :class:`KeyNotFoundError` naming ``action`` if there are none."""
+    or raise :class:`KeyNotFoundError` naming ``action`` if there are none.
+
+    The rows come from ``tenant_rows`` when given, else from the table."""
     purposes = set(_purposes(purpose))
-    rows = [
-        row
-        for row in keyring._store.tenant_rows(tenant)
-        if row.version == version and row.purpose in purposes
-    ]
+    if tenant_rows is None:
+        tenant_rows = keyring._store.tenant_rows(tenant)
+    rows = [row for row in tenant_rows if row.version == version and row.purpose in purposes]
     if not rows:
         purpose_text = f"{purpose.value} " if purpose is not None else ""
         raise KeyNotFoundError(
@@ -342,9 +363,14 @@ def _version_rows(
 
 
 def retire(
-    keyring: Keyring, tenant: str, version: int, purpose: KeyPurpose | None
+    keyring: Keyring,
+    tenant: str,
+    version: int,
+    purpose: KeyPurpose | None,
+    min_inactive_seconds: float | None = None,
 ) -> list[KeyInfo]:
-    rows = _version_rows(keyring, tenant, version, purpose, "retire")
+    tenant_rows = keyring._store.tenant_rows(tenant)
+    rows = _version_rows(keyring, tenant, version, purpose, "retire", tenant_rows)
     in_use = [row for row in rows if row.state in (KeyState.ACTIVE, KeyState.PENDING)]
     if purpose is not None and in_use:
         raise KeyStateError(_in_use_message(tenant, version, in_use))
@@ -352,6 +378,7 @@ def retire(
     # is skipped there and retired where it is decrypt-only.
     if in_use and not any(row.state in (KeyState.DECRYPT_ONLY, KeyState.RETIRED) for row in rows):
         raise KeyStateError(_in_use_message(tenant, version, in_use))
+    _raise_if_recently_active(keyring, tenant_rows, rows, min_inactive_seconds)
     retired = []
     with keyring._store.begin() as conn:
         for row in rows:
@@ -370,6 +397,120 @@ def retire(
         audit_event("key.retired", **row_fields(row))
     keyring._invalidate_tenant(tenant)
     return [row.info() for row in retired]
+
+
+def check_retire_wait(
+    keyring: Keyring,
+    tenant: str,
+    version: int,
+    purpose: KeyPurpose | None,
+    min_inactive_seconds: float | None = None,
+) -> None:
+    """Raise :class:`KeyRecentlyActiveError` if a decrypt-only row of
+    ``version`` stopped being active less than ``min_inactive_seconds`` ago;
+    see :meth:`Keyring.check_retire_wait`."""
+    tenant_rows = keyring._store.tenant_rows(tenant)
+    rows = _version_rows(keyring, tenant, version, purpose, "retire", tenant_rows)
+    _raise_if_recently_active(keyring, tenant_rows, rows, min_inactive_seconds)
+
+
+def _raise_if_recently_active(
+    keyring: Keyring,
+    tenant_rows: Sequence[KeyRow],
+    rows: Sequence[KeyRow],
+    min_inactive_seconds: float | None,
+) -> None:
+    """Raise unless each decrypt-only row of ``rows`` stopped being active at
+    least ``min_inactive_seconds`` ago (default: ``active_key_ttl`` plus
+    :data:`RETIRE_MARGIN_SECONDS`).
+
+    ``tenant_rows`` are all rows of the tenant, read with ``rows``. Active
+    and pending rows are not retired, so they are not checked.
+    """
+    if min_inactive_seconds is None:
+        wait_seconds = keyring.active_key_ttl + RETIRE_MARGIN_SECONDS
+        reason = (
+            f"this keyring's active_key_ttl ({keyring.active_key_ttl:g} s) plus "
+            f"{RETIRE_MARGIN_SECONDS:g} s"
+        )
+    else:
+        wait_seconds = min_inactive_seconds
+        reason = "min_inactive_seconds (--min-inactive on the command line)"
+    if wait_seconds < 0:
+        raise ConfigurationError(
+            f"min_inactive_seconds must be 0 or more seconds, not {wait_seconds}"
+        )
+    if wait_seconds == 0:
+        return
+    now = keyring._now()
+    for row in rows:
+        if row.state is not KeyState.DECRYPT_ONLY:
+            continue
+        since = _inactive_since(tenant_rows, row)
+        if since is None:
+            raise KeyStateError(
+                f"cannot tell when {_version_text(row)} stopped being the active version: "
+                f"no newer {row.purpose.value} version has an activation time in the keyring "
+                "table. Retire it once no process uses it as the active version any more, "
+                "passing min_inactive_seconds=0 (--min-inactive 0 on the command line)"
+            )
+        not_before = since + datetime.timedelta(seconds=wait_seconds)
+        if now < not_before:
+            raise KeyRecentlyActiveError(
+                _recently_active_message(row, since, now, not_before, wait_seconds, reason),
+                tenant_id=row.tenant_id,
+                version=row.version,
+                not_before=not_before,
+                retry_after=(not_before - now).total_seconds(),
+            )
+
+
+def _inactive_since(rows: Sequence[KeyRow], row: KeyRow) -> datetime.datetime | None:
+    """Return when ``row`` stopped being the active version of its purpose.
+
+    That is when the next version of the same tenant and purpose became
+    active: a promotion or an ``activate_now`` rotation activates the new
+    row and demotes the old one in one transaction, and versions become
+    active in version order. Deriving the time from ``activated_at``, which
+    every keyring table has had from its first release, keeps tables created
+    by earlier releases working without a migration.
+    """
+    later = [
+        other.activated_at
+        for other in rows
+        if other.purpose is row.purpose
+        and other.version > row.version
+        and other.activated_at is not None
+    ]
+    return min(later) if later else None
+
+
+def _version_text(row: KeyRow) -> str:
+    return (
+        f"{row.purpose.value} key version {row.version} of tenant {row.tenant_id!r} "
+        f"(key id {row.key_id})"
+    )
+
+
+def _recently_active_message(
+    row: KeyRow,
+    since: datetime.datetime,
+    now: datetime.datetime,
+    not_before: datetime.datetime,
+    wait_seconds: float,
+    reason: str,
+) -> str:
+    ago = max(0.0, (now - since).total_seconds())
+    retry_after = (not_before - now).total_seconds()
+    return (
+        f"cannot retire {_version_text(row)} yet: it stopped being the active version "
+        f"{ago:.0f} s ago (at {since:%Y-%m-%d %H:%M:%S} UTC), and processes that cached it "
+        "as active may still seal new values under it until their active_key_ttl has "
+        f"passed. Retry in {math.ceil(retry_after)} s (at {not_before:%H:%M:%S} UTC), when "
+        f"it has been inactive for {wait_seconds:g} s: {reason}. If the application's "
+        "processes use a longer active_key_ttl, pass a longer min_inactive_seconds "
+        "(--min-inactive on the command line)"
+    )
 
 
 def reinstate(

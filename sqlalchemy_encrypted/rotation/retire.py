@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from sqlalchemy.engine import Connection, Engine
 
-from ..errors import KeyDestroyedError, KeyInUseError, KeyNotFoundError, KeyStateError
+from ..errors import (
+    KeyDestroyedError,
+    KeyInUseError,
+    KeyNotFoundError,
+    KeyRecentlyActiveError,
+    KeyStateError,
+)
 from ..keys import KeyPurpose
 from .catalog import KeyStateName
 from .census import Census, census
@@ -21,6 +27,29 @@ audit = logging.getLogger("sqlalchemy_encrypted.audit")
 
 class _Retiring(Protocol):
     def retire(self, tenant_id: str, version: int, purpose: KeyPurpose | None = None) -> Any: ...
+
+
+class _WaitingRetiring(_Retiring, Protocol):
+    """A keyring whose writers cache the active version, so that a version
+    can be retired only some time after it stopped being active."""
+
+    def retire(
+        self,
+        tenant_id: str,
+        version: int,
+        purpose: KeyPurpose | None = None,
+        *,
+        min_inactive_seconds: float | None = None,
+    ) -> Any: ...
+
+    def check_retire_wait(
+        self,
+        tenant_id: str,
+        version: int,
+        purpose: KeyPurpose | None = None,
+        *,
+        min_inactive_seconds: float | None = None,
+    ) -> None: ...
 
 
 def check_key_unused(
@@ -66,6 +95,7 @@ def retire_key_version(
     purpose: KeyPurpose | None = None,
     *,
     tables: Iterable[str] | None = None,
+    min_inactive_seconds: float | None = None,
 ) -> Any:
     """Retire key ``version`` of a tenant after a census shows no value uses it.
 
@@ -75,10 +105,24 @@ def retire_key_version(
     version. Raises :class:`KeyStateError` if no purpose is left to retire,
     or if the version is active or pending for ``purpose``.
 
+    With a :class:`~sqlalchemy_encrypted.keyring.Keyring`, the census is
+    taken only once the version stopped being active at least
+    ``min_inactive_seconds`` ago (default: the keyring's ``active_key_ttl``
+    plus a margin; see ``Keyring.check_retire_wait``). Until then, processes
+    that cached it as the active version may still write values under it,
+    so :class:`KeyRecentlyActiveError` is raised without a census. Key
+    providers without ``check_retire_wait``, such as ``InMemoryKeyring``,
+    whose leases end at each rotation, ignore ``min_inactive_seconds``.
+
     Returns what ``keyring.retire`` returns. Raises :class:`KeyInUseError`
     with the counts per ``table.column`` if values still use a version that
     would be retired, and retires nothing.
     """
+    waiting = _waiting(keyring)
+    if waiting is not None:
+        waiting.check_retire_wait(
+            tenant_id, version, purpose, min_inactive_seconds=min_inactive_seconds
+        )
     result = census(bind, target, tables=tables, tenants=[tenant_id])
     current = _current_purposes(result, tenant_id, version)
     wanted = list(KeyPurpose) if purpose is None else [purpose]
@@ -92,15 +136,38 @@ def retire_key_version(
         # Retire the other purpose by name, so that a version which
         # becomes decrypt-only after the census, with values still under
         # it, is not retired.
-        retired = _retire_other_purpose(keyring, tenant_id, version, others[0], current)
+        retired = _retire_other_purpose(
+            keyring, tenant_id, version, others[0], current, min_inactive_seconds
+        )
     else:
-        retired = keyring.retire(tenant_id, version, purpose)
+        retired = _retire(keyring, tenant_id, version, purpose, min_inactive_seconds)
     audit.info(
         "key version %d of tenant %r retired after a census found no value using it",
         version,
         tenant_id,
     )
     return retired
+
+
+def _waiting(keyring: _Retiring) -> _WaitingRetiring | None:
+    """Return ``keyring`` if it has ``check_retire_wait``, else None."""
+    if callable(getattr(keyring, "check_retire_wait", None)):
+        return cast(_WaitingRetiring, keyring)
+    return None
+
+
+def _retire(
+    keyring: _Retiring,
+    tenant_id: str,
+    version: int,
+    purpose: KeyPurpose | None,
+    min_inactive_seconds: float | None,
+) -> Any:
+    waiting = _waiting(keyring)
+    if waiting is None:
+        return keyring.retire(tenant_id, version, purpose)
+    # The keyring checks the wait again, with the rows it retires.
+    return waiting.retire(tenant_id, version, purpose, min_inactive_seconds=min_inactive_seconds)
 
 
 def _current_purposes(result: Census, tenant_id: str, version: int) -> dict[KeyPurpose, str]:
@@ -163,13 +230,14 @@ def _retire_other_purpose(
     version: int,
     purpose: KeyPurpose,
     current: dict[KeyPurpose, str],
+    min_inactive_seconds: float | None,
 ) -> Any:
     """Retire ``version`` of ``purpose`` only, while the other purposes
     (``current``) still encrypt with it."""
     try:
-        return keyring.retire(tenant_id, version, purpose)
+        return _retire(keyring, tenant_id, version, purpose, min_inactive_seconds)
     except (KeyStateError, KeyNotFoundError) as exc:
-        if isinstance(exc, KeyDestroyedError):
+        if isinstance(exc, KeyDestroyedError | KeyRecentlyActiveError):
             raise
         raise KeyStateError(
             f"cannot retire key version {version} of tenant {tenant_id!r}: "
