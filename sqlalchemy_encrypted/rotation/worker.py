@@ -44,6 +44,7 @@ from .census import CensusEntry
 from .checkpoint import Checkpoint, CheckpointStore
 from .columns import EncryptedColumn, raw_table
 from .headers import HeaderPrefix, header_prefix, prefix_of
+from .integrity import describe_rejection
 from .ratelimit import RateLimiter
 
 __all__ = [
@@ -579,6 +580,21 @@ class TableWorker:
     def _write_row(self, conn: Connection, update: _RowUpdate) -> bool:
         return self._write(conn, [update])[0] == 1
 
+    def _rejected_row(self, update: _RowUpdate, error: IntegrityError) -> RowFailure:
+        """Return the one failure of a row whose update the database rejected.
+
+        It names the re-encrypted columns of the constraint that the
+        database names, or every re-encrypted column of the row when the
+        database names no constraint or columns (a driver this module does
+        not read, for example).
+        """
+        rejection = describe_rejection(error, self.table)
+        blamed = [name for name in rejection.columns if name in update.values]
+        column = ",".join(blamed or sorted(update.values))
+        return RowFailure(
+            self.label, column, update.primary_key, "IntegrityError", rejection.message()
+        )
+
     def _write_one_by_one(
         self, updates: list[_RowUpdate], batch: WorkerStats, failures: list[RowFailure]
     ) -> None:
@@ -593,18 +609,7 @@ class TableWorker:
                         written.add(update.primary_key)
             except IntegrityError as exc:
                 rejected.add(update.primary_key)
-                reason = type(exc.orig).__name__ if exc.orig is not None else "IntegrityError"
-                for name in update.values:
-                    failures.append(
-                        RowFailure(
-                            self.label,
-                            name,
-                            update.primary_key,
-                            "IntegrityError",
-                            f"the database rejected the re-encrypted value ({reason}): a "
-                            "unique index already holds the value under the active key version",
-                        )
-                    )
+                failures.append(self._rejected_row(update, exc))
         batch.values_reencrypted = sum(
             len(update.values) for update in updates if update.primary_key in written
         )
