@@ -6,6 +6,7 @@ Shared by the flush check and the statement check of the unique guard.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,30 +18,94 @@ from ..row_tenant import tenant_column_of
 from ..tenancy import tenant_scope
 from ..types import DeterministicEncrypted
 
-__all__ = ["duplicate_error", "find_holder", "needs_check", "other_row", "unique_groups"]
+__all__ = [
+    "UniqueGroup",
+    "dialect_of",
+    "duplicate_error",
+    "find_holder",
+    "needs_check",
+    "other_row",
+    "unique_constraints",
+    "unique_groups",
+]
+
+
+@dataclass(frozen=True)
+class UniqueGroup:
+    """A unique constraint or unique index that includes a deterministic column.
+
+    ``where`` maps a dialect name to the predicate of a partial index
+    (``postgresql_where=``, ``sqlite_where=``). ``nulls_not_distinct``
+    names the dialects on which NULL equals NULL in the constraint
+    (``postgresql_nulls_not_distinct=True``).
+    """
+
+    names: tuple[str, ...]
+    constraint_name: str | None = None
+    where: Mapping[str, Any] = field(default_factory=dict)
+    nulls_not_distinct: frozenset[str] = frozenset()
+
+    def predicate(self, dialect: str) -> Any:
+        """Return the partial index predicate on ``dialect``, or None for a
+        constraint that covers every row there."""
+        return self.where.get(dialect)
+
+
+def _dialect_options(item: sa.Index | sa.UniqueConstraint) -> tuple[dict[str, Any], frozenset[str]]:
+    where: dict[str, Any] = {}
+    nulls_not_distinct: set[str] = set()
+    for dialect, options in item.dialect_options.items():
+        if options.get("where") is not None:
+            where[dialect] = options["where"]
+        if options.get("nulls_not_distinct"):
+            nulls_not_distinct.add(dialect)
+    return where, frozenset(nulls_not_distinct)
+
+
+def unique_constraints(table: sa.Table) -> list[UniqueGroup]:
+    """Return ``table``'s unique constraints and unique indexes that include
+    a deterministic encrypted column, one per column tuple. A constraint
+    that covers every row wins over a partial index on the same columns."""
+    candidates: list[tuple[Sequence[sa.Column[Any]], UniqueGroup]] = []
+    for constraint in table.constraints:
+        if isinstance(constraint, sa.UniqueConstraint):
+            columns = list(constraint.columns)
+            _, nulls = _dialect_options(constraint)
+            group = UniqueGroup(tuple(c.name for c in columns), _name(constraint.name), {}, nulls)
+            candidates.append((columns, group))
+    for index in table.indexes:
+        if index.unique:
+            columns = [c for c in index.columns if isinstance(c, sa.Column)]
+            where, nulls = _dialect_options(index)
+            group = UniqueGroup(tuple(c.name for c in columns), _name(index.name), where, nulls)
+            candidates.append((columns, group))
+    for column in table.columns:
+        if column.unique:
+            candidates.append(([column], UniqueGroup((column.name,))))
+
+    groups: dict[tuple[str, ...], UniqueGroup] = {}
+    for group_columns, group in candidates:
+        if not any(isinstance(column.type, DeterministicEncrypted) for column in group_columns):
+            continue
+        known = groups.get(group.names)
+        if known is None or (known.where and not group.where):
+            groups[group.names] = group
+    return list(groups.values())
+
+
+def _name(name: Any) -> str | None:
+    return name if isinstance(name, str) else None
 
 
 def unique_groups(table: sa.Table) -> list[tuple[str, ...]]:
     """Return the column-name tuples of ``table``'s unique constraints and
     unique indexes that include a deterministic encrypted column."""
-    groups: list[tuple[str, ...]] = []
-    candidates: list[Sequence[sa.Column[Any]]] = []
-    for constraint in table.constraints:
-        if isinstance(constraint, sa.UniqueConstraint):
-            candidates.append(list(constraint.columns))
-    for index in table.indexes:
-        if index.unique:
-            candidates.append([c for c in index.columns if isinstance(c, sa.Column)])
-    for column in table.columns:
-        if column.unique:
-            candidates.append([column])
-    for columns in candidates:
-        names = tuple(column.name for column in columns)
-        if names in groups:
-            continue
-        if any(isinstance(column.type, DeterministicEncrypted) for column in columns):
-            groups.append(names)
-    return groups
+    return [group.names for group in unique_constraints(table)]
+
+
+def dialect_of(session: Session, table: sa.Table) -> str:
+    """Return the name of the dialect that ``session`` uses for ``table``."""
+    return session.get_bind(clause=table).dialect.name
 
 
 def needs_check(table: sa.Table, names: tuple[str, ...], tenant_id: str) -> bool:
@@ -73,6 +138,7 @@ def find_holder(
     *,
     exclude: sa.ColumnElement[bool] | None = None,
     parameters: Mapping[str, Any] | None = None,
+    predicate: Any = None,
 ) -> tuple[Any, ...] | None:
     """Return the primary key of a row of ``tenant`` that contains
     ``values`` in the columns ``names`` under any decryptable key version,
@@ -80,8 +146,16 @@ def find_holder(
 
     ``exclude`` leaves out the rows being written. ``parameters`` are the
     statement's own, for the bound parameters that ``exclude`` uses.
+    ``predicate``, the WHERE clause of a partial unique index, limits the
+    lookup to the rows the index contains. A None value matches NULL, for
+    constraints whose NULLs are not distinct.
     """
-    conditions = [table.c[name] == values[name] for name in names]
+    conditions: list[Any] = [
+        table.c[name].is_(None) if values[name] is None else table.c[name] == values[name]
+        for name in names
+    ]
+    if predicate is not None:
+        conditions.append(predicate)
     tenant_name = tenant_column_of(table)
     if tenant_name is not None and tenant_name not in names:
         conditions.append(table.c[tenant_name] == tenant)

@@ -19,7 +19,15 @@ from sqlalchemy.sql.elements import BindParameter
 
 from ..row_tenant import tenant_column_of
 from ..tenancy import current_tenant, tenant_scope
-from .unique_lookup import duplicate_error, find_holder, needs_check, other_row, unique_groups
+from .unique_lookup import (
+    UniqueGroup,
+    dialect_of,
+    duplicate_error,
+    find_holder,
+    needs_check,
+    other_row,
+    unique_constraints,
+)
 
 __all__ = ["check_statement"]
 
@@ -45,7 +53,7 @@ def check_statement(state: ORMExecuteState) -> None:
     table = mapper.local_table if mapper is not None else getattr(statement, "table", None)
     if not isinstance(table, sa.Table):
         return
-    groups = unique_groups(table)
+    groups = unique_constraints(table)
     if not groups:
         return
 
@@ -64,12 +72,13 @@ class _StatementCheck:
         session: Session,
         table: sa.Table,
         mapper: Mapper[Any] | None,
-        groups: list[tuple[str, ...]],
+        groups: list[UniqueGroup],
     ) -> None:
         self.session = session
         self.table = table
         self.mapper = mapper
         self.groups = groups
+        self.dialect = dialect_of(session, table)
         self.tenant_name = tenant_column_of(table)
         self._needed: dict[tuple[tuple[str, ...], str], bool] = {}
 
@@ -96,6 +105,7 @@ class _StatementCheck:
         elif not rows:
             rows = [self._resolve(base, {})]
 
+        on_conflict = getattr(statement, "_post_values_clause", None)
         for index, row in enumerate(rows, start=1):
             label = (
                 f"row {index} of the INSERT statement" if len(rows) > 1 else "the INSERT statement"
@@ -105,11 +115,62 @@ class _StatementCheck:
             # of an existing key fails on the primary key anyway.
             identity = self._identity(row)
             exclude = other_row(self.table, identity) if identity is not None else None
-            for names in self._groups_set_by(row):
-                values = {name: row.get(name, self._default(name)) for name in names}
-                if _cannot_match(values):
+            target = self._conflict_target(on_conflict)
+            conflicting = self._conflicting_rows(on_conflict, target, row)
+            if conflicting is not None:
+                # The row that the ON CONFLICT clause updates or keeps.
+                conflict_free = sa.not_(conflicting)
+                exclude = conflict_free if exclude is None else sa.and_(exclude, conflict_free)
+            for group in self._groups_set_by(row):
+                if on_conflict is not None and (target is None or group in target):
+                    # The database resolves a conflict on the ON CONFLICT
+                    # target itself, so the inserted values are left to it.
                     continue
-                self._check(names, values, self._tenant(row), exclude, label)
+                values = {name: row.get(name, self._default(name)) for name in group.names}
+                if self._cannot_match(group, values):
+                    continue
+                self._check(group, values, self._tenant(row), exclude, label)
+            set_values = getattr(on_conflict, "update_values_to_set", None)
+            if set_values and conflicting is not None:
+                set_row = self._resolve(self._by_column(dict(set_values)), {})
+                if self.tenant_name is not None and self.tenant_name in row:
+                    set_row.setdefault(self.tenant_name, row[self.tenant_name])
+                self._update_rows(conflicting, set_row, {}, f"the DO UPDATE SET of {label}")
+
+    def _conflict_target(self, on_conflict: Any) -> list[UniqueGroup] | None:
+        """Return the unique groups an ON CONFLICT clause names, or None
+        when it names none (DO NOTHING on any conflict)."""
+        if on_conflict is None:
+            return None
+        constraint = getattr(on_conflict, "constraint_target", None)
+        elements = getattr(on_conflict, "inferred_target_elements", None) or []
+        names = {element if isinstance(element, str) else element.name for element in elements}
+        if constraint is None and not names:
+            return None
+        return [
+            group
+            for group in self.groups
+            if (constraint is not None and group.constraint_name == constraint)
+            or (names and set(group.names) == names)
+        ]
+
+    def _conflicting_rows(
+        self, on_conflict: Any, target: list[UniqueGroup] | None, row: dict[str, Any]
+    ) -> sa.ColumnElement[bool] | None:
+        """Return a condition for the stored row that an INSERT row meets on
+        its ON CONFLICT target, or None when it cannot be told."""
+        if on_conflict is None:
+            return None
+        elements = getattr(on_conflict, "inferred_target_elements", None) or []
+        names = [element if isinstance(element, str) else element.name for element in elements]
+        if not names and target:
+            names = list(target[0].names)
+        if not names or any(name not in self.table.c for name in names):
+            return None
+        values = {name: row.get(name, self._default(name)) for name in names}
+        if _cannot_match(values):
+            return None
+        return sa.and_(*(self.table.c[name] == values[name] for name in names))
 
     def _default(self, name: str) -> Any:
         """Return the value an INSERT stores in a column it does not name."""
@@ -135,26 +196,46 @@ class _StatementCheck:
         # An ORM bulk UPDATE names each row by its primary key. A Core
         # executemany instead matches rows with bound parameters in its WHERE.
         parameter_rows = _parameter_rows(parameters)
-        for index, parameter_row in enumerate(parameter_rows, start=1):
+        rows = [
+            self._resolve({**base, **self._by_column(parameter_row)}, parameter_row)
+            for parameter_row in parameter_rows
+        ]
+        for index, (parameter_row, row) in enumerate(
+            zip(parameter_rows, rows, strict=True), start=1
+        ):
             if len(parameter_rows) > 1:
                 label = f"row {index} of the UPDATE statement"
             else:
                 label = "the UPDATE statement"
-            row = self._resolve({**base, **self._by_column(parameter_row)}, parameter_row)
             if self._identity(row) is not None:
-                self._update_by_primary_key(row, label)
+                self._update_by_primary_key(row, rows, label)
             else:
                 self._update_where(statement, row, dict(parameter_row), label)
 
-    def _update_by_primary_key(self, row: dict[str, Any], label: str) -> None:
+    def _update_by_primary_key(
+        self, row: dict[str, Any], statement_rows: list[dict[str, Any]], label: str
+    ) -> None:
         identity = self._identity(row)
         if identity is None:
             return
-        exclude = other_row(self.table, identity)
-        for names in self._groups_set_by(row):
-            values = self._set_values(names, row)
+        for group in self._groups_set_by(row):
+            names = group.names
+            values = self._set_values(group, row)
             if values is None:
                 continue
+            # The rows of the same statement that change away from the value
+            # no longer contain it once the statement has run.
+            left_out = [identity]
+            for other in statement_rows:
+                other_identity = self._identity(other)
+                if other_identity is None or other_identity == identity:
+                    continue
+                if any(
+                    name in other and other[name] is not UNKNOWN and other[name] != values[name]
+                    for name in values
+                ):
+                    left_out.append(other_identity)
+            exclude = sa.and_(*(other_row(self.table, key) for key in left_out))
             tenant = self._tenant(row)
             unset = [name for name in names if name not in values]
             if unset:
@@ -167,7 +248,7 @@ class _StatementCheck:
                 if stored is None:
                     continue
                 values.update(zip(unset, stored, strict=True))
-            self._check(names, values, tenant, exclude, label)
+            self._check(group, values, tenant, exclude, label)
 
     def _update_where(
         self, statement: Update, row: dict[str, Any], parameters: dict[str, Any], label: str
@@ -176,20 +257,40 @@ class _StatementCheck:
         if where is None:
             # Every row gets the value, so no row outside the UPDATE can hold it.
             return
+        self._update_rows(where, row, parameters, label)
+
+    def _update_rows(
+        self,
+        where: sa.ColumnElement[bool],
+        row: dict[str, Any],
+        parameters: dict[str, Any],
+        label: str,
+    ) -> None:
+        """Check the SET values ``row`` of an UPDATE of the rows ``where`` matches."""
         bind_names = {
             element.key for element in visitors.iterate(where) if isinstance(element, BindParameter)
         }
         where_parameters = {name: value for name, value in parameters.items() if name in bind_names}
         matched = sa.select(*self.table.primary_key.columns).where(where)
         exclude = sa.not_(_primary_key(self.table).in_(matched))
-        for names in self._groups_set_by(row):
-            values = self._set_values(names, row)
+        matches_a_row: bool | None = None
+        for group in self._groups_set_by(row):
+            names = group.names
+            values = self._set_values(group, row)
             if values is None:
                 continue
             tenant = self._tenant(row)
             unset = [name for name in names if name not in values]
             if not unset:
-                self._check(names, values, tenant, exclude, label, where_parameters)
+                if not self._needs_check(names, tenant):
+                    continue
+                if matches_a_row is None:
+                    # An UPDATE that matches no row writes nothing.
+                    with tenant_scope(tenant), self.session.no_autoflush:
+                        found = self.session.execute(matched.limit(1), where_parameters).first()
+                    matches_a_row = found is not None
+                if matches_a_row:
+                    self._check(group, values, tenant, exclude, label, where_parameters)
                 continue
             # Each matched row keeps its stored value in the columns the
             # UPDATE does not set, so every combination of them is checked.
@@ -198,9 +299,9 @@ class _StatementCheck:
                 combinations = self.session.execute(query, where_parameters).all()
             for stored in combinations:
                 combined = {**values, **dict(zip(unset, stored, strict=True))}
-                self._check(names, combined, tenant, exclude, label, where_parameters)
+                self._check(group, combined, tenant, exclude, label, where_parameters)
 
-    def _set_values(self, names: tuple[str, ...], row: dict[str, Any]) -> dict[str, Any] | None:
+    def _set_values(self, group: UniqueGroup, row: dict[str, Any]) -> dict[str, Any] | None:
         """Return the values of ``names`` that an UPDATE row sets, or None
         when one of them cannot match a stored value.
 
@@ -208,8 +309,9 @@ class _StatementCheck:
         scope or default tenant, and only rows of that tenant may be
         updated that way, so that tenant is the stored one.
         """
+        names = group.names
         values = {name: row[name] for name in names if name in row}
-        if _cannot_match(values):
+        if self._cannot_match(group, values):
             return None
         if self.tenant_name in names and self.tenant_name not in values:
             values[self.tenant_name] = self._tenant(row)
@@ -219,20 +321,38 @@ class _StatementCheck:
 
     def _check(
         self,
-        names: tuple[str, ...],
+        group: UniqueGroup,
         values: dict[str, Any],
         tenant: str,
         exclude: sa.ColumnElement[bool] | None,
         label: str,
         parameters: dict[str, Any] | None = None,
     ) -> None:
-        if _cannot_match(values) or not self._needs_check(names, tenant):
+        names = group.names
+        if self._cannot_match(group, values) or not self._needs_check(names, tenant):
             return
         existing = find_holder(
-            self.session, self.table, names, values, tenant, exclude=exclude, parameters=parameters
+            self.session,
+            self.table,
+            names,
+            values,
+            tenant,
+            exclude=exclude,
+            parameters=parameters,
+            predicate=group.predicate(self.dialect),
         )
         if existing is not None:
             raise duplicate_error(self.table, names, tenant, existing, statement_row=label)
+
+    def _cannot_match(self, group: UniqueGroup, values: Mapping[str, Any]) -> bool:
+        """Return True if ``values`` cannot match a stored row of ``group``:
+        a SQL expression, or NULL unless the constraint treats NULLs as
+        equal. Values that are all NULL are left to the database."""
+        if self.dialect not in group.nulls_not_distinct:
+            return _cannot_match(values)
+        if any(value is UNKNOWN for value in values.values()):
+            return True
+        return all(value is None for value in values.values())
 
     def _needs_check(self, names: tuple[str, ...], tenant: str) -> bool:
         key = (names, tenant)
@@ -240,8 +360,8 @@ class _StatementCheck:
             self._needed[key] = needs_check(self.table, names, tenant)
         return self._needed[key]
 
-    def _groups_set_by(self, row: dict[str, Any]) -> list[tuple[str, ...]]:
-        return [names for names in self.groups if row.keys() & set(names)]
+    def _groups_set_by(self, row: dict[str, Any]) -> list[UniqueGroup]:
+        return [group for group in self.groups if row.keys() & set(group.names)]
 
     def _tenant(self, row: dict[str, Any]) -> str:
         """Return the tenant whose keys seal the row's values: the row's
