@@ -334,3 +334,26 @@ def test_async_sessionmaker_guard_is_its_own(tables: sa.Engine) -> None:
 def test_guard_rejects_other_targets() -> None:
     with pytest.raises(TypeError, match="AsyncSession or async_sessionmaker, not str"):
         install_unique_guard("session")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("clause", ["do_nothing", "do_update"])
+def test_upsert_rejects_old_version_holder(
+    tables: sa.Engine, keyring: InMemoryKeyring, clause: str
+) -> None:
+    # CAROL is stored under version 1 only, so the database sees no
+    # conflict and would insert a second row.
+    _seed(tables, keyring, Contact(id=1, tenant_id="t-acme", email=CAROL))
+    insert = _insert(tables, Contact).values(id=2, tenant_id="t-acme", email=CAROL)
+    if clause == "do_nothing":
+        upsert = insert.on_conflict_do_nothing()
+    else:
+        upsert = insert.on_conflict_do_update(
+            index_elements=["tenant_id", "email"], set_={"tenant_id": "t-acme"}
+        )
+
+    with tenant_scope("t-acme"), Session(tables) as session:
+        install_unique_guard(session)
+        with pytest.raises(DuplicateValueError, match=r"the INSERT statement.*primary key \(1,\)"):
+            session.execute(upsert)
+
+    assert _emails(tables, Contact) == [CAROL]

@@ -139,6 +139,7 @@ def find_holder(
     exclude: sa.ColumnElement[bool] | None = None,
     parameters: Mapping[str, Any] | None = None,
     predicate: Any = None,
+    database_conflicts: bool = False,
 ) -> tuple[Any, ...] | None:
     """Return the primary key of a row of ``tenant`` that contains
     ``values`` in the columns ``names`` under any decryptable key version,
@@ -148,7 +149,9 @@ def find_holder(
     statement's own, for the bound parameters that ``exclude`` uses.
     ``predicate``, the WHERE clause of a partial unique index, limits the
     lookup to the rows the index contains. A None value matches NULL, for
-    constraints whose NULLs are not distinct.
+    constraints whose NULLs are not distinct. ``database_conflicts`` leaves
+    out the rows that store the values under the active key version, which
+    the database's own ON CONFLICT handling sees.
     """
     conditions: list[Any] = [
         table.c[name].is_(None) if values[name] is None else table.c[name] == values[name]
@@ -156,6 +159,8 @@ def find_holder(
     ]
     if predicate is not None:
         conditions.append(predicate)
+    if database_conflicts:
+        conditions.append(sa.not_(sa.and_(*_same_bytes(table, names, values))))
     tenant_name = tenant_column_of(table)
     if tenant_name is not None and tenant_name not in names:
         conditions.append(table.c[tenant_name] == tenant)
@@ -165,6 +170,23 @@ def find_holder(
     with tenant_scope(tenant), session.no_autoflush:
         found = session.execute(query, dict(parameters or {})).first()
     return None if found is None else tuple(found)
+
+
+def _same_bytes(
+    table: sa.Table, names: tuple[str, ...], values: Mapping[str, Any]
+) -> list[sa.ColumnElement[bool]]:
+    """Return conditions that the deterministic columns of ``names`` store
+    the bytes that sealing ``values`` now gives, under the active version."""
+    conditions: list[sa.ColumnElement[bool]] = []
+    for name in names:
+        column = table.c[name]
+        if isinstance(column.type, DeterministicEncrypted) and values[name] is not None:
+            # Compared as stored bytes, so the comparison is not expanded
+            # to every decryptable version; the bound value is sealed by the
+            # column type under the active version.
+            stored = sa.type_coerce(column, column.type.impl_instance)
+            conditions.append(stored == sa.bindparam(None, values[name], type_=column.type))
+    return conditions
 
 
 def duplicate_error(

@@ -122,12 +122,17 @@ class _StatementCheck:
                 conflict_free = sa.not_(conflicting)
                 exclude = conflict_free if exclude is None else sa.and_(exclude, conflict_free)
             for group in self._groups_set_by(row):
-                if on_conflict is not None and (target is None or group in target):
-                    # The database resolves a conflict on the ON CONFLICT
-                    # target itself, so the inserted values are left to it.
-                    continue
                 values = {name: row.get(name, self._default(name)) for name in group.names}
                 if self._cannot_match(group, values):
+                    continue
+                if on_conflict is not None and (target is None or group in target):
+                    # The database resolves a conflict on the ON CONFLICT
+                    # target with the row that stores the same bytes. A row
+                    # under an older version is no conflict to it, so the
+                    # INSERT would add a duplicate.
+                    self._check(
+                        group, values, self._tenant(row), None, label, database_conflicts=True
+                    )
                     continue
                 self._check(group, values, self._tenant(row), exclude, label)
             set_values = getattr(on_conflict, "update_values_to_set", None)
@@ -327,6 +332,8 @@ class _StatementCheck:
         exclude: sa.ColumnElement[bool] | None,
         label: str,
         parameters: dict[str, Any] | None = None,
+        *,
+        database_conflicts: bool = False,
     ) -> None:
         names = group.names
         if self._cannot_match(group, values) or not self._needs_check(names, tenant):
@@ -340,6 +347,7 @@ class _StatementCheck:
             exclude=exclude,
             parameters=parameters,
             predicate=group.predicate(self.dialect),
+            database_conflicts=database_conflicts,
         )
         if existing is not None:
             raise duplicate_error(self.table, names, tenant, existing, statement_row=label)
