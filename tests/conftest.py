@@ -34,9 +34,9 @@ _schema_counter = itertools.count()
 # NOTE: with "mariadb" in this list, about 80 tests fail for reasons of the
 # tests (REPEATABLE READ snapshots, PostgreSQL-only SQL, AUTO_INCREMENT of
 # id 0, conversions that MySQL does not support), not of the library.
-ENGINE_DIALECTS = os.environ.get(
-    "SQLALCHEMY_ENCRYPTED_TEST_DIALECTS", "sqlite,postgresql"
-).split(",")
+ENGINE_DIALECTS = os.environ.get("SQLALCHEMY_ENCRYPTED_TEST_DIALECTS", "sqlite,postgresql").split(
+    ","
+)
 
 
 @pytest.fixture(scope="session")

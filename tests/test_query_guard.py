@@ -224,9 +224,7 @@ REJECTED: dict[str, tuple[Callable[[], Any], str]] = {
         "members.name",
     ),
     "join on encrypted": (
-        lambda: sa.select(Member).join(
-            other := aliased(Member), other.tenant_id == Member.email
-        ),
+        lambda: sa.select(Member).join(other := aliased(Member), other.tenant_id == Member.email),
         "members.email",
     ),
     "is true randomized": (
@@ -246,9 +244,11 @@ REJECTED: dict[str, tuple[Callable[[], Any], str]] = {
         "members.name",
     ),
     "insert returning function": (
-        lambda: sa.insert(Member)
-        .values(id=99, tenant_id="t-acme", name="n", email="n@example.test")
-        .returning(sa.func.lower(Member.email)),
+        lambda: (
+            sa.insert(Member)
+            .values(id=99, tenant_id="t-acme", name="n", email="n@example.test")
+            .returning(sa.func.lower(Member.email))
+        ),
         "members.email",
     ),
     "union over union all": (

@@ -67,9 +67,7 @@ def test_keyring_refuses_first_key_under_foreign_kek(
     assert with_previous.active_key("t-new", KeyPurpose.RANDOMIZED).version == 1
 
 
-def test_first_key_of_empty_keyring(
-    engine: sa.Engine, local_kms: LocalKms, tmp_path: Path
-) -> None:
+def test_first_key_of_empty_keyring(engine: sa.Engine, local_kms: LocalKms, tmp_path: Path) -> None:
     keyring = Keyring(engine, LocalKms.create(tmp_path / "other.key"), set_default=False)
     keyring.create_table()
 

@@ -158,6 +158,8 @@ def find_holder(
         for name in names
     ]
     if predicate is not None:
+        # NOTE: the predicate limits the stored rows only. A written row that
+        # falls outside the partial index is still checked.
         conditions.append(predicate)
     if database_conflicts:
         conditions.append(sa.not_(sa.and_(*_same_bytes(table, names, values))))
@@ -181,9 +183,9 @@ def _same_bytes(
     for name in names:
         column = table.c[name]
         if isinstance(column.type, DeterministicEncrypted) and values[name] is not None:
-            # Compared as stored bytes, so the comparison is not expanded
-            # to every decryptable version; the bound value is sealed by the
-            # column type under the active version.
+            # The column is compared as stored bytes, so the comparison is
+            # not expanded to every decryptable version. The column type
+            # seals the bound value under the active version.
             stored = sa.type_coerce(column, column.type.impl_instance)
             conditions.append(stored == sa.bindparam(None, values[name], type_=column.type))
     return conditions

@@ -163,7 +163,7 @@ class _StatementCheck:
         self, on_conflict: Any, target: list[UniqueGroup] | None, row: dict[str, Any]
     ) -> sa.ColumnElement[bool] | None:
         """Return a condition for the stored row that an INSERT row meets on
-        its ON CONFLICT target, or None when it cannot be told."""
+        its ON CONFLICT target, or None when a target value is unknown."""
         if on_conflict is None:
             return None
         elements = getattr(on_conflict, "inferred_target_elements", None) or []
