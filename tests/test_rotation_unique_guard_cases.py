@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_encrypted import DeterministicEncrypted, DuplicateValueError, tenant_scope
-from sqlalchemy_encrypted.rotation import install_unique_guard, unique
+from sqlalchemy_encrypted.rotation import install_unique_guard, remove_unique_guard, unique
 from sqlalchemy_encrypted.testing import InMemoryKeyring
 
 from .rotation_support import Base, Contact
@@ -357,3 +357,14 @@ def test_upsert_rejects_old_version_holder(
             session.execute(upsert)
 
     assert _emails(tables, Contact) == [CAROL]
+
+
+def test_remove_guard_of_unguarded_maker(tables: sa.Engine) -> None:
+    """Removing the guard of an unguarded async_sessionmaker keeps Session's."""
+    install_unique_guard(Session)
+    try:
+        remove_unique_guard(async_sessionmaker(_async_engine(tables)))
+
+        assert sa.event.contains(Session, "before_flush", unique._before_flush)
+    finally:
+        remove_unique_guard(Session)

@@ -149,23 +149,33 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
         check_unique_values(session, obj, changes)
 
 
-def _sync_target(target: GuardTarget) -> Session | sessionmaker[Any] | type[Session]:
+def _sync_target(
+    target: GuardTarget, *, create: bool = False
+) -> Session | sessionmaker[Any] | type[Session] | None:
     """Return the synchronous session, sessionmaker or class whose events
-    the guard listens to for ``target``.
+    the guard listens to for ``target``, or None for an async_sessionmaker
+    that has no guard and ``create`` is not set.
 
     An :class:`AsyncSession` runs its work in its ``sync_session``. An
     :class:`async_sessionmaker` gets its own subclass of its
-    ``sync_session_class``, so the guard does not apply to every Session.
+    ``sync_session_class`` when ``create`` is set, so the guard does not
+    apply to every Session.
     """
     if isinstance(target, AsyncSession):
         return target.sync_session
     if isinstance(target, async_sessionmaker):
         sync_class: type[Session] = target.kw.get("sync_session_class") or Session
-        if getattr(sync_class, "_unique_guard_maker", None) is not target:
+        if create and getattr(sync_class, "_unique_guard_maker", None) is not target:
             sync_class = type(
                 "UniqueGuardedSession", (sync_class,), {"_unique_guard_maker": target}
             )
+            # event.contains() can report the listeners of a collected class
+            # whose id() the new class reuses, so listen without asking it.
+            event.listen(sync_class, "before_flush", _before_flush)
+            event.listen(sync_class, "do_orm_execute", check_statement)
             target.configure(sync_session_class=sync_class)
+        if getattr(sync_class, "_unique_guard_maker", None) is not target:
+            return None
         return sync_class
     if isinstance(target, (Session, sessionmaker)) or (
         isinstance(target, type) and issubclass(target, Session)
@@ -193,7 +203,8 @@ def install_unique_guard(target: GuardTarget) -> None:
     legacy ``Session.bulk_insert_mappings()``, ``bulk_update_mappings()``
     and ``bulk_save_objects()``, which fire no session event.
     """
-    sync_target = _sync_target(target)
+    sync_target = _sync_target(target, create=True)
+    assert sync_target is not None
     if not event.contains(sync_target, "before_flush", _before_flush):
         event.listen(sync_target, "before_flush", _before_flush)
     if not event.contains(sync_target, "do_orm_execute", check_statement):
@@ -202,7 +213,10 @@ def install_unique_guard(target: GuardTarget) -> None:
 
 def remove_unique_guard(target: GuardTarget) -> None:
     """Undo :func:`install_unique_guard` for ``target``."""
-    target = _sync_target(target)
+    sync_target = _sync_target(target)
+    if sync_target is None:
+        return
+    target = sync_target
     if event.contains(target, "before_flush", _before_flush):
         event.remove(target, "before_flush", _before_flush)
     if event.contains(target, "do_orm_execute", check_statement):
