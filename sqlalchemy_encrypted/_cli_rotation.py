@@ -85,7 +85,7 @@ def _print_result(result: ReencryptionResult, unknown: dict[str, int]) -> None:
             f"{failure.message}"
         )
     if result.failures_total > 20:
-        click.echo(f"... and {result.failures_total - 20} more failed value(s)")
+        click.echo(f"... and {result.failures_total - 20} more failure(s)")
     if result.remaining:
         for label, count in sorted(result.remaining.items()):
             click.echo(f"still under an old key version: {label}: {count}")

@@ -80,7 +80,10 @@ class ReencryptionResult:
     ``planned`` and ``remaining`` map ``table.column`` to stale values before
     and after the run. ``rows_skipped`` counts rows an application changed
     between read and write (its write was kept). ``failures`` lists at most
-    1,000 failed values; ``failures_total`` counts all of them.
+    1,000 failures: one per value that could not be re-encrypted, and one
+    per row that the database rejected as a whole, such as a duplicate in a
+    unique index, listed under the column of the constraint it names.
+    ``failures_total`` counts all of them.
 
     ``tenant_mismatches`` maps ``table.column`` to values sealed under
     another tenant's key than their row's tenant column names: after the
@@ -138,7 +141,7 @@ class ReencryptionResult:
         if self.failures_total:
             first = self.failures[0]
             parts.append(
-                f"{self.failures_total} value(s) failed, the first in {first.table}."
+                f"{self.failures_total} failure(s), the first in {first.table}."
                 f"{first.column} primary key {first.primary_key} ({first.error_class})"
             )
         if unknown:
