@@ -34,9 +34,9 @@ from sqlalchemy.orm import Mapper, Session, sessionmaker
 from ..row_tenant import tenant_column_of
 from ..tenancy import current_tenant
 from .unique_lookup import (
+    Lookup,
+    check_lookups,
     dialect_of,
-    duplicate_error,
-    find_holder,
     needs_check,
     other_row,
     unique_constraints,
@@ -67,14 +67,20 @@ def check_unique_values(session: Session, obj: Any, changes: _Changes | None = N
     flush changes away from the value no longer contains it afterwards, so
     the lookup leaves it out.
     """
+    check_lookups(session, _lookups(session, obj, changes))
+
+
+def _lookups(session: Session, obj: Any, changes: _Changes | None) -> list[Lookup]:
+    """Return the lookups that :func:`check_unique_values` runs for ``obj``."""
+    lookups: list[Lookup] = []
     state = sa.inspect(obj)
     mapper: Mapper[Any] = state.mapper
     table = mapper.local_table
     if not isinstance(table, sa.Table):
-        return
+        return lookups
     groups = unique_constraints(table)
     if not groups:
-        return
+        return lookups
 
     values, changed = _row_values(mapper, state)
     tenant_name = tenant_column_of(table)
@@ -101,17 +107,11 @@ def check_unique_values(session: Session, obj: Any, changes: _Changes | None = N
         exclude = (
             sa.and_(*(other_row(table, identity) for identity in left_out)) if left_out else None
         )
-        existing = find_holder(
-            session,
-            table,
-            names,
-            values,
-            tenant,
-            exclude=exclude,
-            predicate=group.predicate(dialect),
+        lookup = Lookup(
+            table, names, values, tenant, exclude=exclude, predicate=group.predicate(dialect)
         )
-        if existing is not None:
-            raise duplicate_error(table, names, tenant, existing)
+        lookups.append(lookup)
+    return lookups
 
 
 def _row_values(mapper: Mapper[Any], state: Any) -> tuple[dict[str, Any], set[str]]:
@@ -145,8 +145,10 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
                 if (prop := state.mapper.get_property_by_column(column)).key in state.dict
             }
             changes.setdefault(table, []).append((state.key[1], after))
+    lookups: list[Lookup] = []
     for obj in written:
-        check_unique_values(session, obj, changes)
+        lookups.extend(_lookups(session, obj, changes))
+    check_lookups(session, lookups)
 
 
 def _sync_target(

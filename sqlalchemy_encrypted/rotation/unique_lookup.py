@@ -5,12 +5,14 @@ Shared by the flush check and the statement check of the unique guard.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import BindParameter
 
 from ..errors import DuplicateValueError
 from ..keys import KeyPurpose
@@ -19,7 +21,9 @@ from ..tenancy import tenant_scope
 from ..types import DeterministicEncrypted
 
 __all__ = [
+    "Lookup",
     "UniqueGroup",
+    "check_lookups",
     "dialect_of",
     "duplicate_error",
     "find_holder",
@@ -153,25 +157,227 @@ def find_holder(
     out the rows that store the values under the active key version, which
     the database's own ON CONFLICT handling sees.
     """
-    conditions: list[Any] = [
-        table.c[name].is_(None) if values[name] is None else table.c[name] == values[name]
-        for name in names
-    ]
-    if predicate is not None:
-        # NOTE: the predicate limits the stored rows only. A written row that
-        # falls outside the partial index is still checked.
-        conditions.append(predicate)
-    if database_conflicts:
-        conditions.append(sa.not_(sa.and_(*_same_bytes(table, names, values))))
-    tenant_name = tenant_column_of(table)
-    if tenant_name is not None and tenant_name not in names:
-        conditions.append(table.c[tenant_name] == tenant)
-    if exclude is not None:
-        conditions.append(exclude)
+    conditions: list[Any] = _row_conditions(table, names, values, exclude, database_conflicts)
+    conditions.extend(_shared_conditions(table, names, tenant, predicate))
     query = sa.select(*table.primary_key.columns).where(*conditions).limit(1)
     with tenant_scope(tenant), session.no_autoflush:
         found = session.execute(query, dict(parameters or {})).first()
     return None if found is None else tuple(found)
+
+
+# Bound parameters that one batched lookup may send. SQLite before 3.32
+# allows 999 per statement (SQLITE_MAX_VARIABLE_NUMBER), later versions
+# 32766, and PostgreSQL's wire protocol 65535, so staying below the
+# smallest keeps every supported database in bounds.
+MAX_BATCH_PARAMETERS = 900
+
+# Parameters left for the parts of a batched lookup that all its rows
+# share: the tenant and the partial index predicate.
+_SHARED_PARAMETERS = 50
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The arguments of one :func:`find_holder` call, and the error it
+    raises when it finds a row.
+
+    ``statement_row`` is passed on to :func:`duplicate_error`.
+    """
+
+    table: sa.Table
+    names: tuple[str, ...]
+    values: Mapping[str, Any]
+    tenant: str
+    exclude: sa.ColumnElement[bool] | None = None
+    parameters: Mapping[str, Any] | None = None
+    predicate: Any = None
+    database_conflicts: bool = False
+    statement_row: str = ""
+
+    def find_holder(self, session: Session) -> tuple[Any, ...] | None:
+        return find_holder(
+            session,
+            self.table,
+            self.names,
+            self.values,
+            self.tenant,
+            exclude=self.exclude,
+            parameters=self.parameters,
+            predicate=self.predicate,
+            database_conflicts=self.database_conflicts,
+        )
+
+
+def check_lookups(session: Session, lookups: Sequence[Lookup]) -> None:
+    """Raise :class:`DuplicateValueError` for the first of ``lookups`` that
+    finds a row, as running them one by one in order would.
+
+    The lookups are sent in batches: one SELECT per table, unique group and
+    tenant of each batch, which matches the values of all its rows. Only
+    when such a SELECT finds a row are the lookups of that batch repeated
+    one by one, to name the first row of the statement that holds a
+    duplicate.
+    """
+    for batch in _batches(lookups):
+        if len(batch) > 1 and not _any_holder(session, batch):
+            continue
+        for lookup in batch:
+            existing = lookup.find_holder(session)
+            if existing is not None:
+                raise duplicate_error(
+                    lookup.table,
+                    lookup.names,
+                    lookup.tenant,
+                    existing,
+                    statement_row=lookup.statement_row,
+                )
+
+
+def _batches(lookups: Sequence[Lookup]) -> Iterator[list[Lookup]]:
+    """Split ``lookups`` in order into batches whose SELECTs stay below
+    :data:`MAX_BATCH_PARAMETERS`.
+
+    A lookup with statement parameters gets a batch of its own, because the
+    parameters of two rows may use the same names.
+    """
+    batch: list[Lookup] = []
+    size = 0
+    for lookup in lookups:
+        cost = _parameter_count(lookup)
+        if lookup.parameters or (batch and size + cost > MAX_BATCH_PARAMETERS - _SHARED_PARAMETERS):
+            if batch:
+                yield batch
+            batch, size = [], 0
+        if lookup.parameters:
+            yield [lookup]
+            continue
+        batch.append(lookup)
+        size += cost
+    if batch:
+        yield batch
+
+
+def _parameter_count(lookup: Lookup) -> int:
+    """Estimate the bound parameters that ``lookup`` adds to a batched SELECT.
+
+    A deterministic value is searched under every decryptable key version,
+    so it takes one parameter per version.
+    """
+    versions = 1
+    count = 0
+    for name in lookup.names:
+        column_type = lookup.table.c[name].type
+        if isinstance(column_type, DeterministicEncrypted):
+            keys = column_type.key_provider.decryptable_keys(
+                lookup.tenant, KeyPurpose.DETERMINISTIC
+            )
+            versions = max(versions, len(keys))
+            count += len(keys)
+        else:
+            count += 1
+    if lookup.database_conflicts:
+        count += len(lookup.names)
+    if lookup.exclude is not None:
+        # NOTE: an estimate. An expanding IN inside ``exclude`` counts as one
+        # value per key version, though it may hold more values.
+        bind_count = sum(
+            1 for element in visitors.iterate(lookup.exclude) if isinstance(element, BindParameter)
+        )
+        count += bind_count * versions
+    return count
+
+
+def _any_holder(session: Session, batch: Sequence[Lookup]) -> bool:
+    """Return True if one of the lookups of ``batch`` would find a row."""
+    groups: dict[tuple[Any, ...], list[Lookup]] = {}
+    for lookup in batch:
+        key = (lookup.table, lookup.names, id(lookup.predicate), lookup.tenant)
+        groups.setdefault(key, []).append(lookup)
+    for (table, names, _, tenant), group in groups.items():
+        row_conditions = _batched_row_conditions(table, names, group)
+        conditions = _shared_conditions(table, names, tenant, group[0].predicate)
+        conditions.append(sa.or_(*row_conditions))
+        query = sa.select(*table.primary_key.columns).where(*conditions).limit(1)
+        with tenant_scope(tenant), session.no_autoflush:
+            if session.execute(query).first() is not None:
+                return True
+    return False
+
+
+def _batched_row_conditions(
+    table: sa.Table, names: tuple[str, ...], lookups: Sequence[Lookup]
+) -> list[Any]:
+    """Return one condition per row of ``lookups``, or per set of rows that
+    differ only in the value of one deterministic column, which one IN
+    matches.
+
+    Rows that leave out stored rows or ON CONFLICT targets keep a
+    condition of their own.
+    """
+    conditions: list[Any] = []
+    searches: dict[tuple[Any, ...], list[Any]] = {}
+    for lookup in lookups:
+        searched = [
+            name
+            for name in names
+            if isinstance(table.c[name].type, DeterministicEncrypted)
+            and lookup.values[name] is not None
+        ]
+        other = tuple((name, lookup.values[name]) for name in names if name not in searched)
+        mergeable = len(searched) == 1 and lookup.exclude is None and not lookup.database_conflicts
+        if mergeable:
+            try:
+                hash(other)
+            except TypeError:
+                mergeable = False
+        if mergeable:
+            searches.setdefault((searched[0], other), []).append(lookup.values[searched[0]])
+            continue
+        row = _row_conditions(
+            table, names, lookup.values, lookup.exclude, lookup.database_conflicts
+        )
+        conditions.append(sa.and_(*row))
+    for (name, other), values in searches.items():
+        matched = [_value_condition(table, other_name, value) for other_name, value in other]
+        conditions.append(sa.and_(*matched, table.c[name].in_(values)))
+    return conditions
+
+
+def _row_conditions(
+    table: sa.Table,
+    names: tuple[str, ...],
+    values: Mapping[str, Any],
+    exclude: sa.ColumnElement[bool] | None,
+    database_conflicts: bool,
+) -> list[Any]:
+    """Return the conditions of :func:`find_holder` that depend on the written row."""
+    conditions: list[Any] = [_value_condition(table, name, values[name]) for name in names]
+    if database_conflicts:
+        conditions.append(sa.not_(sa.and_(*_same_bytes(table, names, values))))
+    if exclude is not None:
+        conditions.append(exclude)
+    return conditions
+
+
+def _shared_conditions(
+    table: sa.Table, names: tuple[str, ...], tenant: str, predicate: Any
+) -> list[Any]:
+    """Return the conditions of :func:`find_holder` that every row of a
+    unique group and tenant shares: the partial index predicate and the
+    tenant column."""
+    conditions: list[Any] = []
+    if predicate is not None:
+        # NOTE: the predicate limits the stored rows only. A written row that
+        # falls outside the partial index is still checked.
+        conditions.append(predicate)
+    tenant_name = tenant_column_of(table)
+    if tenant_name is not None and tenant_name not in names:
+        conditions.append(table.c[tenant_name] == tenant)
+    return conditions
+
+
+def _value_condition(table: sa.Table, name: str, value: Any) -> Any:
+    return table.c[name].is_(None) if value is None else table.c[name] == value
 
 
 def _same_bytes(

@@ -20,10 +20,10 @@ from sqlalchemy.sql.elements import BindParameter
 from ..row_tenant import tenant_column_of
 from ..tenancy import current_tenant, tenant_scope
 from .unique_lookup import (
+    Lookup,
     UniqueGroup,
+    check_lookups,
     dialect_of,
-    duplicate_error,
-    find_holder,
     needs_check,
     other_row,
     unique_constraints,
@@ -62,6 +62,7 @@ def check_statement(state: ORMExecuteState) -> None:
         check.insert(statement, state.parameters)
     elif isinstance(statement, Update):
         check.update(statement, state.parameters)
+    check_lookups(state.session, check.lookups)
 
 
 class _StatementCheck:
@@ -81,6 +82,8 @@ class _StatementCheck:
         self.dialect = dialect_of(session, table)
         self.tenant_name = tenant_column_of(table)
         self._needed: dict[tuple[tuple[str, ...], str], bool] = {}
+        # Collected in row order and run in batches once every row is read.
+        self.lookups: list[Lookup] = []
 
     # -- INSERT ---------------------------------------------------------------
 
@@ -130,11 +133,11 @@ class _StatementCheck:
                     # target with the row that stores the same bytes. A row
                     # under an older version is no conflict to it, so the
                     # INSERT would add a duplicate.
-                    self._check(
+                    self._add_lookup(
                         group, values, self._tenant(row), None, label, database_conflicts=True
                     )
                     continue
-                self._check(group, values, self._tenant(row), exclude, label)
+                self._add_lookup(group, values, self._tenant(row), exclude, label)
             set_values = getattr(on_conflict, "update_values_to_set", None)
             if set_values and conflicting is not None:
                 set_row = self._resolve(self._by_column(dict(set_values)), {})
@@ -253,7 +256,7 @@ class _StatementCheck:
                 if stored is None:
                     continue
                 values.update(zip(unset, stored, strict=True))
-            self._check(group, values, tenant, exclude, label)
+            self._add_lookup(group, values, tenant, exclude, label)
 
     def _update_where(
         self, statement: Update, row: dict[str, Any], parameters: dict[str, Any], label: str
@@ -295,7 +298,7 @@ class _StatementCheck:
                         found = self.session.execute(matched.limit(1), where_parameters).first()
                     matches_a_row = found is not None
                 if matches_a_row:
-                    self._check(group, values, tenant, exclude, label, where_parameters)
+                    self._add_lookup(group, values, tenant, exclude, label, where_parameters)
                 continue
             # Each matched row keeps its stored value in the columns the
             # UPDATE does not set, so every combination of them is checked.
@@ -304,7 +307,7 @@ class _StatementCheck:
                 combinations = self.session.execute(query, where_parameters).all()
             for stored in combinations:
                 combined = {**values, **dict(zip(unset, stored, strict=True))}
-                self._check(group, combined, tenant, exclude, label, where_parameters)
+                self._add_lookup(group, combined, tenant, exclude, label, where_parameters)
 
     def _set_values(self, group: UniqueGroup, row: dict[str, Any]) -> dict[str, Any] | None:
         """Return the values of ``names`` that an UPDATE row sets, or None
@@ -324,7 +327,7 @@ class _StatementCheck:
 
     # -- shared ---------------------------------------------------------------
 
-    def _check(
+    def _add_lookup(
         self,
         group: UniqueGroup,
         values: dict[str, Any],
@@ -338,8 +341,7 @@ class _StatementCheck:
         names = group.names
         if self._cannot_match(group, values) or not self._needs_check(names, tenant):
             return
-        existing = find_holder(
-            self.session,
+        lookup = Lookup(
             self.table,
             names,
             values,
@@ -348,9 +350,9 @@ class _StatementCheck:
             parameters=parameters,
             predicate=group.predicate(self.dialect),
             database_conflicts=database_conflicts,
+            statement_row=label,
         )
-        if existing is not None:
-            raise duplicate_error(self.table, names, tenant, existing, statement_row=label)
+        self.lookups.append(lookup)
 
     def _cannot_match(self, group: UniqueGroup, values: Mapping[str, Any]) -> bool:
         """Return True if ``values`` cannot match a stored row of ``group``:
