@@ -215,7 +215,7 @@ def check_lookups(session: Session, lookups: Sequence[Lookup]) -> None:
     The lookups are sent in batches: one SELECT per table, unique group and
     tenant of each batch, which matches the values of all its rows. Only
     when such a SELECT finds a row are the lookups of that batch repeated
-    one by one, to name the first row of the statement that holds a
+    one by one, to name the first row of the statement that contains a
     duplicate.
     """
     for batch in _batches(lookups):
@@ -279,7 +279,7 @@ def _parameter_count(lookup: Lookup) -> int:
         count += len(lookup.names)
     if lookup.exclude is not None:
         # NOTE: an estimate. An expanding IN inside ``exclude`` counts as one
-        # value per key version, though it may hold more values.
+        # value per key version, though it may contain more values.
         bind_count = sum(
             1 for element in visitors.iterate(lookup.exclude) if isinstance(element, BindParameter)
         )
