@@ -35,17 +35,24 @@ def _print_shredded_note(shredded: tuple[str, ...]) -> None:
         )
 
 
-def _print_plan(result: ReencryptionResult, unknown: dict[str, int]) -> None:
+def _print_plan(result: ReencryptionResult, unknown: dict[str, int], reencode: bool) -> None:
     rows = [
         (entry.label, entry.tenant_id, entry.key_version, entry.active_version, entry.count)
         for column in result.before.columns
-        for entry in column.entries
-        if entry.label in result.planned and entry.stale
+        for entry in column.matching(include_current=reencode)
+        if entry.label in result.planned
     ]
     if rows:
         headers = ("COLUMN", "TENANT", "FROM VERSION", "TO VERSION", "VALUES")
         click.echo(render_table(headers, rows))
-        click.echo(f"dry run: {sum(result.planned.values())} value(s) would be re-encrypted")
+        total = sum(result.planned.values())
+        if reencode:
+            click.echo(
+                f"dry run: {total} value(s) would be decoded and encoded again; those already "
+                "under the active version with the current encoding would not be written"
+            )
+        else:
+            click.echo(f"dry run: {total} value(s) would be re-encrypted")
     elif not unknown and not result.moves_planned:
         click.echo("nothing to re-encrypt: no value is under an old key version")
     if result.moves_planned:
@@ -190,6 +197,13 @@ class _ProgressBar:
     "column names under the row's tenant. The tenant column then decides who can read "
     "them: check it first with --dry-run.",
 )
+@click.option(
+    "--reencode",
+    is_flag=True,
+    help="Also decode every value under the active key version and encode it again with "
+    "the column's current codec rules, so values stored before a rule existed match "
+    "lookups. Runs one worker.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def reencrypt(
@@ -205,6 +219,7 @@ def reencrypt(
     job_name: str,
     max_passes: int,
     move_to_row_tenant: bool,
+    reencode: bool,
     as_json: bool,
 ) -> None:
     """Move values under old key versions to their tenant's active version.
@@ -220,6 +235,11 @@ def reencrypt(
     names are left as they are, with status 9, unless --move-to-row-tenant
     is given. With --tenant, such a value moves when the tenant of its key
     or of its row is selected.
+
+    With --reencode, every selected value is decoded and encoded again by
+    the column's current codec rules before it is sealed, also under the
+    active version. A value that no longer fits the column is reported as
+    a failed row, with status 6.
     """
     settings = settings_of(ctx)
     engine = settings.engine()
@@ -239,6 +259,7 @@ def reencrypt(
         job_name=job_name,
         max_passes=max_passes,
         move_to_row_tenant=move_to_row_tenant,
+        reencode=reencode,
     )
     shredded: tuple[str, ...] = ()
     if tenants:
@@ -252,7 +273,7 @@ def reencrypt(
     bar = None
     if not dry_run and not as_json and _stderr_is_terminal():
         plan = job.plan()
-        planned = sum(plan.stale(job.tenants, job.versions).values())
+        planned = sum(plan.stale(job.tenants, job.versions, include_current=reencode).values())
         if move_to_row_tenant:
             planned += sum(plan.mismatched().values())
         bar = _ProgressBar(planned)
@@ -271,7 +292,7 @@ def reencrypt(
         print_json(data)
     else:
         if dry_run:
-            _print_plan(result, unknown)
+            _print_plan(result, unknown, reencode)
         else:
             _print_result(result, unknown)
         _print_pending_note(keyring, tenants)

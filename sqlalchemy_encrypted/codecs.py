@@ -69,6 +69,14 @@ class Codec:
     def decode(self, data: bytes) -> Any:
         raise NotImplementedError
 
+    def reencode(self, data: bytes, column: str) -> bytes:
+        """Decode ``data`` and encode the value again by this codec's current rules.
+
+        Raises what :meth:`decode` or :meth:`encode` raises, for example
+        :class:`PlaintextTooLongError` when the value no longer fits the column.
+        """
+        return self.encode(self.decode(data), column)
+
     def decoder(self) -> Callable[[bytes], Any]:
         """Return a function that does what :meth:`decode` does, as cheaply as
         possible; column types call it once per value read."""
@@ -284,6 +292,11 @@ class DecimalCodec(Codec):
     def decode(self, data: bytes) -> decimal.Decimal | float:
         number = decimal.Decimal(data.decode("ascii"))
         return number if self.as_decimal else float(number)
+
+    def reencode(self, data: bytes, column: str) -> bytes:
+        # Always through Decimal: a float would drop digits of a column that
+        # reads floats (asdecimal=False) but stores more than 17 digits.
+        return self.encode(decimal.Decimal(data.decode("ascii")), column)
 
     def max_encoded_length(self) -> int | None:
         if self.precision is None:

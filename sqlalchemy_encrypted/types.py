@@ -982,10 +982,43 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
         in plaintext transition mode.
         """
         identity = self._identity_for_write()
+        opened, _ = self._open_for_reseal(stored, key, identity, move_tenant)
+        return self._seal_encoded(opened.plaintext, key, identity)
+
+    def reencode(self, stored: Any, key: DataKey, *, move_tenant: bool = False) -> bytes | None:
+        """Re-encode one stored value by the column's current codec rules and seal it under ``key``.
+
+        Unlike :meth:`reseal`, the plaintext is decoded and encoded again, so
+        a value stored before a codec rule existed gets today's encoding (a
+        ``Numeric(10, 2)`` value ``1.5`` becomes ``1.50``). ``key`` and
+        ``move_tenant`` are as for :meth:`reseal`. Returns the new envelope,
+        or None when ``key`` sealed the value and its encoding is already
+        current, so there is nothing to write.
+
+        Raises :class:`DecryptionError` when the plaintext does not decode,
+        and :class:`PlaintextTooLongError` or :class:`ValueTypeError` when
+        the decoded value no longer fits the column. The messages name the
+        column and key, never the value.
+        """
+        identity = self._identity_for_write()
+        opened, header = self._open_for_reseal(stored, key, identity, move_tenant)
+        plaintext = self._reencode_plaintext(opened, header, identity)
+        old_key = opened.lease.key
+        if plaintext == opened.plaintext and (old_key.key_id, old_key.version) == (
+            key.key_id,
+            key.version,
+        ):
+            return None
+        return self._seal_encoded(plaintext, key, identity)
+
+    def _open_for_reseal(
+        self, stored: Any, key: DataKey, identity: str, move_tenant: bool
+    ) -> tuple[_Opened, EnvelopeHeader]:
+        """Authenticate ``stored`` and check that ``key`` may seal its plaintext."""
         data = _storage.coerce_stored(stored, self.storage, identity)
         header = self._check_header(data, identity)
         opened = self._open(data, header, identity)
-        old_key, plaintext = opened.lease.key, opened.plaintext
+        old_key = opened.lease.key
         other_tenant = key.tenant_id != old_key.tenant_id and not move_tenant
         if other_tenant or key.purpose is not self.purpose:
             raise TenantContextError(
@@ -993,7 +1026,29 @@ class EncryptedType(sa.types.TypeDecorator[_T], Generic[_T]):
                 f"{old_key.tenant_id!r} under {key.purpose.value} key id {key.key_id} of "
                 f"tenant {key.tenant_id!r}"
             )
-        return self._seal_encoded(plaintext, key, identity)
+        return opened, header
+
+    def _reencode_plaintext(self, opened: _Opened, header: EnvelopeHeader, identity: str) -> bytes:
+        """Return the opened value's plaintext encoded again by the codec's current rules."""
+        failure: str | None = None
+        try:
+            plaintext = self._codec.reencode(opened.plaintext, identity)
+        except EncryptionError:
+            # The codec's own errors name the column and the rule, not the value.
+            raise
+        except Exception as exc:
+            # Other errors can hold the plaintext (UnicodeDecodeError.object,
+            # JSONDecodeError.doc), so only the type name is kept.
+            failure = type(exc).__name__
+        if failure is not None:
+            raise DecryptionError(
+                f"could not re-encode {_describe(identity, opened.lease.key, header)}: "
+                f"{failure} in the value codec"
+            )
+        limit = self._max_plaintext_length
+        if limit is not None and len(plaintext) > limit:
+            raise self._too_long(identity, len(plaintext))
+        return plaintext
 
     def _read_plaintext(self, stored: Any, identity: str, error: StorageFormatError) -> Any:
         """Return a legacy plaintext value in transition mode, else raise ``error``.

@@ -33,6 +33,7 @@ from .rotation_support import (
     Invoice,
     Note,
     Person,
+    Typed,
     fill_persons,
     key_versions,
     raw_values,
@@ -261,6 +262,37 @@ def test_reencrypt_dry_run_then_run(filled: App) -> None:
     with Session(filled.engine) as session:
         names = {p.id: p.name for p in session.scalars(sa.select(Person))}
     assert names == {i: f"Person {i}" for i in range(1, 11)}
+
+
+def test_reencrypt_reencode_pads_old_decimal(filled: App) -> None:
+    """--reencode gives a Numeric(12, 2) value stored as 1.5 by an earlier
+    release the encoding 1.50; a plain run keeps 1.5."""
+    amount_type = Typed.__table__.c.amount.type
+    key = filled.keyring().active_key("t-acme", KeyPurpose.RANDOMIZED)
+    sealed = amount_type._seal_encoded(b"1.5", key, amount_type.column_identity)
+    with filled.engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO typed_values (id, tenant_id, amount) VALUES (1, 't-acme', :a)"),
+            {"a": sealed},
+        )
+
+    def amount() -> str:
+        with tenant_scope("t-acme"), Session(filled.engine) as session:
+            return str(session.get_one(Typed, 1).amount)
+
+    plain = filled.run("reencrypt", "--table", "typed_values")
+    plain_amount = amount()
+    dry = filled.run("reencrypt", "--table", "typed_values", "--reencode", "--dry-run")
+    result = filled.run("reencrypt", "--table", "typed_values", "--reencode", "--json")
+
+    assert plain.exit_code == 0, plain.output
+    assert plain_amount == "1.5"
+    assert dry.exit_code == 0, dry.output
+    assert "dry run: 1 value(s) would be decoded and encoded again" in dry.output
+    data = _json(result)
+    assert data["status"] == "succeeded"
+    assert data["values_reencrypted"] == 1
+    assert amount() == "1.50"
 
 
 def _copy_name(app: App, source: int, target: int) -> None:

@@ -70,6 +70,15 @@ class CensusEntry:
         }
 
 
+def _is_current(entry: CensusEntry) -> bool:
+    """True when the entry's key is its tenant's active version and not destroyed."""
+    return (
+        entry.key_state != KeyStateName.DESTROYED
+        and entry.tenant_id is not None
+        and entry.key_version == entry.active_version
+    )
+
+
 @dataclass
 class ColumnCensus:
     """The census of one encrypted column.
@@ -123,25 +132,39 @@ class ColumnCensus:
         return self.encrypted + self.nulls + self.not_encrypted
 
     def matching(
-        self, tenants: Iterable[str] | None = None, versions: Iterable[int] | None = None
+        self,
+        tenants: Iterable[str] | None = None,
+        versions: Iterable[int] | None = None,
+        *,
+        include_current: bool = False,
     ) -> list[CensusEntry]:
-        """Return the stale entries of the given tenants and key versions (all if None)."""
+        """Return the stale entries of the given tenants and key versions (all if None).
+
+        With ``include_current``, also the entries under their tenant's
+        active version, which a re-encoding job rewrites too.
+        """
         tenant_set = None if tenants is None else set(tenants)
         version_set = None if versions is None else set(versions)
         return [
             entry
             for entry in self.entries
-            if entry.stale
+            if (entry.stale or (include_current and _is_current(entry)))
             and (tenant_set is None or entry.tenant_id in tenant_set)
             and (version_set is None or entry.key_version in version_set)
         ]
 
     def stale_headers(
-        self, tenants: Iterable[str] | None = None, versions: Iterable[int] | None = None
+        self,
+        tenants: Iterable[str] | None = None,
+        versions: Iterable[int] | None = None,
+        *,
+        include_current: bool = False,
     ) -> dict[HeaderPrefix, CensusEntry]:
         """Return the stored headers of the values a re-encryption should rewrite,
         each with the entry naming its tenant and key version."""
-        wanted = {id(entry) for entry in self.matching(tenants, versions)}
+        wanted = {
+            id(entry) for entry in self.matching(tenants, versions, include_current=include_current)
+        }
         return {prefix: entry for prefix, entry in self.headers.items() if id(entry) in wanted}
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,14 +206,23 @@ class Census:
         raise KeyError(label)
 
     def stale(
-        self, tenants: Iterable[str] | None = None, versions: Iterable[int] | None = None
+        self,
+        tenants: Iterable[str] | None = None,
+        versions: Iterable[int] | None = None,
+        *,
+        include_current: bool = False,
     ) -> dict[str, int]:
-        """Return ``{table.column: count}`` of stale values, omitting clean columns."""
+        """Return ``{table.column: count}`` of stale values, omitting clean columns.
+
+        With ``include_current``, the counts also include the values under
+        their tenant's active version.
+        """
         tenant_list = None if tenants is None else list(tenants)
         version_list = None if versions is None else list(versions)
         counts = {}
         for column in self.columns:
-            count = sum(entry.count for entry in column.matching(tenant_list, version_list))
+            entries = column.matching(tenant_list, version_list, include_current=include_current)
+            count = sum(entry.count for entry in entries)
             if count:
                 counts[column.label] = count
         return counts

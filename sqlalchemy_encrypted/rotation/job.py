@@ -10,6 +10,10 @@ ran, or rows another worker held, are picked up by a further pass, up to
 With ``move_to_row_tenant``, the job also seals values found under another
 tenant's key than their row's tenant column names under the row's tenant,
 which the census counts as tenant mismatches.
+
+With ``reencode``, the first pass also reads the values already under the
+active key version, decodes each with the column's codec and encodes it
+again, so values stored before a codec rule existed get today's encoding.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ __all__ = [
 logger = logging.getLogger("sqlalchemy_encrypted.rotation")
 audit = logging.getLogger("sqlalchemy_encrypted.audit")
 
+# Appended to the checkpoint's column list by a run with reencode, so that
+# such a run does not resume after rows that a run without it left in their
+# old encoding.
+_REENCODE_MARK = " (reencode)"
+
 # Failures kept in a result; the count of all failures is kept apart.
 MAX_REPORTED_FAILURES = 1000
 
@@ -78,12 +87,15 @@ class ReencryptionResult:
     """The outcome of a run.
 
     ``planned`` and ``remaining`` map ``table.column`` to stale values before
-    and after the run. ``rows_skipped`` counts rows an application changed
-    between read and write (its write was kept). ``failures`` lists at most
-    1,000 failures: one per value that could not be re-encrypted, and one
-    per row that the database rejected as a whole, such as a duplicate in a
-    unique index, listed under the column of the constraint it names.
-    ``failures_total`` counts all of them.
+    and after the run. With ``reencode``, ``planned`` also counts the values
+    under the active key version, which the run decodes and encodes again,
+    and ``values_reencrypted`` counts only the values it wrote.
+    ``rows_skipped`` counts rows an application changed between read and
+    write (its write was kept). ``failures`` lists at most 1,000 failures:
+    one per value that could not be re-encrypted, and one per row that the
+    database rejected as a whole, such as a duplicate in a unique index,
+    listed under the column of the constraint it names. ``failures_total``
+    counts all of them.
 
     ``tenant_mismatches`` maps ``table.column`` to values sealed under
     another tenant's key than their row's tenant column names: after the
@@ -197,6 +209,19 @@ class ReencryptionJob:
     key tenant and row tenant). With ``tenants``, a value moves when the
     tenant of its key or of its row is one of them. ``versions`` does not
     limit moves.
+
+    ``reencode`` makes the first pass over each table decode every selected
+    value, stale or under the active version, with the column's codec and
+    encode it again before sealing it under the tenant's active key (see
+    :meth:`EncryptedType.reencode`). Values stored before a codec rule
+    existed, such as ``1.5`` in a ``Numeric(10, 2)`` column that now stores
+    ``1.50``, then match lookups again. A value whose encoding is already
+    current and whose key is active is not written. A value that no longer
+    fits the column (over the precision, for example) is reported as a
+    failure. A job that resumes a checkpoint saved without ``reencode``
+    starts that table over, because the rows before its cursor were not
+    re-encoded.
+
     ``progress`` is called after every committed batch, from the worker's
     thread but never concurrently. Raises the error that stopped a worker
     (for example a :class:`KmsError`); rows that fail alone are reported in
@@ -229,6 +254,7 @@ class ReencryptionJob:
         progress: Callable[[ReencryptionProgress], None] | None = None,
         peer_poll_interval: float = 1.0,
         move_to_row_tenant: bool = False,
+        reencode: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ConfigurationError(f"invalid batch size {batch_size}: it must be at least 1")
@@ -236,6 +262,11 @@ class ReencryptionJob:
             raise ConfigurationError(f"invalid worker count {workers}: it must be at least 1")
         if max_passes < 1:
             raise ConfigurationError(f"invalid max_passes {max_passes}: it must be at least 1")
+        if reencode and workers > 1:
+            raise ConfigurationError(
+                f"{workers} workers cannot re-encode: a re-encoding job waits for each "
+                "locked row rather than skipping it, so it runs one worker"
+            )
         is_connection = isinstance(bind, Connection)
         if workers > 1 and (is_connection or bind.dialect.name != "postgresql"):
             raise ConfigurationError(
@@ -263,6 +294,7 @@ class ReencryptionJob:
         self.progress = progress
         self.peer_poll_interval = peer_poll_interval
         self.move_to_row_tenant = move_to_row_tenant
+        self.reencode = reencode
         self.rate_limiter = RateLimiter(rate) if rate is not None else None
         self.store = CheckpointStore(checkpoint_table, checkpoint_schema) if checkpoint else None
 
@@ -307,7 +339,7 @@ class ReencryptionJob:
         self._run_started = dt.datetime.now(dt.UTC)
         selected = self.selected_columns()
         before = census(self.bind, selected, tenants=self.tenants)
-        planned = before.stale(self.tenants, self.versions)
+        planned = before.stale(self.tenants, self.versions, include_current=self.reencode)
         moves_planned = before.mismatched() if self.move_to_row_tenant else {}
         self._planned_total = sum(planned.values()) + sum(moves_planned.values())
         result = ReencryptionResult(
@@ -324,10 +356,11 @@ class ReencryptionJob:
             return result
 
         audit.info(
-            "re-encryption job %r started: %d stale value(s) in %d column(s), "
+            "re-encryption job %r started: %d %s value(s) in %d column(s), "
             "%d value(s) to move to their row's tenant",
             self.job_name,
             sum(planned.values()),
+            "stale or re-encoded" if self.reencode else "stale",
             len(planned),
             sum(moves_planned.values()),
         )
@@ -365,10 +398,16 @@ class ReencryptionJob:
 
     # -- per table ----------------------------------------------------------------
 
-    def _stale_headers(self, group: list[EncryptedColumn], table_census: Census) -> StaleHeaders:
+    def _stale_headers(
+        self, group: list[EncryptedColumn], table_census: Census, pass_number: int
+    ) -> StaleHeaders:
+        # Re-encoding takes one pass over every value: values written later by
+        # an application already have the current encoding, so further passes
+        # only rewrite what is still stale.
+        include_current = self.reencode and pass_number == 1
         return {
             column.name: table_census.column(column.label).stale_headers(
-                self.tenants, self.versions
+                self.tenants, self.versions, include_current=include_current
             )
             for column in group
         }
@@ -387,7 +426,7 @@ class ReencryptionJob:
         table_census = Census([initial.column(column.label) for column in group])
         passes = 0
         for pass_number in range(1, self.max_passes + 1):
-            headers = self._stale_headers(group, table_census)
+            headers = self._stale_headers(group, table_census, pass_number)
             moves = self._move_headers(group, table_census)
             if not any(headers.values()) and not any(moves.values()):
                 break
@@ -466,6 +505,7 @@ class ReencryptionJob:
                 count_new_failures=self._count_new_failures,
                 moves=moves,
                 move_tenants=self.tenants,
+                reencode=self.reencode,
             )
             return worker.run(), False
 
@@ -496,17 +536,27 @@ class ReencryptionJob:
                 used = self._run_slots.setdefault(label, set())
                 new_run = slot not in used
                 used.add(slot)
+            columns = ",".join(c.name for c in group)
+            if self.reencode:
+                columns += _REENCODE_MARK
             with conn.begin():
-                checkpoint = store.start(
-                    conn,
-                    self.job_name,
-                    label,
-                    slot,
-                    ",".join(c.name for c in group),
-                    new_run=new_run,
-                )
+                earlier = store.load(conn, self.job_name, label, slot)
+                checkpoint = store.start(conn, self.job_name, label, slot, columns, new_run=new_run)
             if pass_number == 1:
                 cursor = checkpoint.cursor
+                if (
+                    cursor is not None
+                    and self.reencode
+                    and earlier is not None
+                    and not earlier.columns.endswith(_REENCODE_MARK)
+                ):
+                    logger.info(
+                        "re-encryption of %s starts worker slot %d over: its checkpoint "
+                        "was saved by a run without re-encoding",
+                        label,
+                        slot,
+                    )
+                    cursor = None
                 if cursor is not None:
                     logger.info(
                         "re-encryption of %s resumes worker slot %d after primary key %s",
@@ -532,6 +582,7 @@ class ReencryptionJob:
             count_new_failures=self._count_new_failures,
             moves=moves,
             move_tenants=self.tenants,
+            reencode=self.reencode,
         )
         try:
             stats = worker.run()

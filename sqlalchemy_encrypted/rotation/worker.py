@@ -6,11 +6,14 @@ Each batch is one short transaction:
    names a stale key, in primary key order (keyset pagination, so memory
    stays bounded and no OFFSET scan grows). On PostgreSQL the rows are
    locked with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never take
-   the same row and skip rows another worker holds instead of waiting;
+   the same row and skip rows another worker holds instead of waiting. A
+   re-encoding worker locks with ``FOR UPDATE`` and waits instead, because a
+   skipped row under the active key version would not be read again;
 2. decrypt each stale value with the column type and seal it again under the
    active DEK of the tenant that sealed it. With moves, a value sealed under
    another tenant's key than its row's tenant column names is sealed under
-   the active DEK of the row's tenant instead;
+   the active DEK of the row's tenant instead. With re-encoding, the
+   plaintext is decoded and encoded again before it is sealed;
 3. write back with compare-and-swap, ``UPDATE ... WHERE pk = :pk AND
    col = :old``: a value an application changed meanwhile is left as the
    application wrote it;
@@ -133,6 +136,10 @@ class TableWorker:
     value under one of them is moved when its row's tenant column names
     another tenant than the key's, and, with ``move_tenants``, when the
     key's tenant or the row's tenant is one of them.
+
+    ``reencode`` decodes and encodes every value it rewrites again (see
+    :meth:`EncryptedType.reencode`). Its headers may then include the active
+    key version: such a value is written only when its encoding changes.
     """
 
     def __init__(
@@ -153,6 +160,7 @@ class TableWorker:
         count_new_failures: Callable[[str, set[tuple[Any, ...]]], int] | None = None,
         moves: MoveHeaders | None = None,
         move_tenants: Collection[str] | None = None,
+        reencode: bool = False,
     ) -> None:
         moves = moves or {}
         self.conn = conn
@@ -162,6 +170,7 @@ class TableWorker:
         self.headers = {name: values for name, values in stale_headers.items() if values}
         self.moves = {name: values for name, values in moves.items() if values}
         self.move_tenants = None if move_tenants is None else frozenset(move_tenants)
+        self.reencode = reencode
         self.batch_size = batch_size
         self.slot = slot
         self.cursor = cursor
@@ -202,7 +211,7 @@ class TableWorker:
                 query = query.where(sa.tuple_(*pk) > sa.tuple_(*self.cursor))
         query = query.order_by(*pk).limit(self.batch_size)
         if self._dialect == "postgresql":
-            query = query.with_for_update(skip_locked=True)
+            query = query.with_for_update(skip_locked=not self.reencode)
         return query
 
     def _move_conditions(
@@ -428,7 +437,13 @@ class TableWorker:
             )
 
         def move(active: DataKey) -> Any:
-            sealed = column.column_type.reseal(stored, active, move_tenant=True)
+            column_type = column.column_type
+            if self.reencode:
+                sealed = column_type.reencode(stored, active, move_tenant=True)
+                # A value moves to another tenant's key, so it always changes.
+                assert sealed is not None
+            else:
+                sealed = column_type.reseal(stored, active, move_tenant=True)
             return _stored_form(column, sealed)
 
         return self._with_active_key(column, row_tenant, move)
@@ -463,14 +478,18 @@ class TableWorker:
         active: DataKey,
     ) -> Any:
         column_type = column.column_type
-        if active.version <= entry.key_version:
-            if active.version < entry.key_version:
-                raise ReencryptionError(
-                    f"encrypted column {column.label}: tenant {tenant!r} has key version "
-                    f"{entry.key_version} in use, but this process sees version "
-                    f"{active.version} as active; wait for the active-key cache to expire "
-                    "and run the job again"
-                )
+        if active.version < entry.key_version:
+            raise ReencryptionError(
+                f"encrypted column {column.label}: tenant {tenant!r} has key version "
+                f"{entry.key_version} in use, but this process sees version "
+                f"{active.version} as active; wait for the active-key cache to expire "
+                "and run the job again"
+            )
+        if self.reencode:
+            # None when the value is under the active key with the current encoding.
+            sealed = column_type.reencode(stored, active)
+            return None if sealed is None else _stored_form(column, sealed)
+        if active.version == entry.key_version:
             return None
         return _stored_form(column, column_type.reseal(stored, active))
 
