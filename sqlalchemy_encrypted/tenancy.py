@@ -98,7 +98,9 @@ def copy_current_tenant_scope(func: Callable[_P, _R]) -> Callable[_P, _R]:
     functions and objects with ``async def __call__``, which need no
     wrapper because asyncio tasks copy the scope already. Generator
     functions are rejected too, because a generator's body runs wherever
-    it is iterated, so wrap the function that iterates it instead.
+    it is iterated, so wrap the function that iterates it instead. A call
+    that returns a generator, coroutine or async generator raises
+    ``TypeError`` when it returns, before that body runs.
     """
     name = _callable_name(func)
     kind, is_async = _deferred_body_kind(func)
@@ -124,7 +126,18 @@ def copy_current_tenant_scope(func: Callable[_P, _R]) -> Callable[_P, _R]:
     @functools.wraps(func)
     def run_in_scope(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         with tenant_scope(tenant):
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+        # A plain function can still return a generator or coroutine, whose
+        # body would run outside the scope, as in the rejected cases above.
+        if inspect.isgenerator(result) or inspect.iscoroutine(result):
+            result.close()
+        elif not inspect.isasyncgen(result):
+            return result
+        raise TypeError(
+            f"copy_current_tenant_scope({name}) returned a {type(result).__name__}, whose "
+            "body would run after the wrapper's scope has closed; wrap the function that "
+            "iterates or awaits it instead"
+        )
 
     return run_in_scope
 

@@ -246,6 +246,36 @@ def test_copy_scope_rejects_generator_function() -> None:
             copy_current_tenant_scope(func)
 
 
+def test_copy_scope_rejects_returned_generator() -> None:
+    """A plain function that returns a generator, coroutine or async
+    generator is caught when it returns, before the body runs unscoped."""
+    body_ran: list[str | None] = []
+
+    def read_all() -> Iterator[str | None]:
+        body_ran.append(scoped_tenant())
+        yield scoped_tenant()
+
+    async def read_async() -> str | None:
+        body_ran.append(scoped_tenant())
+        return scoped_tenant()
+
+    async def read_agen() -> AsyncIterator[str | None]:
+        body_ran.append(scoped_tenant())
+        yield scoped_tenant()
+
+    with tenant_scope("a"):
+        wrapped = [
+            copy_current_tenant_scope(lambda: read_all()),
+            copy_current_tenant_scope(lambda: read_async()),
+            copy_current_tenant_scope(lambda: read_agen()),
+        ]
+    with ThreadPoolExecutor(1) as executor:
+        for func in wrapped:
+            with pytest.raises(TypeError, match="iterates or awaits it"):
+                executor.submit(func).result()
+    assert body_ran == []
+
+
 def test_copy_scope_wraps_partial_and_object() -> None:
     def read(prefix: str) -> str:
         return f"{prefix}{scoped_tenant()}"
