@@ -37,9 +37,9 @@ def check_no_unknown_keys(settings: CliContext, keyring: Keyring) -> None:
     It takes one census of every encrypted column of --models, the scan that
     ``status`` makes, and attributes each such value to the tenant in its
     row's tenant column, for the message. Any such value stops the rotation
-    of every tenant, whichever tenant it belongs to: the keyring table is then
-    not the one that matches the data, and a key created in it now would be
-    lost when the matching table is restored. Without --models nothing can
+    of every tenant, whichever tenant it belongs to. The keyring table is
+    then not the one that matches the data, so a key created in it now would
+    be lost when the matching table is restored. Without --models nothing can
     be checked, so it prints a note on stderr instead.
     """
     if not settings.models:

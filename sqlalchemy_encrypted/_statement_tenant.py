@@ -331,7 +331,7 @@ def _check_multi_values(
                 )
             if tenant != sealing_tenant:
                 raise TenantContextError(
-                    f"table {table.name}: a multi-row insert().values([...]) holds a row of "
+                    f"table {table.name}: a multi-row insert().values([...]) contains a row of "
                     f"tenant {tenant!r}, but its encrypted values would be sealed under "
                     f"{sealing_tenant!r}; pass the rows as a list of parameter dicts to "
                     "execute() instead, which seals each row under its own tenant"

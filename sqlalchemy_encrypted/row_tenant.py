@@ -164,12 +164,11 @@ def _reseal_moved_row(
 def _wrap_changed(mapper: Mapper[Any], state: InstanceState[Any]) -> None:
     """Bind the changed encrypted attributes of an updated object to its tenant."""
     table = mapper.local_table
-    tenant_name = tenant_column_of(table)
-    if tenant_name is None or not isinstance(table, sa.Table):
+    tenant_key = _tenant_key(mapper)
+    if tenant_key is None or not isinstance(table, sa.Table):
         return
-    tenant_prop = mapper.get_property_by_column(table.columns[tenant_name])
-    tenant = row_tenant(table, state.dict.get(tenant_prop.key))
-    _reseal_moved_row(mapper, state, table, tenant_prop.key, tenant)
+    tenant = row_tenant(table, state.dict.get(tenant_key))
+    _reseal_moved_row(mapper, state, table, tenant_key, tenant)
     for column in table.columns:
         if not isinstance(column.type, EncryptedType):
             continue
@@ -178,6 +177,15 @@ def _wrap_changed(mapper: Mapper[Any], state: InstanceState[Any]) -> None:
             value = state.dict.get(prop.key)
             if value is not None and not isinstance(value, TenantBound):
                 state.dict[prop.key] = TenantBound(value, tenant)
+
+
+def _tenant_key(mapper: Mapper[Any]) -> str | None:
+    """Return the attribute key of the tenant column of the mapper's table, or None."""
+    table = mapper.local_table
+    tenant_name = tenant_column_of(table)
+    if tenant_name is None or not isinstance(table, sa.Table):
+        return None
+    return mapper.get_property_by_column(table.columns[tenant_name]).key
 
 
 def _unwrap(state: InstanceState[Any]) -> None:
@@ -222,12 +230,11 @@ def _load_unloaded_tenants(session: sa.orm.Session, flush_context: Any, instance
         mapper = state.mapper
         table = mapper.local_table
         tenant_name = tenant_column_of(table)
-        if tenant_name is None or not isinstance(table, sa.Table):
+        # A misnamed tenant column is left to the update hook, which reports it.
+        if tenant_name is None or tenant_name not in table.columns:
             continue
-        if tenant_name not in table.columns:
-            continue
-        tenant_key = mapper.get_property_by_column(table.columns[tenant_name]).key
-        if tenant_key in state.dict:
+        tenant_key = _tenant_key(mapper)
+        if tenant_key is None or tenant_key in state.dict:
             continue
         changed = any(
             mapper.get_property_by_column(column).key in state.committed_state
@@ -236,7 +243,7 @@ def _load_unloaded_tenants(session: sa.orm.Session, flush_context: Any, instance
         )
         if changed:
             # Loads the expired or deferred tenant column, and with it the
-            # object's other expired attributes; changed values are kept.
+            # object's other expired attributes. Changed values are kept.
             getattr(obj, tenant_key)
 
 

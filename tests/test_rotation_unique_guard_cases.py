@@ -340,7 +340,7 @@ def test_guard_rejects_other_targets() -> None:
 def test_upsert_rejects_old_version_holder(
     tables: sa.Engine, keyring: InMemoryKeyring, clause: str
 ) -> None:
-    # CAROL is stored under version 1 only, so the database sees no
+    # CAROL is stored under version 1 only, so the database detects no
     # conflict and would insert a second row.
     _seed(tables, keyring, Contact(id=1, tenant_id="t-acme", email=CAROL))
     insert = _insert(tables, Contact).values(id=2, tenant_id="t-acme", email=CAROL)

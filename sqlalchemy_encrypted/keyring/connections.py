@@ -3,10 +3,10 @@
 The keyring commits or rolls back its work on every connection it uses.
 Most pools give each checkout a connection that no other user has checked
 out, so that is safe. Three pools can give the keyring a connection that
-another user of the engine has checked out: ``StaticPool`` gives every
-checkout the same DBAPI connection, ``SingletonThreadPool`` (SQLAlchemy's
-default for in-memory SQLite) does so within a thread, and
-``AssertionPool`` raises on a second checkout. On the first two, the
+another user of the engine has checked out. ``StaticPool`` gives every
+checkout the same DBAPI connection, and ``SingletonThreadPool`` (SQLAlchemy's
+default for in-memory SQLite) does so within a thread. ``AssertionPool``
+raises on a second checkout. On the first two, the
 keyring's commit or rollback would end the application's transaction, and
 the rows it had flushed would be lost without an error. So on those pools
 the keyring raises :class:`ConfigurationError`, before it reads or writes

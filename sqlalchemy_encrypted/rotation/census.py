@@ -162,10 +162,10 @@ class ColumnCensus:
     ) -> dict[HeaderPrefix, CensusEntry]:
         """Return the stored headers of the values a re-encryption should rewrite,
         each with the entry naming its tenant and key version."""
-        wanted = {
+        selected = {
             id(entry) for entry in self.matching(tenants, versions, include_current=include_current)
         }
-        return {prefix: entry for prefix, entry in self.headers.items() if id(entry) in wanted}
+        return {prefix: entry for prefix, entry in self.headers.items() if id(entry) in selected}
 
     def to_dict(self) -> dict[str, Any]:
         return {

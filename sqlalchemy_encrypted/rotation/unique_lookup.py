@@ -154,8 +154,8 @@ def find_holder(
     ``predicate``, the WHERE clause of a partial unique index, limits the
     lookup to the rows the index contains. A None value matches NULL, for
     constraints whose NULLs are not distinct. ``database_conflicts`` leaves
-    out the rows that store the values under the active key version, which
-    the database's own ON CONFLICT handling sees.
+    out the rows that store the values under the active key version,
+    because the database's own ON CONFLICT handling detects those.
     """
     conditions: list[Any] = _row_conditions(table, names, values, exclude, database_conflicts)
     conditions.extend(_shared_conditions(table, names, tenant, predicate))

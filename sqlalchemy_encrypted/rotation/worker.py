@@ -6,9 +6,9 @@ Each batch is one short transaction:
    names a stale key, in primary key order (keyset pagination, so memory
    stays bounded and no OFFSET scan grows). On PostgreSQL the rows are
    locked with ``FOR UPDATE SKIP LOCKED``, so concurrent workers never take
-   the same row and skip rows another worker holds instead of waiting. A
-   re-encoding worker locks with ``FOR UPDATE`` and waits instead, because a
-   skipped row under the active key version would not be read again;
+   the same row and skip rows another worker has locked instead of waiting.
+   A re-encoding worker locks with ``FOR UPDATE`` and waits instead, because
+   a skipped row under the active key version would not be read again.
 2. decrypt each stale value with the column type and seal it again under the
    active DEK of the tenant that sealed it. With moves, a value sealed under
    another tenant's key than its row's tenant column names is sealed under
